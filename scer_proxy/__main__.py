@@ -1,0 +1,3 @@
+from scer_proxy.cli import main
+
+raise SystemExit(main())

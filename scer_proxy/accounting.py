@@ -1,0 +1,147 @@
+"""Accounting: from what the proxy observed of a request to its record in the ledger.
+
+One direction of flow: the handler opens a record, reports the first token and the end with the token
+counts; the upstream's meter runtime gives the response-time figure (settled part plus estimated
+tail); carbon is computed from it; the record goes to the ledger. When the meter's next reading
+settles the request, the record is replaced by its final figure (``settled: true``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from scer_proxy.attribution import Share
+from scer_proxy.carbon import Embodied
+from scer_proxy.config import Config
+from scer_proxy.grid import GridIntensity
+from scer_proxy.ledger import MemoryLedger
+from scer_proxy.metering import UpstreamMeter
+from scer_proxy.records import Record
+
+_TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
+
+
+def new_request_id() -> str:
+    return "scer-" + uuid.uuid4().hex
+
+
+class Accounting:
+    def __init__(
+        self,
+        config: Config,
+        ledger: MemoryLedger,
+        meters: Mapping[str, UpstreamMeter],
+        grid: GridIntensity,
+        *,
+        tenant_salt: bytes | None = None,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.meters = meters
+        self.grid = grid
+        self._salt = tenant_salt if tenant_salt is not None else secrets.token_bytes(16)
+        self._wall = wall_clock
+        self._pending: dict[str, Record] = {}
+        self._embodied = {
+            u.name: Embodied(
+                gpu_kg=config.embodied.gpu_kg,
+                server_kg=config.embodied.server_kg,
+                gpus_per_server=config.embodied.gpus_per_server,
+                lifetime_years=config.embodied.lifetime_years,
+                gpus_used=max(1, len(u.gpus)),
+            )
+            for u in config.upstreams
+        }
+
+    def tenant(self, headers: Mapping[str, str]) -> str:
+        """``X-SCER-Tenant`` when given (validated), else a salted hash of the API key, never the key."""
+        named = headers.get("X-SCER-Tenant", "").strip()
+        if named and _TENANT_HEADER.match(named):
+            return named
+        auth = headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else auth.strip()
+        if not key:
+            return "anonymous"
+        return "key-" + hashlib.sha256(self._salt + key.encode("utf-8", "replace")).hexdigest()[:16]
+
+    def open(
+        self, *, upstream: str, model: str, tenant: str, endpoint: str, stream: bool, prompt_estimate: int
+    ) -> Record:
+        record = Record(
+            request_id=new_request_id(),
+            model=model,
+            upstream=upstream,
+            tenant=tenant,
+            endpoint=endpoint,
+            stream=stream,
+            started_at=self._wall(),
+        )
+        self.meters[upstream].start_request(record.request_id, prompt_estimate)
+        return record
+
+    def first_token(self, record: Record) -> None:
+        self.meters[record.upstream].first_token(record.request_id)
+
+    def close(
+        self,
+        record: Record,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        token_source: str,
+        status: str,
+        http_status: int | None,
+        flags: tuple[str, ...] = (),
+    ) -> Record:
+        """Finish a record with the response-time figures and put it in the ledger; never waits."""
+        meter = self.meters[record.upstream]
+        share = meter.finish_request(record.request_id, prompt_tokens, completion_tokens)
+        if not meter.healthy and meter.meter is not None:
+            flags = (*flags, "meter_error")
+        done = replace(
+            record,
+            ended_at=self._wall(),
+            status=status,
+            http_status=http_status,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            token_source=token_source,
+            flags=flags,
+        )
+        if share is None:
+            done = replace(done, energy_source="none", grid_intensity_g_per_kwh=self.grid.intensity_g_per_kwh,
+                           grid_source=self.grid.source)
+        else:
+            done = self._with_share(done, share)
+            if not share.settled:
+                self._pending[done.request_id] = done
+        self.ledger.put(done)
+        return done
+
+    def _with_share(self, record: Record, share: Share) -> Record:
+        return record.with_energy(
+            share,
+            source=self.meters[record.upstream].source,
+            pue=self.config.carbon.pue,
+            intensity_g_per_kwh=self.grid.intensity_g_per_kwh,
+            grid_source=self.grid.source,
+            embodied=self._embodied[record.upstream],
+        )
+
+    def settled(self, upstream: str, share: Share) -> None:
+        """The meter's reading after a request's end has arrived: replace the record with the final figure."""
+        record = self._pending.pop(share.rid, None)
+        if record is None:
+            return
+        self.ledger.put(self._with_share(record, share))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

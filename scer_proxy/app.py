@@ -1,0 +1,149 @@
+"""Wiring: ``create_app`` builds every resource of the proxy; one ``cleanup_ctx`` per resource, no globals."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from scer_proxy import openai_wire as wire
+from scer_proxy.accounting import Accounting
+from scer_proxy.attribution import DEFAULT_PREFILL_WEIGHT, Timeline
+from scer_proxy.config import Config, UpstreamConfig
+from scer_proxy.grid import configured_intensity
+from scer_proxy.ledger import MemoryLedger
+from scer_proxy.metering import UpstreamMeter
+from scer_proxy.meters import Meter
+from scer_proxy.meters.dcgm import ENERGY_METRIC, DcgmMeter
+from scer_proxy.proxy import ProxyHandler
+from scer_proxy.upstreams import Upstreams
+from scer_proxy.web import scer_routes
+from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, UPSTREAMS
+
+log = structlog.get_logger("scer_proxy.app")
+
+
+
+async def _probe_simulated(url: str) -> bool:
+    """Does this upstream expose a DCGM-style energy counter at its own /metrics (the simulator does)?"""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            async with session.get(url + "/metrics") as resp:
+                return resp.status == 200 and ENERGY_METRIC in await resp.text()
+    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
+        return False
+
+
+async def build_meter(config: Config, upstream: UpstreamConfig) -> tuple[Meter | None, str]:
+    """The meter for one upstream, and a note on why it was chosen (shown in health and the summary)."""
+    kind = config.meter.kind
+    if kind == "dcgm":
+        return DcgmMeter(config.meter.dcgm_url + "", gpus=upstream.gpus, source="dcgm"), "configured: dcgm exporter"
+    if kind == "simulated":
+        return DcgmMeter(upstream.url + "/metrics", source="simulated"), "configured: the upstream's own counter"
+    if kind == "auto":
+        if await _probe_simulated(upstream.url):
+            return DcgmMeter(upstream.url + "/metrics", source="simulated"), "auto: the upstream exposes a DCGM counter"
+        return None, "auto: no energy counter found (NVML, RAPL and the estimate meter come with the energy issue)"
+    return None, f"meter kind {kind!r} is not available in this build"
+
+
+def create_app(
+    config: Config,
+    *,
+    meters: Mapping[str, Meter | None] | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    wall_clock: Callable[[], float] = time.time,
+) -> web.Application:
+    """The proxy application. ``meters`` (per upstream name) replaces the configured meters in tests."""
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors, _admin_gate])
+    app[CONFIG] = config
+    ledger = MemoryLedger(config.storage.memory_records)
+    app[LEDGER] = ledger
+    upstreams = Upstreams(config.upstreams)
+    app[UPSTREAMS] = upstreams
+    app[METERS] = {}
+    app[METER_NOTES] = {}
+
+    async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
+        await upstreams.open()
+        yield
+        await upstreams.close()
+
+    async def meter_ctx(app: web.Application) -> AsyncIterator[None]:
+        weight = config.attribution.prefill_weight
+        for upstream in config.upstreams:
+            if meters is not None and upstream.name in meters:
+                meter, note = meters[upstream.name], "given"
+            else:
+                meter, note = await build_meter(config, upstream)
+            timeline = Timeline(
+                prefill_weight=DEFAULT_PREFILL_WEIGHT if isinstance(weight, str) else weight,
+                idle=config.attribution.idle,
+            )
+            app[METERS][upstream.name] = UpstreamMeter(
+                upstream.name, meter, timeline, interval_s=config.meter.interval_ms / 1000.0,
+                on_settled=lambda name, share: app[ACCOUNTING].settled(name, share), clock=clock,
+            )
+            app[METER_NOTES][upstream.name] = note
+        app[ACCOUNTING] = Accounting(config, ledger, app[METERS], configured_intensity(config.carbon),
+                                     wall_clock=wall_clock)
+        for upstream_meter in app[METERS].values():
+            if upstream_meter.meter is not None:
+                await upstream_meter.sample_once()  # a first reading, so the first request has a baseline
+            upstream_meter.start()
+        yield
+        for upstream_meter in app[METERS].values():
+            await upstream_meter.close()
+
+    app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(meter_ctx)
+
+    async def v1(request: web.Request) -> web.StreamResponse:
+        handler = ProxyHandler(config, upstreams, request.app[ACCOUNTING])
+        return await handler.handle(request)
+
+    app.router.add_route("*", "/v1/{tail:.*}", v1)
+    app.router.add_route("*", "/v1", v1)
+    scer_routes.add_routes(app)
+    return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Nothing crashes the server: unexpected errors answer 500 in the OpenAI error shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            kind = "invalid_request_error" if exc.status < 500 else "server_error"
+            return web.Response(status=exc.status, body=wire.error_body(exc.reason, kind), content_type="application/json",
+                                headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+        raise
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise
+    except Exception:
+        log.exception("handler_error", path=request.path)
+        return web.Response(status=500, body=wire.error_body("The proxy failed to handle the request.", "server_error"),
+                            content_type="application/json")
+
+
+@web.middleware
+async def _admin_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """With ``server.admin_token`` set, ``/scer/*`` and ``/metrics`` need the bearer token; ``/v1/*`` never."""
+    token = request.app[CONFIG].server.admin_token
+    if token and (request.path.startswith("/scer") or request.path == "/metrics"):
+        given = request.headers.get("Authorization", "")
+        expected = "Bearer " + token
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            return web.Response(status=401, body=wire.error_body("Missing or wrong admin token.", "authentication_error",
+                                                                  code="invalid_admin_token"),
+                                content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+    return await handler(request)

@@ -1,0 +1,46 @@
+"""Grid carbon intensity: the bundled annual table per country, or a static override.
+
+Table: Ember / Our World in Data (CC BY 4.0), see ``data/CREDITS.md``. Live providers (UK Carbon
+Intensity, Electricity Maps) come with the carbon issue; every figure carries its source and age.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+from dataclasses import dataclass
+from importlib import resources
+
+from scer_proxy.config import CarbonConfig, ConfigError
+
+WORLD_AVERAGE_G_PER_KWH = 475.0  # IEA 2019, the fallback codecarbon uses
+TABLE_CREDIT = "Grid intensity: Ember / Our World in Data (CC BY 4.0)"
+
+
+@dataclass(frozen=True)
+class GridIntensity:
+    intensity_g_per_kwh: float
+    source: str  # e.g. "static", "table:FRA:2022"
+    as_of: str  # the data year or an ISO timestamp
+
+
+@functools.cache
+def annual_table() -> dict[str, tuple[float, int, str]]:
+    """iso3 -> (gCO2e/kWh, data year, country name)."""
+    text = (resources.files("scer_proxy") / "data" / "grid-intensity-annual.csv").read_text(encoding="utf-8")
+    return {
+        row["iso3"]: (float(row["g_co2e_per_kwh"]), int(row["year"]), row["country"])
+        for row in csv.DictReader(io.StringIO(text))
+    }
+
+
+def configured_intensity(config: CarbonConfig) -> GridIntensity:
+    """The intensity the configuration gives: an override, else the region's row of the table."""
+    if config.intensity_g_per_kwh > 0:
+        return GridIntensity(config.intensity_g_per_kwh, "static", "configured")
+    row = annual_table().get(config.region)
+    if row is None:
+        raise ConfigError(f"carbon.region: {config.region!r} is not in the bundled table (ISO 3166-1 alpha-3)")
+    intensity, year, _name = row
+    return GridIntensity(intensity, f"table:{config.region}", str(year))

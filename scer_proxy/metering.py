@@ -1,0 +1,135 @@
+"""The meter runtime of one upstream: a sampler task feeding readings into its attribution timeline.
+
+The sampler reads the meter every ``interval_ms``; a failed read is counted and shown in health, and
+never stops requests from being served (their records are flagged ``meter_error`` until the meter
+answers again). When an interval settles requests, ``on_settled`` receives their final shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from scer_proxy.attribution import Share, Timeline
+from scer_proxy.meters import Meter, MeterError, Reading
+
+log = structlog.get_logger("scer_proxy.meter")
+
+
+class UpstreamMeter:
+    def __init__(
+        self,
+        upstream: str,
+        meter: Meter | None,
+        timeline: Timeline,
+        *,
+        interval_s: float,
+        on_settled: Callable[[str, Share], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.meter = meter
+        self.timeline = timeline
+        self.interval_s = interval_s
+        self._on_settled = on_settled
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self.last_reading: Reading | None = None
+        self.last_value_change_s: float | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+        self.healthy = meter is not None
+        self.readings = 0
+        self.update_period_s: float | None = None
+
+    @property
+    def source(self) -> str:
+        return self.meter.source if self.meter is not None else "none"
+
+    # -- the proxy's side ---------------------------------------------------------------------
+    def start_request(self, rid: str, prompt_tokens: int) -> None:
+        self.timeline.start(rid, self._clock(), prompt_tokens)
+
+    def first_token(self, rid: str) -> None:
+        self.timeline.first_token(rid, self._clock())
+
+    def finish_request(self, rid: str, prompt_tokens: int, completion_tokens: int) -> Share | None:
+        """Mark the end; returns the response-time figure (settled part + estimated tail), or None."""
+        now = self._clock()
+        self.timeline.finish(rid, now, prompt_tokens, completion_tokens)
+        if self.meter is None or self.timeline.last_t_s is None:
+            self.timeline.forget(rid)
+            return None
+        return self.timeline.estimate(rid, now)
+
+    # -- the sampler --------------------------------------------------------------------------
+    async def sample_once(self) -> None:
+        assert self.meter is not None
+        try:
+            reading = await self.meter.read()
+        except MeterError as exc:
+            self.errors += 1
+            self.healthy = False
+            if self.last_error != str(exc):
+                log.warning("meter_error", upstream=self.upstream, error=str(exc))
+            self.last_error = str(exc)
+            return
+        if not self.healthy and self.last_error is not None:
+            log.info("meter_recovered", upstream=self.upstream)
+        self.healthy = True
+        self.readings += 1
+        previous = self.last_reading
+        self.last_reading = reading
+        if previous is not None and reading.energy_j == previous.energy_j:
+            return  # the counter has not updated since the last read: no new interval yet
+        if self.last_value_change_s is not None:
+            period = reading.t_s - self.last_value_change_s
+            self.update_period_s = period if self.update_period_s is None else min(self.update_period_s, period)
+        self.last_value_change_s = reading.t_s
+        result = self.timeline.reading(reading.t_s, reading.energy_j)
+        if result is not None:
+            for share in result.settled:
+                self._on_settled(self.upstream, share)
+
+    async def _run(self) -> None:
+        while True:
+            started = self._clock()
+            await self.sample_once()
+            await asyncio.sleep(max(0.0, self.interval_s - (self._clock() - started)))
+
+    def start(self) -> None:
+        if self.meter is not None and self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"meter-{self.upstream}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.meter is not None:
+            await self.meter.close()
+
+    def describe(self) -> dict[str, Any]:
+        age_ms = None
+        if self.last_reading is not None:
+            age_ms = (self._clock() - self.last_reading.t_s) * 1000.0
+        info = self.meter.describe() if self.meter is not None else {"kind": "none", "devices": []}
+        return {
+            "upstream": self.upstream,
+            "kind": self.source,
+            "devices": info.get("devices", []),
+            "url": info.get("url"),
+            "update_period_ms": None if self.update_period_s is None else self.update_period_s * 1000.0,
+            "interval_ms": self.interval_s * 1000.0,
+            "last_reading_age_ms": age_ms,
+            "healthy": self.healthy,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "pending_requests": self.timeline.pending(),
+        }

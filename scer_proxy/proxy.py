@@ -1,0 +1,384 @@
+"""The ``/v1/*`` handler: forwards every request untouched and meters the ones that generate tokens.
+
+Non-streamed metered responses are read whole (they are small, and their headers must carry the
+figures); streams are relayed read by read as they arrive, with backpressure, and scanned for events
+on the way. A client that goes away cancels the upstream request at once, and its record keeps the
+tokens it was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from scer_proxy import openai_wire as wire
+from scer_proxy import tokens
+from scer_proxy.accounting import Accounting
+from scer_proxy.config import Config, UpstreamConfig
+from scer_proxy.records import Record
+from scer_proxy.upstreams import Upstreams
+
+log = structlog.get_logger("scer_proxy.request")
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)
+
+
+def _forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
+    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named)
+
+
+def error_response(status: int, message: str, type_: str, *, param: str | None = None,
+                   code: str | None = None) -> web.Response:
+    return web.Response(status=status, body=wire.error_body(message, type_, param=param, code=code),
+                        content_type="application/json")
+
+
+class ProxyError(Exception):
+    """An error the proxy itself answers, in the OpenAI error shape."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type_, self.code = status, message, type_, code
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.type_, code=self.code)
+
+
+@dataclass
+class Exchange:
+    """What the handler learned of one metered exchange, for the canonical log line."""
+
+    kind: str
+    model: str
+    upstream: str
+    stream: bool
+    started_s: float = field(default_factory=time.monotonic)
+    first_byte_s: float | None = None
+    chunks: int = 0
+
+
+class ProxyHandler:
+    def __init__(self, config: Config, upstreams: Upstreams, accounting: Accounting) -> None:
+        self.config = config
+        self.upstreams = upstreams
+        self.accounting = accounting
+
+    # -- entry ----------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = wire.metered_kind(request.method, request.path)
+        try:
+            if kind is None:
+                return await self._passthrough(request)
+            body = await self._read_body(request)
+            parsed = wire.parse_json_object(body)
+            model = parsed.get("model") if parsed is not None else None
+            if not isinstance(model, str) or not model:
+                # Not something we can route or meter: forward it untouched and return the answer.
+                return await self._passthrough(request, body=body, upstream=self.config.upstreams[0])
+            upstream = self.config.upstream_for(model)
+            if upstream is None:
+                raise ProxyError(404, f"No upstream serves the model '{model}'.", "invalid_request_error",
+                                 "model_not_found")
+            assert parsed is not None
+            return await self._metered(request, kind, body, parsed, model, upstream)
+        except ProxyError as exc:
+            log.info("proxy_error", path=request.path, status=exc.status, code=exc.code)
+            return exc.response()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.server.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise ProxyError(413, f"Request body of {request.content_length} bytes is over the limit of {limit}.",
+                             "invalid_request_error", "request_too_large")
+        chunks = []
+        size = 0
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(413, f"Request body is over the limit of {limit} bytes.",
+                                 "invalid_request_error", "request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- upstream calls ---------------------------------------------------------------------------
+    async def _send(self, request: web.Request, upstream: UpstreamConfig, data: Any,
+                    headers: CIMultiDict[str] | None = None) -> aiohttp.ClientResponse:
+        session = self.upstreams.session(upstream.name)
+        url = upstream.url + request.path_qs
+        try:
+            return await session.request(
+                request.method, url, data=data,
+                headers=headers if headers is not None else _forward_headers(request.headers),
+                allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                timeout=self.upstreams.timeout(upstream.name),
+            )
+        except TimeoutError as exc:
+            raise ProxyError(504, f"Upstream '{upstream.name}' did not answer in time.", "upstream_error",
+                             "upstream_timeout") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ProxyError(502, f"Upstream '{upstream.name}' refused the connection: {exc.os_error}.",
+                             "upstream_error", "upstream_unavailable") from exc
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"Upstream '{upstream.name}' failed: {exc.__class__.__name__}.",
+                             "upstream_error", "upstream_unavailable") from exc
+
+    async def _read_upstream(self, resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
+        try:
+            return await resp.read()
+        except TimeoutError as exc:
+            raise ProxyError(504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error",
+                             "upstream_timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"Upstream '{upstream.name}' broke off its response: {exc.__class__.__name__}.",
+                             "upstream_error", "upstream_unavailable") from exc
+
+    # -- unmetered -----------------------------------------------------------------------------------
+    async def _passthrough(self, request: web.Request, *, body: bytes | None = None,
+                           upstream: UpstreamConfig | None = None) -> web.StreamResponse:
+        upstream = upstream or self.config.upstreams[0]
+        data: Any = body if body is not None else (request.content if request.body_exists else None)
+        resp = await self._send(request, upstream, data)
+        try:
+            headers = _forward_headers(resp.headers)
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            async for data_chunk in resp.content.iter_any():
+                await out.write(data_chunk)
+            await out.write_eof()
+            return out
+        except (aiohttp.ClientError, TimeoutError):
+            resp.close()
+            raise ConnectionResetError("upstream broke off a pass-through response") from None
+        finally:
+            resp.release()
+
+    # -- metered ----------------------------------------------------------------------------------
+    async def _metered(self, request: web.Request, kind: str, body: bytes, parsed: dict[str, Any], model: str,
+                       upstream: UpstreamConfig) -> web.StreamResponse:
+        stream = wire.wants_stream(parsed)
+        asked_usage = wire.client_asked_usage(parsed)
+        injected = False
+        send_body = body
+        if stream and kind in ("chat", "completions") and not asked_usage:
+            send_body = wire.with_usage_requested(parsed)
+            injected = True
+        headers = _forward_headers(request.headers)
+        record = self.accounting.open(
+            upstream=upstream.name, model=model, tenant=self.accounting.tenant(request.headers), endpoint=kind,
+            stream=stream, prompt_estimate=len(body) // 4,
+        )
+        ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
+        try:
+            resp = await self._send(request, upstream, send_body, headers)
+        except ProxyError as exc:
+            self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0,
+                        usage=None, flags=(exc.code,))
+            raise
+        try:
+            ex.first_byte_s = time.monotonic()
+            content_type = resp.headers.get("Content-Type", "")
+            if resp.status == 200 and content_type.startswith("text/event-stream"):
+                return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected).run()
+            return await self._buffered(request, resp, record, ex, parsed, upstream)
+        finally:
+            resp.release()
+
+    async def _buffered(self, request: web.Request, resp: aiohttp.ClientResponse, record: Record, ex: Exchange,
+                        parsed: dict[str, Any], upstream: UpstreamConfig) -> web.StreamResponse:
+        try:
+            raw = await self._read_upstream(resp, upstream)
+        except ProxyError as exc:
+            self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0, usage=None,
+                        flags=(exc.code,))
+            raise
+        except asyncio.CancelledError:
+            self._close(record, ex, parsed, status="cancelled", http_status=None, completion_tokens=0, usage=None)
+            raise
+        headers = _forward_headers(resp.headers)
+        usage = None
+        completion_tokens = 0
+        decoded = wire.decode_for_reading(raw, resp.headers.get("Content-Encoding", ""))
+        answer = wire.parse_json_object(decoded) if decoded is not None else None
+        if answer is not None:
+            usage = wire.read_usage(answer.get("usage"))
+            if usage is None and resp.status < 400:
+                completion_tokens = await self._count_text(upstream, wire.response_text(ex.kind, answer))
+        ok = resp.status < 400
+        record = self._close(record, ex, parsed, status="ok" if ok else "upstream_error", http_status=resp.status,
+                             completion_tokens=completion_tokens, usage=usage)
+        if ok:
+            headers.update(record.headers())
+        else:
+            headers["X-SCER-Request-Id"] = record.request_id
+            headers["X-SCER-Model"] = record.model
+        return web.Response(status=resp.status, reason=resp.reason, body=raw, headers=headers)
+
+    async def _count_text(self, upstream: UpstreamConfig, text: str) -> int:
+        if not text:
+            return 0
+        counted = await self.upstreams.tokenize(upstream.name, text)
+        return counted if counted is not None else tokens.count_text(text)
+
+    def _close(self, record: Record, ex: Exchange, parsed: dict[str, Any], *, status: str, http_status: int | None,
+               completion_tokens: int, usage: wire.Usage | None, flags: tuple[str, ...] = ()) -> Record:
+        if usage is not None:
+            prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
+        else:
+            prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
+        done = self.accounting.close(record, prompt_tokens=prompt, completion_tokens=completion, token_source=source,
+                                     status=status, http_status=http_status, flags=flags)
+        now = time.monotonic()
+        log.info(
+            "request", request_id=done.request_id, endpoint=ex.kind, model=ex.model, upstream=ex.upstream,
+            tenant=done.tenant, stream=ex.stream, status=status, http_status=http_status,
+            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, token_source=source,
+            energy_j=done.energy_j, energy_source=done.energy_source, carbon_g=done.carbon_g,
+            duration_ms=round((now - ex.started_s) * 1000.0, 3),
+            ttfb_ms=None if ex.first_byte_s is None else round((ex.first_byte_s - ex.started_s) * 1000.0, 3),
+            chunks=ex.chunks, flags=list(done.flags) or None,
+        )
+        return done
+
+
+class _StreamRelay:
+    """Relays one SSE stream read by read, rewriting only the usage chunk and the end of the stream."""
+
+    def __init__(self, handler: ProxyHandler, request: web.Request, resp: aiohttp.ClientResponse, record: Record,
+                 ex: Exchange, parsed: dict[str, Any], asked_usage: bool, injected: bool) -> None:
+        self.h = handler
+        self.request = request
+        self.resp = resp
+        self.record = record
+        self.ex = ex
+        self.parsed = parsed
+        self.asked_usage = asked_usage
+        self.injected = injected
+        self.scanner = wire.SSEScanner()
+        self.text_parts: list[str] = []
+        self.closed: Record | None = None
+        self.figures_sent = False
+        self.saw_token = False
+        encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+        self.rewrite = encoding in ("", "identity")
+
+    async def run(self) -> web.StreamResponse:
+        headers = _forward_headers(self.resp.headers)
+        headers["X-SCER-Request-Id"] = self.record.request_id
+        headers["X-SCER-Model"] = self.record.model
+        out = web.StreamResponse(status=self.resp.status, reason=self.resp.reason, headers=headers)
+        status = "ok"
+        flags: tuple[str, ...] = ()
+        try:
+            await out.prepare(self.request)
+            async for data in self.resp.content.iter_any():
+                if not self.rewrite:
+                    await out.write(data)
+                    continue
+                events = self.scanner.feed(data)
+                if events:
+                    chunk = b"".join(self._event(e) for e in events)
+                    if chunk:
+                        await out.write(chunk)
+            tail = self.scanner.flush()
+            if tail:
+                await out.write(self._event(tail))
+            if self.rewrite and not self.figures_sent:
+                await out.write(wire.scer_comment(self._finish("ok", ()).scer()))
+            await out.write_eof()
+        except asyncio.CancelledError:
+            # The client went away: drop the upstream connection now so the server stops generating.
+            self.resp.close()
+            self._finish("cancelled", ("client_disconnected",))
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self.resp.close()
+            self._finish("cancelled", ("client_disconnected",))
+            return out
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.resp.close()
+            status, flags = "upstream_error", ("upstream_broke_stream", exc.__class__.__name__)
+            self._finish(status, flags)
+            return out
+        self._finish(status, flags)
+        return out
+
+    def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
+        if self.closed is None:
+            completion = 0
+            if usage is None:
+                completion = tokens.count_text("".join(self.text_parts))
+            self.closed = self.h._close(self.record, self.ex, self.parsed, status=status,
+                                        http_status=self.resp.status, completion_tokens=completion, usage=usage,
+                                        flags=flags)
+            self.text_parts.clear()
+        return self.closed
+
+    def _event(self, event: bytes) -> bytes:
+        self.ex.chunks += 1
+        payload = wire.event_payload(event)
+        if payload is None:
+            return event
+        if payload.strip() == b"[DONE]":
+            if self.figures_sent:
+                return event
+            self.figures_sent = True
+            return wire.scer_comment(self._finish("ok", ()).scer(), like=event) + event
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        text = wire.chunk_text(chunk)
+        if text:
+            if not self.saw_token:
+                self.saw_token = True
+                self.h.accounting.first_token(self.record)
+            self.text_parts.append(text)
+        if self.ex.kind == "responses":
+            return self._responses_event(event, chunk)
+        usage = wire.read_usage(chunk.get("usage"))
+        if usage is None:
+            if self.injected and b'"usage"' in event:
+                return wire.strip_null_usage(event)
+            return event
+        record = self._finish("ok", (), usage)
+        if self.asked_usage:
+            self.figures_sent = True
+            chunk["usage"] = {**chunk["usage"], "scer": record.scer()}
+            return wire.data_event(chunk, event)
+        # The client did not ask for usage: it must not see any.
+        if not chunk.get("choices"):
+            return b""
+        del chunk["usage"]
+        return wire.data_event(chunk, event)
+
+    def _responses_event(self, event: bytes, chunk: dict[str, Any]) -> bytes:
+        if chunk.get("type") != "response.completed":
+            return event
+        response = chunk.get("response")
+        usage = wire.read_usage(response.get("usage")) if isinstance(response, dict) else None
+        if usage is None or not isinstance(response, dict):
+            return event
+        record = self._finish("ok", (), usage)
+        self.figures_sent = True
+        response["usage"] = {**response["usage"], "scer": record.scer()}
+        return wire.responses_completed_event(event, chunk)

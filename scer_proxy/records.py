@@ -1,0 +1,138 @@
+"""The per-request record: what the ledger keeps and what the headers, ``usage.scer`` and lookups show.
+
+Never prompt or completion text, never credentials: only ids, times, counts, energy and carbon.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from decimal import Decimal
+from typing import Any
+
+from scer_proxy.attribution import Share
+from scer_proxy.carbon import Embodied, energy_with_pue_j, request_carbon
+
+
+@dataclass(frozen=True)
+class Record:
+    request_id: str
+    model: str
+    upstream: str
+    tenant: str
+    endpoint: str
+    stream: bool
+    started_at: float  # Unix seconds
+    ended_at: float | None = None
+    status: str = "running"  # running | ok | upstream_error | cancelled | error
+    http_status: int | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    token_source: str = "estimate"  # upstream | tokenizer | estimate
+    energy_j: float | None = None  # PUE included; None when no meter figure exists
+    energy_prefill_j: float | None = None
+    energy_decode_j: float | None = None
+    energy_source: str = "none"  # nvml | dcgm | rapl | simulated | estimate | none
+    hardware_s: float | None = None
+    carbon_g: float | None = None
+    carbon_operational_g: float | None = None
+    carbon_embodied_g: float | None = None
+    grid_intensity_g_per_kwh: float | None = None
+    grid_source: str = ""
+    sci: float | None = None  # gCO2e per 1,000 output tokens (input tokens for embeddings)
+    rating: str = "unrated"
+    settled: bool = False
+    flags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def functional_units(self) -> int:
+        return self.prompt_tokens if self.endpoint == "embeddings" else self.completion_tokens
+
+    def with_energy(
+        self,
+        share: Share,
+        *,
+        source: str,
+        pue: float,
+        intensity_g_per_kwh: float,
+        grid_source: str,
+        embodied: Embodied,
+    ) -> Record:
+        """The record with energy and carbon figures from an attribution share."""
+        energy_j = energy_with_pue_j(share.energy_j, pue)
+        carbon = request_carbon(
+            energy_j=energy_j,
+            hw_s=share.hw_s,
+            intensity_g_per_kwh=intensity_g_per_kwh,
+            embodied=embodied,
+            units=self.functional_units,
+        )
+        return replace(
+            self,
+            energy_j=energy_j,
+            energy_prefill_j=energy_with_pue_j(share.prefill_j, pue),
+            energy_decode_j=energy_with_pue_j(share.decode_j, pue),
+            energy_source=source,
+            hardware_s=share.hw_s,
+            carbon_g=carbon.total_g,
+            carbon_operational_g=carbon.operational_g,
+            carbon_embodied_g=carbon.embodied_g,
+            grid_intensity_g_per_kwh=intensity_g_per_kwh,
+            grid_source=grid_source,
+            sci=carbon.sci_g_per_unit,
+            settled=share.settled,
+        )
+
+    def scer(self) -> dict[str, Any]:
+        """The ``usage.scer`` object (and ``: scer`` comment) of the contract."""
+        return {
+            "request_id": self.request_id,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "token_source": self.token_source,
+            "energy_j": self.energy_j,
+            "energy_source": self.energy_source,
+            "carbon_g": self.carbon_g,
+            "carbon_operational_g": self.carbon_operational_g,
+            "carbon_embodied_g": self.carbon_embodied_g,
+            "grid_intensity_g_per_kwh": self.grid_intensity_g_per_kwh,
+            "sci": self.sci,
+            "rating": self.rating,
+            "settled": self.settled,
+        }
+
+    def headers(self) -> dict[str, str]:
+        """The ``X-SCER-*`` headers of a metered, non-streamed response."""
+        out = {
+            "X-SCER-Request-Id": self.request_id,
+            "X-SCER-Model": self.model,
+            "X-SCER-Prompt-Tokens": str(self.prompt_tokens),
+            "X-SCER-Completion-Tokens": str(self.completion_tokens),
+            "X-SCER-Token-Source": self.token_source,
+            "X-SCER-Energy-Source": self.energy_source,
+            "X-SCER-Rating": self.rating,
+        }
+        numbers = {
+            "X-SCER-Energy-J": self.energy_j,
+            "X-SCER-Carbon-gCO2e": self.carbon_g,
+            "X-SCER-Carbon-Operational-gCO2e": self.carbon_operational_g,
+            "X-SCER-Carbon-Embodied-gCO2e": self.carbon_embodied_g,
+            "X-SCER-Grid-Intensity": self.grid_intensity_g_per_kwh,
+            "X-SCER-SCI": self.sci,
+        }
+        for name, value in numbers.items():
+            if value is not None:
+                out[name] = format_number(value)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["flags"] = list(self.flags)
+        return out
+
+
+def format_number(value: float) -> str:
+    """A plain decimal with up to 9 significant digits, no exponent, no units."""
+    text = format(Decimal(f"{value:.9g}"), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text or "0"

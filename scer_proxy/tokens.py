@@ -1,0 +1,110 @@
+"""Token counting with no network: tiktoken's cl100k_base loaded from the file bundled in the package.
+
+tiktoken normally downloads its BPE ranks on first use, which fails offline. The ranks are shipped in
+``scer_proxy/data/cl100k_base.tiktoken`` and checked against tiktoken's own published sha256.
+
+Chat prompts are counted the way OpenAI's cookbook counts them for cl100k models ("How to count
+tokens with tiktoken"): 3 tokens of framing per message, 1 more for a ``name``, and 3 to prime the
+reply. The simulator counts its prompts with the same functions, so its ``usage`` and the proxy's
+tokenizer fallback agree exactly; for any other server the fallback is an approximation of that
+server's own tokenizer, which is why ``/tokenize`` is preferred where the server has one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from importlib import resources
+from typing import Any
+
+import tiktoken
+from tiktoken.load import load_tiktoken_bpe
+
+CL100K_SHA256 = "223921b76ee99bde995b7ff738513eef100fb51d18c93597a113bcffe865b2a7"
+_CL100K_PATTERN = (
+    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+)
+_CL100K_SPECIAL = {
+    "<|endoftext|>": 100257,
+    "<|fim_prefix|>": 100258,
+    "<|fim_middle|>": 100259,
+    "<|fim_suffix|>": 100260,
+    "<|endofprompt|>": 100276,
+}
+TOKENS_PER_MESSAGE = 3
+TOKENS_PER_NAME = 1
+TOKENS_REPLY_PRIMING = 3
+
+
+@functools.cache
+def encoding() -> tiktoken.Encoding:
+    """The bundled cl100k_base encoding (loaded once, from the package, never from the network)."""
+    path = resources.files("scer_proxy") / "data" / "cl100k_base.tiktoken"
+    with resources.as_file(path) as file_path:
+        ranks = load_tiktoken_bpe(str(file_path), expected_hash=CL100K_SHA256)
+    return tiktoken.Encoding(
+        name="cl100k_base", pat_str=_CL100K_PATTERN, mergeable_ranks=ranks, special_tokens=_CL100K_SPECIAL
+    )
+
+
+def count_text(text: str) -> int:
+    """Tokens in ``text``; special-token strings are counted as ordinary text, never rejected."""
+    return len(encoding().encode_ordinary(text))
+
+
+def _content_text(content: Any) -> str:
+    """The text of a message ``content``: a string, or a list of parts with ``text``."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return ""
+
+
+def count_chat_messages(messages: Iterable[Any]) -> int:
+    """Prompt tokens of a chat request, by the OpenAI cookbook's cl100k formula."""
+    total = TOKENS_REPLY_PRIMING
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        total += TOKENS_PER_MESSAGE
+        for key, value in message.items():
+            if key == "content":
+                total += count_text(_content_text(value))
+            elif key == "name":
+                total += TOKENS_PER_NAME + count_text(str(value))
+            elif key == "role":
+                total += count_text(str(value))
+    return total
+
+
+def _count_prompt_value(value: Any) -> int:
+    """A completions ``prompt`` or an embeddings ``input``: text, token ids, or lists of either."""
+    if isinstance(value, str):
+        return count_text(value)
+    if isinstance(value, list):
+        if all(isinstance(v, int) for v in value):
+            return len(value)
+        return sum(_count_prompt_value(v) for v in value)
+    return 0
+
+
+def _count_responses_input(value: Any) -> int:
+    if isinstance(value, str):
+        return count_text(value)
+    if isinstance(value, list):
+        return sum(count_text(_content_text(item.get("content"))) for item in value if isinstance(item, dict))
+    return 0
+
+
+def count_prompt(kind: str, body: dict[str, Any]) -> int:
+    """Prompt (input) tokens of a request body of the given endpoint kind."""
+    if kind == "chat":
+        return count_chat_messages(body.get("messages") or [])
+    if kind == "completions":
+        return _count_prompt_value(body.get("prompt", ""))
+    if kind == "embeddings":
+        return _count_prompt_value(body.get("input", ""))
+    if kind == "responses":
+        return _count_responses_input(body.get("input", "")) + count_text(str(body.get("instructions") or ""))
+    return 0

@@ -1,0 +1,1 @@
+"""The proxy's own HTTP endpoints: ``/scer/*`` and ``/metrics``."""

@@ -1,0 +1,18 @@
+"""Typed application keys shared by the app wiring and the endpoints."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from scer_proxy.accounting import Accounting
+from scer_proxy.config import Config
+from scer_proxy.ledger import MemoryLedger
+from scer_proxy.metering import UpstreamMeter
+from scer_proxy.upstreams import Upstreams
+
+CONFIG = web.AppKey("config", Config)
+LEDGER = web.AppKey("ledger", MemoryLedger)
+ACCOUNTING = web.AppKey("accounting", Accounting)
+METERS = web.AppKey("meters", dict[str, UpstreamMeter])
+METER_NOTES = web.AppKey("meter_notes", dict[str, str])
+UPSTREAMS = web.AppKey("upstreams", Upstreams)

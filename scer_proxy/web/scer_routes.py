@@ -1,0 +1,148 @@
+"""``/scer/summary``, ``/scer/requests``, ``/scer/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from scer_proxy import openai_wire as wire
+from scer_proxy.summary import parse_duration_s, summarize
+from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _bad(message: str, param: str) -> web.Response:
+    return web.Response(status=400, body=wire.error_body(message, "invalid_request_error", param=param),
+                        content_type="application/json")
+
+
+def meter_info(app: web.Application) -> dict[str, Any]:
+    """The summary's ``meter`` object: kind, devices, update period, age of the last reading, errors."""
+    meters = [m.describe() | {"note": app[METER_NOTES].get(name)} for name, m in app[METERS].items()]
+    kinds = sorted({m["kind"] for m in meters})
+    ages = [m["last_reading_age_ms"] for m in meters if m["last_reading_age_ms"] is not None]
+    periods = [m["update_period_ms"] for m in meters if m["update_period_ms"] is not None]
+    return {
+        "kind": kinds[0] if len(kinds) == 1 else ",".join(kinds),
+        "devices": [d for m in meters for d in m["devices"]],
+        "update_period_ms": max(periods) if periods else None,
+        "last_reading_age_ms": max(ages) if ages else None,
+        "healthy": all(m["healthy"] for m in meters),
+        "errors": sum(m["errors"] for m in meters),
+        "upstreams": meters,
+    }
+
+
+def idle_energy_j(app: web.Application) -> float:
+    """Measured energy left unattributed: idle under ``separate``; under ``amortize`` only what is still
+    waiting for the next busy interval."""
+    pue = app[CONFIG].carbon.pue
+    return sum((m.timeline.idle_j + m.timeline.pending_idle_j) * pue for m in app[METERS].values())
+
+
+async def summary(request: web.Request) -> web.Response:
+    now = time.time()
+    start = None
+    since = request.query.get("since")
+    if since:
+        try:
+            start = now - parse_duration_s(since)
+        except ValueError as exc:
+            return _bad(str(exc), "since")
+    grid = request.app[ACCOUNTING].grid
+    body = summarize(
+        request.app[LEDGER], start=start, end=now, model=request.query.get("model") or None,
+        tenant=request.query.get("tenant") or None,
+    )
+    body["idle_energy_j"] = idle_energy_j(request.app)
+    body["meter"] = meter_info(request.app)
+    body["grid"] = {"intensity_g_per_kwh": grid.intensity_g_per_kwh, "source": grid.source, "as_of": grid.as_of}
+    return _json(body)
+
+
+async def request_record(request: web.Request) -> web.Response:
+    record = request.app[LEDGER].get(request.match_info["request_id"])
+    if record is None:
+        return web.Response(status=404, content_type="application/json", body=wire.error_body(
+            f"No request with id {request.match_info['request_id']!r}.", "invalid_request_error",
+            param="request_id", code="request_not_found"))
+    return _json(record.to_json())
+
+
+async def request_list(request: web.Request) -> web.Response:
+    text = request.query.get("limit", "100")
+    if not text.isdigit() or not 1 <= int(text) <= 10_000:
+        return _bad(f"limit: expected an integer from 1 to 10000, got {text!r}", "limit")
+    records = request.app[LEDGER].recent(int(text))
+    return _json({"object": "list", "data": [r.to_json() for r in records]})
+
+
+async def health(request: web.Request) -> web.Response:
+    meter = meter_info(request.app)
+    return _json({
+        "status": "ok" if meter["healthy"] else "degraded",
+        "meter": meter,
+        "ledger": {"kind": "memory", "records": len(request.app[LEDGER]), "dropped": request.app[LEDGER].dropped,
+                   "pending_settlement": request.app[ACCOUNTING].pending},
+    })
+
+
+class _LedgerCollector:
+    """Prometheus metrics computed from the ledger at scrape time (per model and energy source)."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.app = app
+
+    def collect(self) -> Any:
+        requests = CounterMetricFamily("scer_requests", "Metered requests finished", labels=["model", "status"])
+        tokens = CounterMetricFamily("scer_tokens", "Tokens of metered requests", labels=["model", "kind"])
+        energy = CounterMetricFamily("scer_energy_joules", "Energy attributed to requests, PUE included",
+                                     labels=["model", "source"])
+        carbon = CounterMetricFamily("scer_carbon_grams", "Carbon attributed to requests, gCO2e",
+                                     labels=["model", "part"])
+        agg: dict[tuple[str, ...], float] = {}
+        for r in self.app[LEDGER]:
+            if r.status == "running":
+                continue
+            for key, value in (
+                (("req", r.model, r.status), 1.0),
+                (("tok", r.model, "prompt"), float(r.prompt_tokens)),
+                (("tok", r.model, "completion"), float(r.completion_tokens)),
+                (("en", r.model, r.energy_source), r.energy_j or 0.0),
+                (("co2", r.model, "operational"), r.carbon_operational_g or 0.0),
+                (("co2", r.model, "embodied"), r.carbon_embodied_g or 0.0),
+            ):
+                agg[key] = agg.get(key, 0.0) + value
+        families = {"req": requests, "tok": tokens, "en": energy, "co2": carbon}
+        for (family, *labels), value in sorted(agg.items()):
+            families[family].add_metric(labels, value)
+        yield from families.values()
+        idle = GaugeMetricFamily("scer_idle_energy_joules", "Measured energy not attributed to any request")
+        idle.add_metric([], idle_energy_j(self.app))
+        yield idle
+        healthy = GaugeMetricFamily("scer_meter_healthy", "1 when the upstream's meter answers", labels=["upstream"])
+        for name, meter in self.app[METERS].items():
+            healthy.add_metric([name], 1.0 if meter.healthy else 0.0)
+        yield healthy
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_LedgerCollector(request.app))  # type: ignore[arg-type]
+    return web.Response(body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/scer/summary", summary)
+    app.router.add_get("/scer/requests", request_list)
+    app.router.add_get("/scer/requests/{request_id}", request_record)
+    app.router.add_get("/scer/health", health)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,77 @@
+"""Real servers for tests: run aiohttp applications on loopback port 0, never a mocked wire.
+
+``ThreadedServers`` runs one event loop in a background thread and serves any number of aiohttp
+applications from it, so that synchronous clients (the sync openai client, httpx) and asynchronous
+clients on the test's own loop can both reach them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+T = TypeVar("T")
+
+
+async def start_site(
+    app: web.Application, host: str = "127.0.0.1", *, handler_cancellation: bool = False
+) -> tuple[web.AppRunner, str]:
+    """Start ``app`` on an ephemeral port of the current loop; returns the runner and its base URL."""
+    runner = web.AppRunner(
+        app, handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=handler_cancellation
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, host, 0)
+    await site.start()
+    server = site._server
+    assert server is not None
+    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://{host}:{port}"
+
+
+class ThreadedServers:
+    """An event loop in a thread that hosts aiohttp applications for the duration of a test."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-servers", daemon=True)
+        self._thread.start()
+        self._runners: list[web.AppRunner] = []
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+        """Run a coroutine on the servers' loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def start(
+        self,
+        make_app: Callable[[], web.Application | Awaitable[web.Application]],
+        *,
+        handler_cancellation: bool = False,
+    ) -> str:
+        """Build the app on the servers' loop (so its resources belong to it) and serve it; returns its URL."""
+
+        async def _start() -> str:
+            app = make_app()
+            if not isinstance(app, web.Application):
+                app = await app
+            runner, url = await start_site(app, handler_cancellation=handler_cancellation)
+            self._runners.append(runner)
+            return url
+
+        return self.call(_start())
+
+    def close(self) -> None:
+        async def _stop() -> None:
+            for runner in reversed(self._runners):
+                await runner.cleanup()
+
+        try:
+            self.call(_stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
