@@ -13,7 +13,7 @@ from aiohttp import web
 from scer_proxy import openai_wire as wire
 from scer_proxy.accounting import Accounting
 from scer_proxy.attribution import DEFAULT_PREFILL_WEIGHT, Timeline
-from scer_proxy.config import Config, UpstreamConfig
+from scer_proxy.config import Config, ConfigError, UpstreamConfig
 from scer_proxy.grid import configured_intensity
 from scer_proxy.ledger import MemoryLedger
 from scer_proxy.metering import UpstreamMeter
@@ -48,8 +48,8 @@ async def build_meter(config: Config, upstream: UpstreamConfig) -> tuple[Meter |
     if kind == "auto":
         if await _probe_simulated(upstream.url):
             return DcgmMeter(upstream.url + "/metrics", source="simulated"), "auto: the upstream exposes a DCGM counter"
-        return None, "auto: no energy counter found (NVML, RAPL and the estimate meter come with the energy issue)"
-    return None, f"meter kind {kind!r} is not available in this build"
+        return None, "auto: no energy counter found (no NVML, RAPL or estimate meter in this version)"
+    raise ConfigError(f"meter.kind: {kind!r} is not available in this version")
 
 
 def create_app(
@@ -90,7 +90,8 @@ def create_app(
                 on_settled=lambda name, share: app[ACCOUNTING].settled(name, share), clock=clock,
             )
             app[METER_NOTES][upstream.name] = note
-        app[ACCOUNTING] = Accounting(config, ledger, app[METERS], configured_intensity(config.carbon),
+        upstream_meters = app[METERS]
+        app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, configured_intensity(config.carbon),
                                      wall_clock=wall_clock)
         for upstream_meter in app[METERS].values():
             if upstream_meter.meter is not None:

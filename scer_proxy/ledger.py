@@ -33,7 +33,7 @@ class MemoryLedger:
         return self._records.get(request_id)
 
     def recent(self, limit: int) -> list[Record]:
-        out = []
+        out: list[Record] = []
         for record in reversed(self._records.values()):
             if len(out) >= limit:
                 break

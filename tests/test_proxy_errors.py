@@ -39,7 +39,7 @@ def _healthy(proxy: str, client: httpx.Client) -> None:
 
 
 def test_upstream_refused_is_502(start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(f"http://127.0.0.1:{_free_port()}", meter={"kind": "estimate"})
+    proxy = start_proxy(f"http://127.0.0.1:{_free_port()}", meter={"kind": "auto"})
     with httpx.Client() as client:
         for path, body in (("/v1/chat/completions", CHAT), ("/v1/models", None)):
             resp = client.post(f"{proxy}{path}", json=body) if body else client.get(f"{proxy}{path}")
@@ -50,7 +50,7 @@ def test_upstream_refused_is_502(start_proxy: Callable[..., str]) -> None:
 
 
 def test_upstream_timeout_is_504(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    config = proxy_config(fake_upstream, meter={"kind": "estimate"})
+    config = proxy_config(fake_upstream, meter={"kind": "auto"})
     config = config.__class__(**{**config.__dict__, "upstreams": (
         UpstreamConfig(name="up", url=fake_upstream, timeout_s=0.3),)})
     proxy = start_proxy(config=config)
@@ -62,7 +62,7 @@ def test_upstream_timeout_is_504(fake_upstream: str, start_proxy: Callable[..., 
 
 
 def test_upstream_dropping_the_connection_is_502(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
         resp = client.post(f"{proxy}/v1/chat/completions", json=CHAT, headers={"X-Fake-Scenario": "drop"})
         _assert_openai_error(resp, 502)
@@ -71,7 +71,7 @@ def test_upstream_dropping_the_connection_is_502(fake_upstream: str, start_proxy
 
 @pytest.mark.parametrize("chunked", [False, True])
 def test_body_over_the_limit_is_413(fake_upstream: str, start_proxy: Callable[..., str], chunked: bool) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"}, server={"max_body_bytes": 1000})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"}, server={"max_body_bytes": 1000})
     big = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
     with httpx.Client() as client:
         content = iter([big[:500], big[500:]]) if chunked else big
@@ -82,7 +82,7 @@ def test_body_over_the_limit_is_413(fake_upstream: str, start_proxy: Callable[..
 
 
 def test_no_upstream_for_the_model_is_404(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    config = load_config(overrides={"meter": {"kind": "estimate"}})
+    config = load_config(overrides={"meter": {"kind": "auto"}})
     config = config.__class__(**{**config.__dict__, "upstreams": (
         UpstreamConfig(name="only-llama", url=fake_upstream, models=("llama-*",)),)})
     proxy = start_proxy(config=config)
@@ -93,7 +93,7 @@ def test_no_upstream_for_the_model_is_404(fake_upstream: str, start_proxy: Calla
 
 
 def test_malformed_body_is_forwarded_untouched(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
         direct = client.post(f"{fake_upstream}/v1/chat/completions", content=b"{oops",
                              headers={"Content-Type": "application/json"})
@@ -105,7 +105,7 @@ def test_malformed_body_is_forwarded_untouched(fake_upstream: str, start_proxy: 
 
 
 def test_upstream_error_passes_through_with_request_id(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
         resp = client.post(f"{proxy}/v1/chat/completions", json=CHAT, headers={"X-Fake-Scenario": "upstream-400"})
         assert resp.status_code == 400
@@ -116,7 +116,7 @@ def test_upstream_error_passes_through_with_request_id(fake_upstream: str, start
 
 
 def test_unknown_proxy_path_and_bad_query(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
         _assert_openai_error(client.get(f"{proxy}/nothing-here"), 404)
         _assert_openai_error(client.get(f"{proxy}/scer/summary?since=yesterday"), 400)
@@ -126,7 +126,7 @@ def test_unknown_proxy_path_and_bad_query(fake_upstream: str, start_proxy: Calla
 
 
 def test_admin_token_gates_scer_and_metrics_but_not_v1(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"}, server={"admin_token": "s3cret"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"}, server={"admin_token": "s3cret"})
     with httpx.Client() as client:
         assert client.post(f"{proxy}/v1/chat/completions", json=CHAT).status_code == 200
         for path in ("/scer/summary", "/scer/health", "/metrics"):

@@ -36,7 +36,7 @@ def _scer_free(headers: httpx.Headers) -> dict[str, str]:
 @pytest.mark.parametrize("scenario", ["", "gzip"])
 def test_non_streamed_body_and_headers_equal_direct(fake_upstream: str, start_proxy: Callable[..., str],
                                                     scenario: str) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     headers = {"X-Fake-Scenario": scenario, "Accept-Encoding": "gzip"}
     with httpx.Client() as client:
         direct = client.post(f"{fake_upstream}/v1/chat/completions", json=CHAT, headers=headers)
@@ -58,7 +58,7 @@ def test_non_streamed_body_and_headers_equal_direct(fake_upstream: str, start_pr
 @pytest.mark.parametrize("asked", [True, False])
 def test_stream_bytes_equal_direct_except_additions(fake_upstream: str, start_proxy: Callable[..., str],
                                                     scenario: str, asked: bool) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {**CHAT, "stream": True, **({"stream_options": {"include_usage": True}} if asked else {})}
     headers = {"X-Fake-Scenario": scenario}
     with httpx.Client() as client:
@@ -93,7 +93,7 @@ def test_stream_bytes_equal_direct_except_additions(fake_upstream: str, start_pr
 
 def test_usage_in_finish_chunk_is_removed_for_clients_that_did_not_ask(
         fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {"model": MODEL, "prompt": "x", "stream": True}
     with httpx.Client() as client:
         via = client.post(f"{proxy}/v1/completions", json=body, headers={"X-Fake-Scenario": "llamacpp-completions"})
@@ -106,7 +106,7 @@ def test_usage_in_finish_chunk_is_removed_for_clients_that_did_not_ask(
 
 def test_request_forwarded_unchanged_except_hop_by_hop(fake_upstream: str, start_proxy: Callable[..., str],
                                                        servers) -> None:  # type: ignore[no-untyped-def]
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     payload = bytes(range(256)) * 1000
     with httpx.Client() as client:
         resp = client.put(f"{proxy}/v1/echo/a/b?x=1&y=%20z", content=payload,
@@ -135,7 +135,7 @@ def _received(servers) -> list[dict]:  # type: ignore[no-untyped-def]
 
 def test_stream_request_asks_upstream_for_usage(fake_upstream: str, start_proxy: Callable[..., str],
                                                 servers) -> None:  # type: ignore[no-untyped-def]
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {**CHAT, "stream": True, "stream_options": {"something": 1}}
     with httpx.Client() as client:
         client.post(f"{proxy}/v1/chat/completions", json=body)
@@ -146,7 +146,7 @@ def test_stream_request_asks_upstream_for_usage(fake_upstream: str, start_proxy:
 
 
 def test_keep_alive_both_ways(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     ports = set()
     with httpx.Client() as client:
         for _ in range(5):

@@ -58,8 +58,9 @@ async def summary(request: web.Request) -> web.Response:
         except ValueError as exc:
             return _bad(str(exc), "since")
     grid = request.app[ACCOUNTING].grid
+    ledger = request.app[LEDGER]
     body = summarize(
-        request.app[LEDGER], start=start, end=now, model=request.query.get("model") or None,
+        ledger, start=start, end=now, model=request.query.get("model") or None,
         tenant=request.query.get("tenant") or None,
     )
     body["idle_energy_j"] = idle_energy_j(request.app)
@@ -136,7 +137,7 @@ class _LedgerCollector:
 
 async def metrics(request: web.Request) -> web.Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_LedgerCollector(request.app))  # type: ignore[arg-type]
+    registry.register(_LedgerCollector(request.app))
     return web.Response(body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 

@@ -1,0 +1,70 @@
+"""SCI arithmetic against hand-computed figures."""
+
+from __future__ import annotations
+
+import pytest
+
+from scer_proxy.attribution import Share
+from scer_proxy.carbon import Embodied, operational_g, request_carbon, sci_per_1k
+from scer_proxy.config import CarbonConfig, ConfigError
+from scer_proxy.grid import annual_table, configured_intensity
+from scer_proxy.records import Record, format_number
+
+H100_NODE = Embodied(gpu_kg=164.0, server_kg=2500.0, gpus_per_server=8, lifetime_years=4.0, gpus_used=1)
+
+
+def test_operational_is_kwh_times_intensity() -> None:
+    # 3,600 J = 0.001 kWh; at 400 g/kWh -> 0.4 g
+    assert operational_g(3600.0, 400.0) == pytest.approx(0.4)
+
+
+def test_embodied_share_of_gpu_and_server_over_lifetime() -> None:
+    # (164 kg + 2500 kg / 8) = 476.5 kg = 476,500 g over 4 years of 365.25 days
+    seconds = 4 * 365.25 * 86400
+    assert H100_NODE.total_g == pytest.approx(476_500.0)
+    assert H100_NODE.grams_for(seconds) == pytest.approx(476_500.0)
+    assert H100_NODE.grams_for(3600.0) == pytest.approx(476_500.0 * 3600.0 / seconds)
+
+
+def test_request_carbon_and_sci_per_1000_units() -> None:
+    carbon = request_carbon(energy_j=7200.0, hw_s=10.0, intensity_g_per_kwh=250.0, embodied=H100_NODE, units=500)
+    expected_m = 476_500.0 * 10.0 / (4 * 365.25 * 86400)
+    assert carbon.operational_g == pytest.approx(0.5)
+    assert carbon.embodied_g == pytest.approx(expected_m)
+    assert carbon.sci_g_per_unit == pytest.approx((0.5 + expected_m) * 2)
+    assert sci_per_1k(1.0, 0) is None
+
+
+def test_record_applies_pue_and_uses_input_tokens_for_embeddings() -> None:
+    share = Share("r", energy_j=1000.0, prefill_j=200.0, decode_j=800.0, hw_s=2.0, settled=True)
+    base = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="embeddings", stream=False,
+                  started_at=0.0, prompt_tokens=2000, completion_tokens=0)
+    rec = base.with_energy(share, source="simulated", pue=1.5, intensity_g_per_kwh=360.0, grid_source="static",
+                           embodied=H100_NODE)
+    assert rec.energy_j == pytest.approx(1500.0)
+    assert rec.energy_prefill_j == pytest.approx(300.0)
+    assert rec.carbon_operational_g == pytest.approx(1500.0 / 3.6e6 * 360.0)
+    assert rec.sci == pytest.approx(rec.carbon_g * 1000.0 / 2000)  # type: ignore[operator]
+    headers = rec.headers()
+    assert headers["X-SCER-Energy-J"] == "1500"
+    assert "e" not in headers["X-SCER-Carbon-Embodied-gCO2e"].lower()
+    assert "X-SCER-SCI" in headers
+    chat = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="chat", stream=False,
+                  started_at=0.0, prompt_tokens=10, completion_tokens=0)
+    assert "X-SCER-SCI" not in chat.with_energy(share, source="simulated", pue=1.0, intensity_g_per_kwh=1.0,
+                                                grid_source="static", embodied=H100_NODE).headers()
+
+
+@pytest.mark.parametrize(("value", "text"), [(1500.0, "1500"), (0.000123456789, "0.000123456789"),
+                                             (1.5e-9, "0.0000000015"), (0.0, "0"), (12.5, "12.5")])
+def test_numbers_are_plain_decimals(value: float, text: str) -> None:
+    assert format_number(value) == text
+
+
+def test_grid_table_and_override() -> None:
+    assert len(annual_table()) > 200
+    fra = configured_intensity(CarbonConfig(region="FRA"))
+    assert fra.intensity_g_per_kwh == annual_table()["FRA"][0] and fra.source == "table:FRA"
+    assert configured_intensity(CarbonConfig(intensity_g_per_kwh=123.0)).intensity_g_per_kwh == 123.0
+    with pytest.raises(ConfigError, match=r"carbon\.region"):
+        configured_intensity(CarbonConfig(region="ZZZ"))
