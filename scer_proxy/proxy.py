@@ -196,7 +196,8 @@ class ProxyHandler:
             ex.first_byte_s = time.monotonic()
             content_type = resp.headers.get("Content-Type", "")
             if resp.status == 200 and content_type.startswith("text/event-stream"):
-                return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected).run()
+                return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected,
+                                          upstream).run()
             return await self._buffered(request, resp, record, ex, parsed, upstream)
         finally:
             resp.release()
@@ -258,12 +259,22 @@ class ProxyHandler:
         return done
 
 
+def _is_done(event: bytes) -> bool:
+    if b"[DONE]" not in event:
+        return False
+    payload = wire.event_payload(event)
+    return payload is not None and payload.strip() == b"[DONE]"
+
+
 class _StreamRelay:
     """Relays one SSE stream read by read, rewriting only the usage chunk and the end of the stream."""
 
     def __init__(self, handler: ProxyHandler, request: web.Request, resp: aiohttp.ClientResponse, record: Record,
-                 ex: Exchange, parsed: dict[str, Any], asked_usage: bool, injected: bool) -> None:
+                 ex: Exchange, parsed: dict[str, Any], asked_usage: bool, injected: bool,
+                 upstream: UpstreamConfig) -> None:
         self.h = handler
+        self.upstream = upstream
+        self.counted_completion: int | None = None
         self.request = request
         self.resp = resp
         self.record = record
@@ -292,11 +303,16 @@ class _StreamRelay:
                 if not self.rewrite:
                     await out.write(data)
                     continue
-                events = self.scanner.feed(data)
-                if events:
-                    chunk = b"".join(self._event(e) for e in events)
-                    if chunk:
-                        await out.write(chunk)
+                parts = []
+                for event in self.scanner.feed(data):
+                    if self.closed is None and _is_done(event):
+                        # The stream ends without usage: count with the upstream's /tokenize where it has one.
+                        text = "".join(self.text_parts)
+                        self.counted_completion = await self.h._count_text(self.upstream, text)
+                    parts.append(self._event(event))
+                chunk = b"".join(parts)
+                if chunk:
+                    await out.write(chunk)
             tail = self.scanner.flush()
             if tail:
                 await out.write(self._event(tail))
@@ -324,7 +340,9 @@ class _StreamRelay:
         if self.closed is None:
             completion = 0
             if usage is None:
-                completion = tokens.count_text("".join(self.text_parts))
+                completion = self.counted_completion
+                if completion is None:
+                    completion = tokens.count_text("".join(self.text_parts))
             self.closed = self.h._close(self.record, self.ex, self.parsed, status=status,
                                         http_status=self.resp.status, completion_tokens=completion, usage=usage,
                                         flags=flags)

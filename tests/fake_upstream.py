@@ -106,6 +106,53 @@ async def chat(request: web.Request) -> web.StreamResponse:
     return out
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    parsed = orjson.loads(await request.read())
+    inputs = parsed["input"] if isinstance(parsed["input"], list) else [parsed["input"]]
+    return web.json_response({
+        "object": "list", "model": MODEL,
+        "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
+        "usage": {"prompt_tokens": 40, "total_tokens": 40},
+    })
+
+
+RESPONSE_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15}
+
+
+def responses_events() -> list[bytes]:
+    """A Responses API stream: typed events, usage in ``response.completed``."""
+    done = {"type": "response.completed", "response": {"id": "resp_1", "object": "response", "status": "completed",
+                                                       "usage": RESPONSE_USAGE}}
+    events = [{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}]
+    events += [{"type": "response.output_text.delta", "delta": w} for w in ["Hi", " there", " you", "."]]
+    events.append(done)
+    return [b"event: " + e["type"].encode() + b"\ndata: " + orjson.dumps(e) + b"\n\n" for e in events]
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    parsed = orjson.loads(await request.read())
+    if not parsed.get("stream"):
+        return web.json_response({
+            "id": "resp_1", "object": "response", "status": "completed", "model": MODEL,
+            "output": [{"type": "message", "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hi there you."}]}],
+            "usage": RESPONSE_USAGE,
+        })
+    out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await out.prepare(request)
+    for event in responses_events():
+        await out.write(event)
+    await out.write_eof()
+    return out
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """llama.cpp's /tokenize: {"content"} -> {"tokens"}; one token per whitespace-separated word here."""
+    parsed = orjson.loads(await request.read())
+    request.app[RECEIVED].append({"path": request.path_qs, "headers": dict(request.headers), "body": b""})
+    return web.json_response({"tokens": list(range(len(str(parsed.get("content", "")).split())))})
+
+
 async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]},
                              headers={"X-Upstream-Header": "kept"})
@@ -124,5 +171,8 @@ def create_fake_upstream() -> web.Application:
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/tokenize", tokenize)
     app.router.add_route("*", "/v1/echo/{tail:.*}", echo)
     return app
