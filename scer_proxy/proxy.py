@@ -340,9 +340,8 @@ class _StreamRelay:
         if self.closed is None:
             completion = 0
             if usage is None:
-                completion = self.counted_completion
-                if completion is None:
-                    completion = tokens.count_text("".join(self.text_parts))
+                counted = self.counted_completion
+                completion = counted if counted is not None else tokens.count_text("".join(self.text_parts))
             self.closed = self.h._close(self.record, self.ex, self.parsed, status=status,
                                         http_status=self.resp.status, completion_tokens=completion, usage=usage,
                                         flags=flags)

@@ -29,7 +29,7 @@ async def start_site(
     await site.start()
     server = site._server
     assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     return runner, f"http://{host}:{port}"
 
 
