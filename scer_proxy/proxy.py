@@ -71,6 +71,7 @@ class Exchange:
     started_s: float = field(default_factory=time.monotonic)
     first_byte_s: float | None = None
     chunks: int = 0
+    closed: bool = False
 
 
 class ProxyHandler:
@@ -186,33 +187,40 @@ class ProxyHandler:
             stream=stream, prompt_estimate=len(body) // 4,
         )
         ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
+        # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
+        # that has ended, and no ledger record is lost.
         try:
             resp = await self._send(request, upstream, send_body, headers)
-        except ProxyError as exc:
-            self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0,
-                        usage=None, flags=(exc.code,))
+            try:
+                ex.first_byte_s = time.monotonic()
+                content_type = resp.headers.get("Content-Type", "")
+                if resp.status == 200 and content_type.startswith("text/event-stream"):
+                    return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected,
+                                              upstream).run()
+                return await self._buffered(request, resp, record, ex, parsed, upstream)
+            finally:
+                resp.release()
+        except asyncio.CancelledError:
+            # The client went away while the upstream was still working: the upstream connection is closed
+            # with the cancelled task, which stops the generation.
+            if not ex.closed:
+                self._close(record, ex, parsed, status="cancelled", http_status=None, completion_tokens=0,
+                            usage=None, flags=("client_disconnected",))
             raise
-        try:
-            ex.first_byte_s = time.monotonic()
-            content_type = resp.headers.get("Content-Type", "")
-            if resp.status == 200 and content_type.startswith("text/event-stream"):
-                return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected,
-                                          upstream).run()
-            return await self._buffered(request, resp, record, ex, parsed, upstream)
-        finally:
-            resp.release()
+        except ProxyError as exc:
+            if not ex.closed:
+                self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0,
+                            usage=None, flags=(exc.code,))
+            raise
+        except Exception:
+            if not ex.closed:
+                self._close(record, ex, parsed, status="error", http_status=None, completion_tokens=0, usage=None,
+                            flags=("proxy_failure",))
+            raise
 
     async def _buffered(self, request: web.Request, resp: aiohttp.ClientResponse, record: Record, ex: Exchange,
                         parsed: dict[str, Any], upstream: UpstreamConfig) -> web.StreamResponse:
-        try:
-            raw = await self._read_upstream(resp, upstream)
-        except ProxyError as exc:
-            self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0, usage=None,
-                        flags=(exc.code,))
-            raise
-        except asyncio.CancelledError:
-            self._close(record, ex, parsed, status="cancelled", http_status=None, completion_tokens=0, usage=None)
-            raise
+        raw = await self._read_upstream(resp, upstream)
         headers = _forward_headers(resp.headers)
         usage = None
         completion_tokens = 0
@@ -244,6 +252,7 @@ class ProxyHandler:
             prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
         else:
             prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
+        ex.closed = True
         done = self.accounting.close(record, prompt_tokens=prompt, completion_tokens=completion, token_source=source,
                                      status=status, http_status=http_status, flags=flags)
         now = time.monotonic()

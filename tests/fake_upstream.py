@@ -15,6 +15,7 @@ import orjson
 from aiohttp import web
 
 RECEIVED = web.AppKey("received", list)
+RELEASE = web.AppKey("release", asyncio.Event)
 MODEL = "fake-model"
 
 CHAT_BODY = orjson.dumps({
@@ -96,6 +97,13 @@ async def chat(request: web.Request) -> web.StreamResponse:
         for i in range(0, len(raw), 7):
             await out.write(raw[i : i + 7])
             await asyncio.sleep(0)
+    elif scenario == "hold":
+        # Send the first two events, then wait until the test releases the rest (POST /release).
+        for event in events[:2]:
+            await out.write(event)
+        await request.app[RELEASE].wait()
+        for event in events[2:]:
+            await out.write(event)
     else:
         gap = float(request.headers.get("X-Fake-Gap", "0"))
         for event in events:
@@ -165,9 +173,16 @@ async def echo(request: web.Request) -> web.Response:
                                                          "Content-Type": "application/octet-stream"})
 
 
+async def release(request: web.Request) -> web.Response:
+    request.app[RELEASE].set()
+    return web.Response(text="released")
+
+
 def create_fake_upstream() -> web.Application:
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[RECEIVED] = []
+    app[RELEASE] = asyncio.Event()
+    app.router.add_post("/release", release)
     app.router.add_post("/v1/chat/completions", chat)
     app.router.add_post("/v1/completions", chat)
     app.router.add_get("/v1/models", models)

@@ -66,3 +66,30 @@ def test_disconnect_cancels_upstream_within_one_engine_step(servers: ThreadedSer
     # Within one engine step: the engine produced at most a step or two more than the proxy relayed.
     assert seen["completion_tokens"] <= record["completion_tokens"] + 3
     assert record["energy_j"] is not None and record["energy_j"] > 0
+
+
+def test_non_streamed_client_that_gives_up_cancels_the_upstream(servers: ThreadedServers,
+                                                                start_proxy: Callable[..., str]) -> None:
+    sim = servers.start(lambda: create_sim_app(time_scale=1.0), handler_cancellation=True)
+    proxy = start_proxy(sim, meter={"kind": "simulated", "interval_ms": 20})
+    model = httpx.get(f"{sim}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "messages": [{"role": "user", "content": "long"}], "max_tokens": 3000,
+            "ignore_eos": True}
+    try:
+        httpx.post(f"{proxy}/v1/chat/completions", json=body, timeout=0.3)
+    except httpx.ReadTimeout:
+        pass
+    else:
+        raise AssertionError("the request should have outlived the client's timeout")
+
+    def record() -> dict:
+        data = httpx.get(f"{proxy}/scer/requests?limit=1").json()["data"]
+        return data[0] if data else {}
+
+    _wait(lambda: record().get("status") == "cancelled")
+    assert "client_disconnected" in record()["flags"]
+    # The simulator stopped the sequence, the proxy's timeline settles and lets go of it, and it keeps serving.
+    _wait(lambda: httpx.get(f"{sim}/sim/energy").json()["active"] == 0)
+    _wait(lambda: httpx.get(f"{proxy}/scer/health").json()["meter"]["upstreams"][0]["pending_requests"] == 0)
+    ok = httpx.post(f"{proxy}/v1/chat/completions", json={**body, "max_tokens": 2}, timeout=10)
+    assert ok.status_code == 200

@@ -155,3 +155,18 @@ def test_keep_alive_both_ways(fake_upstream: str, start_proxy: Callable[..., str
             stream = resp.extensions["network_stream"]
             ports.add(stream.get_extra_info("client_addr"))
     assert len(ports) == 1  # one client connection reused for all five requests
+
+
+def test_stream_events_reach_the_client_before_the_upstream_finishes(fake_upstream: str,
+                                                                     start_proxy: Callable[..., str]) -> None:
+    proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
+    body = {**CHAT, "stream": True}
+    with httpx.Client(timeout=10) as client, client.stream(
+            "POST", f"{proxy}/v1/chat/completions", json=body, headers={"X-Fake-Scenario": "hold"}) as resp:
+        lines = resp.iter_lines()
+        first = next(line for line in lines if line.startswith("data: "))
+        # The upstream is still holding the rest of its stream: the first event was not buffered.
+        assert orjson.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        assert client.post(f"{fake_upstream}/release").status_code == 200
+        rest = [line for line in lines if line.startswith("data: ")]
+    assert rest[-1] == "data: [DONE]"
