@@ -83,11 +83,16 @@ class Accounting:
             stream=stream,
             started_at=self._wall(),
         )
-        self.meters[upstream].start_request(record.request_id, prompt_estimate)
+        self.meters[upstream].start_request(record.request_id, prompt_estimate, stream=stream)
         return record
 
-    def first_token(self, record: Record) -> None:
-        self.meters[record.upstream].first_token(record.request_id)
+    def prompt_counted(self, record: Record, prompt_tokens: int) -> None:
+        """The exact prompt count arrived (counted off the request path): refine the timeline."""
+        self.meters[record.upstream].timeline.set_prompt(record.request_id, prompt_tokens)
+
+    def token_sink(self, record: Record) -> Callable[[int], None]:
+        """Where the stream relay reports the tokens it passes on (one call a chunk)."""
+        return self.meters[record.upstream].token_sink(record.request_id)
 
     def close(
         self,

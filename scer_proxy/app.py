@@ -12,7 +12,7 @@ from aiohttp import web
 
 from scer_proxy import openai_wire as wire
 from scer_proxy.accounting import Accounting
-from scer_proxy.attribution import DEFAULT_PREFILL_WEIGHT, Timeline
+from scer_proxy.attribution import Timeline
 from scer_proxy.config import Config, ConfigError, UpstreamConfig
 from scer_proxy.grid import configured_intensity
 from scer_proxy.ledger import MemoryLedger
@@ -81,10 +81,8 @@ def create_app(
                 meter, note = meters[upstream.name], "given"
             else:
                 meter, note = await build_meter(config, upstream)
-            timeline = Timeline(
-                prefill_weight=DEFAULT_PREFILL_WEIGHT if isinstance(weight, str) else weight,
-                idle=config.attribution.idle,
-            )
+            timeline = Timeline(prefill_weight=None if isinstance(weight, str) else weight,
+                                idle=config.attribution.idle)
             app[METERS][upstream.name] = UpstreamMeter(
                 upstream.name, meter, timeline, interval_s=config.meter.interval_ms / 1000.0,
                 on_settled=lambda name, share: app[ACCOUNTING].settled(name, share), clock=clock,

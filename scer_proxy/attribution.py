@@ -1,35 +1,49 @@
 """Timeline attribution of measured energy to requests under continuous batching (pure, no I/O).
 
-Each upstream has one :class:`Timeline`. The proxy reports what it sees of each request (start, first
-token, end, token counts) and the meter reports cumulative joules at monotonic times. Every meter
-interval ``[t0, t1]`` with energy ``dE`` is split among the requests active in it, in proportion to
+Each upstream has one :class:`Timeline`. The proxy reports what it sees of each request (its start,
+each streamed token as it passes, its end with the token counts) and the meter reports cumulative
+joules at monotonic times. Every meter interval ``[t0, t1]`` with energy ``dE`` is split among the
+requests active in it:
 
-    weight = decode_seconds_in_interval + prefill_weight * prompt_tokens_prefilled_in_interval * step_time_s
+- A decode step produces one token for every sequence in the batch and its energy belongs equally
+  to them, so within an interval decode energy is split by **decode tokens**: the tokens a stream
+  was seen to receive in the interval, or for a non-streamed request (whose tokens are not seen) its
+  decode time in the interval times the per-sequence token rate the streams show.
+- Prefill is a burst proportional to the prompt: each request's prompt tokens are credited to the
+  interval(s) of its prefill window (from its start until its first token; for a non-streamed
+  request, the prompt over the observed prefill rate).
+- ``prefill_weight`` is the cost of a prompt token in decode-token equivalents. A number fixes it;
+  ``"auto"`` calibrates it from the data: interval energy is regressed, by non-negative least squares
+  over a sliding window of intervals, on prompt tokens, decode tokens, busy seconds and idle seconds;
+  the prompt-token coefficient (joules per prompt token) gives the prefill part of each interval, and
+  the rest of the busy energy goes to the decode tokens.
 
-(DESIGN.md, "Attribution"): a decode step serves every active sequence equally, and prefill is a burst
-proportional to the prompt. The parts always add up to the whole: for every interval,
-attributed + idle == dE (conservation, asserted in the tests).
+The parts always add up to the whole: for every interval, attributed + idle + carried == dE
+(conservation, asserted in the tests on every interval).
 
 Time with no active request is idle. ``idle = "amortize"`` carries idle energy (and idle hardware
 time) to the requests of the next busy interval in proportion to their share, so totals include all
-energy of the reserved hardware (SCI 1.1); ``idle = "separate"`` reports it apart. Within a busy
-interval, the uncovered part is idle at the idle power learned from fully idle intervals.
+the energy of the reserved hardware (SCI 1.1); ``idle = "separate"`` reports it apart. Inside a busy
+interval the uncovered time is idle at the idle power learned from fully idle intervals.
 
 Settling: a request's figure is final once a reading at or after its end has been applied. Before
-that, :meth:`Timeline.estimate` gives the settled part plus the tail since the last reading, estimated
-from the latest power and the request's current share.
+that, :meth:`Timeline.estimate` gives the settled part plus the tail since the last reading, split
+the same way at the latest power.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 DEFAULT_PREFILL_WEIGHT = 0.1
-"""Decode-token equivalents per prompt token before calibration.
+"""Decode-token equivalents per prompt token, used until ``auto`` has calibrated (and as the prior).
 
 ML.ENERGY v3 (Llama-3.1-8B on one H100, vLLM): a decode token costs 0.1 to 0.45 J at batch 8 to 64,
 while prefill runs near 30,000 tokens/s at about 650 W, roughly 0.02 J a token: about a tenth.
 """
+MIN_CALIBRATION_INTERVALS = 6
 
 
 @dataclass
@@ -37,9 +51,17 @@ class _Request:
     rid: str
     start_s: float
     prompt_tokens: int
+    stream: bool = True
     first_token_s: float | None = None
     end_s: float | None = None
     completion_tokens: int = 0
+    tokens_since_reading: int = 0
+    prefill_lo: float = 0.0
+    prefill_hi: float = 0.0
+    pinned: bool = False  # the prefill window is known (first token seen, or the request ended)
+    decode_from: float = 0.0  # decoding starts after the whole block of prefills this one was part of
+    prefill_credited: float = 0.0
+    decode_units: float = 0.0
     prefill_j: float = 0.0
     decode_j: float = 0.0
     hw_s: float = 0.0
@@ -75,12 +97,114 @@ class IntervalResult:
 
 
 @dataclass
-class Timeline:
-    """The attribution timeline of one upstream (its GPUs and the requests it serves)."""
+class _Interval:
+    """A meter interval waiting to be split, with the stream tokens each request received in it."""
 
-    prefill_weight: float = DEFAULT_PREFILL_WEIGHT
+    t0_s: float
+    t1_s: float
+    energy_j: float
+    tokens: dict[str, int]
+
+
+@dataclass
+class _Split:
+    """How one interval's energy divides: per request (prefill J, decode J, hardware s) and idle."""
+
+    parts: dict[str, tuple[float, float, float]]
+    decode: dict[str, float]
+    credits: dict[str, float]
+    idle_j: float
+    prefill_tokens: float
+    decode_tokens: float
+    busy_s: float
+    steps: float | None  # decode steps in the interval, as the streams decoding all through it show
+
+
+class Calibration:
+    """Non-negative least squares of interval energy on (prompt tokens, decode steps, decode tokens, idle s).
+
+    The model: a prompt token costs a fixed energy (the prefill coefficient, joules per prompt token); a
+    decode step costs ``c0 + c1 x batch`` (so ``c0`` per step and ``c1`` per decode token, which fits
+    the ML.ENERGY step energies of a batch from 8 to 128 within a few percent); idle time costs the idle
+    power. Steps are counted by the streams that decode all through an interval (one token a step).
+
+    Sufficient statistics with exponential forgetting (about ``window`` intervals), solved exactly for
+    four unknowns by trying every subset of free coefficients (Lawson-Hanson's answer, by enumeration).
+    """
+
+    names = ("prefill_j_per_token", "step_j", "decode_j_per_token", "idle_w")
+
+    def __init__(self, window: int = 512) -> None:
+        self.decay = 1.0 - 1.0 / window
+        self.xtx = [[0.0] * 4 for _ in range(4)]
+        self.xty = [0.0] * 4
+        self.intervals_with_prefill = 0
+        self._solution: list[float] | None = None
+
+    def add(self, x: tuple[float, float, float, float], y: float) -> None:
+        d = self.decay
+        for i in range(4):
+            self.xty[i] = self.xty[i] * d + x[i] * y
+            row = self.xtx[i]
+            for j in range(4):
+                row[j] = row[j] * d + x[i] * x[j]
+        if x[0] > 0:
+            self.intervals_with_prefill += 1
+        self._solution = None
+
+    def solve(self) -> list[float] | None:
+        if self.intervals_with_prefill < MIN_CALIBRATION_INTERVALS:
+            return None
+        if self._solution is not None:
+            return self._solution
+        best: tuple[float, list[float]] | None = None
+        for size in range(1, 5):
+            for subset in itertools.combinations(range(4), size):
+                coef = _solve([[self.xtx[i][j] for j in subset] for i in subset], [self.xty[i] for i in subset])
+                if coef is None or any(c < 0 for c in coef):
+                    continue
+                full = [0.0] * 4
+                for i, c in zip(subset, coef, strict=True):
+                    full[i] = c
+                # Residual sum of squares up to the constant y'y: b'X'Xb - 2 b'X'y.
+                quad = sum(full[i] * self.xtx[i][j] * full[j] for i in range(4) for j in range(4))
+                rss = quad - 2 * sum(full[i] * self.xty[i] for i in range(4))
+                if best is None or rss < best[0]:
+                    best = (rss, full)
+        self._solution = best[1] if best is not None else None
+        return self._solution
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(b)
+    m = [[*row, b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        scale = max(abs(m[r][col]) for r in range(n)) or 1.0
+        if abs(m[pivot][col]) <= 1e-12 * scale:
+            return None
+        m[col], m[pivot] = m[pivot], m[col]
+        for r in range(n):
+            if r != col:
+                f = m[r][col] / m[col][col]
+                for c in range(col, n + 1):
+                    m[r][c] -= f * m[col][c]
+    return [m[i][n] / m[i][i] for i in range(n)]
+
+
+@dataclass
+class Timeline:
+    """The attribution timeline of one upstream (its GPUs and the requests it serves).
+
+    ``prefill_weight``: decode-token equivalents per prompt token, or None for ``auto``.
+    ``max_defer_s``: how long an interval may wait for the first tokens that place the prefills in it.
+    """
+
+    prefill_weight: float | None = None
     idle: str = "amortize"
-    step_time_s: float = 0.02
+    max_defer_s: float = 2.0
+    token_interval_s: float = 0.02
     prefill_tokens_per_s: float = 10_000.0
     idle_power_w: float | None = None
     last_t_s: float | None = None
@@ -90,16 +214,50 @@ class Timeline:
     pending_idle_j: float = 0.0
     pending_idle_s: float = 0.0
     measured_j: float = 0.0
+    j_per_decode_token: float | None = None
+    j_per_prompt_token: float = 0.0
+    busy_power_w: float | None = None
+    calibration: Calibration = field(default_factory=Calibration)
     _requests: dict[str, _Request] = field(default_factory=dict)
+    _intervals: list[_Interval] = field(default_factory=list)
+    _pinned_until_s: float = -math.inf
+    _queue_end_s: float = -math.inf
 
     # -- what the proxy observes -------------------------------------------------------------
-    def start(self, rid: str, t_s: float, prompt_tokens: int) -> None:
-        self._requests[rid] = _Request(rid=rid, start_s=t_s, prompt_tokens=max(0, prompt_tokens))
+    # Prefill runs as a FIFO queue, as servers run it. Until a request's first token is seen, its
+    # prefill window is an estimate (after the requests queued before it, at the observed rate). First
+    # tokens pin the windows: a request's prefill ended at least one decode step before its first
+    # token, and every request queued before it was prefilled before it. Requests whose first tokens
+    # arrive together (the server prefilled them all before its next decode step) form one block,
+    # prefilled one after the other in proportion to their prompts.
+    def start(self, rid: str, t_s: float, prompt_tokens: int, *, stream: bool = True) -> None:
+        req = _Request(rid=rid, start_s=t_s, prompt_tokens=max(0, prompt_tokens), stream=stream)
+        # Queued after the last unpinned prefill (kept in ``_queue_end_s``): O(1) on the request path.
+        req.prefill_lo = max(t_s, self._queue_end_s, self._pinned_until_s)
+        req.prefill_hi = req.prefill_lo + req.prompt_tokens / max(self.prefill_tokens_per_s, 1e-9)
+        req.decode_from = req.prefill_hi
+        self._queue_end_s = req.prefill_hi
+        self._requests[rid] = req
+
+    def tokens(self, rid: str, t_s: float, count: int = 1) -> None:
+        """A streamed chunk carrying ``count`` tokens passed the proxy at ``t_s``."""
+        req = self._requests.get(rid)
+        if req is None:
+            return
+        if req.first_token_s is None:
+            req.first_token_s = t_s
+        req.tokens_since_reading += count
+        req.completion_tokens += count
 
     def first_token(self, rid: str, t_s: float) -> None:
+        self.tokens(rid, t_s, 1)
+
+    def set_prompt(self, rid: str, prompt_tokens: int) -> None:
+        """A better prompt count for a request whose prefill is not placed yet."""
         req = self._requests.get(rid)
-        if req is not None and req.first_token_s is None:
-            req.first_token_s = t_s
+        if req is not None and not req.pinned and req.prompt_tokens != prompt_tokens:
+            req.prompt_tokens = max(0, prompt_tokens)
+            self._estimate_windows()
 
     def finish(self, rid: str, t_s: float, prompt_tokens: int, completion_tokens: int) -> None:
         req = self._requests.get(rid)
@@ -107,14 +265,77 @@ class Timeline:
             return
         req.end_s = max(t_s, req.start_s)
         req.prompt_tokens = max(0, prompt_tokens)
+        if req.stream and req.first_token_s is not None:
+            seen = req.completion_tokens
+            if seen > 1 and req.end_s > req.first_token_s:
+                interval = (req.end_s - req.first_token_s) / (seen - 1)
+                self.token_interval_s += 0.2 * (interval - self.token_interval_s)
         req.completion_tokens = max(0, completion_tokens)
-        if req.first_token_s is not None and completion_tokens > 1:
-            decode_s = req.end_s - req.first_token_s
-            if decode_s > 0:
-                self.step_time_s += 0.2 * (decode_s / (completion_tokens - 1) - self.step_time_s)
-            prefill_s = req.first_token_s - req.start_s
-            if prefill_s > 0 and req.prompt_tokens > 0:
-                self.prefill_tokens_per_s += 0.2 * (req.prompt_tokens / prefill_s - self.prefill_tokens_per_s)
+        if not req.pinned:
+            req.prefill_hi = min(req.prefill_hi, req.end_s)
+            req.prefill_lo = min(req.prefill_lo, req.prefill_hi)
+            req.decode_from = min(req.decode_from, req.end_s)
+            req.pinned = True
+
+    def _queued(self) -> list[_Request]:
+        return [r for r in self._requests.values() if not r.pinned]
+
+    def _estimate_windows(self) -> None:
+        """Place the unpinned prefills one after the other from the end of the last pinned one."""
+        cursor = self._pinned_until_s
+        rate = max(self.prefill_tokens_per_s, 1e-9)
+        for req in self._queued():
+            req.prefill_lo = max(cursor, req.start_s)
+            req.prefill_hi = req.prefill_lo + req.prompt_tokens / rate
+            req.decode_from = req.prefill_hi
+            cursor = req.prefill_hi
+        self._queue_end_s = cursor
+
+    def _pin(self) -> None:
+        """Pin the prefill windows that the first tokens seen so far determine."""
+        queued = self._queued()
+        i = 0
+        pinned_any = False
+        while i < len(queued):
+            j = next((k for k in range(i, len(queued)) if queued[k].first_token_s is not None), None)
+            if j is None:
+                break
+            first = queued[j].first_token_s
+            assert first is not None
+            tolerance = self.token_interval_s / 2
+            # The group: the streams after j whose first tokens came with j's (non-streams in between,
+            # whose tokens are not seen, go with them).
+            k, m = j, j + 1
+            while m < len(queued):
+                other_first = queued[m].first_token_s
+                if other_first is not None and other_first <= first + tolerance:
+                    k = m
+                elif queued[m].stream:
+                    break
+                m += 1
+            end = max(first - self.token_interval_s, queued[j].start_s)
+            nxt = next((r for r in queued[k + 1 :] if r.stream), None)
+            if nxt is not None and nxt.first_token_s is None and nxt.start_s < end:
+                break  # the next stream may still show it was prefilled in this same block: wait for it
+            block = queued[i : k + 1]
+            begin = min(max(self._pinned_until_s, min(r.start_s for r in block)), end)
+            prompts = sum(r.prompt_tokens for r in block)
+            if end > begin and prompts > 0:
+                rate = prompts / (end - begin)
+                self.prefill_tokens_per_s += 0.3 * (rate - self.prefill_tokens_per_s)
+            scale = (end - begin) / prompts if prompts > 0 else 0.0
+            cursor = begin
+            for other in block:
+                other.prefill_lo = min(max(cursor, other.start_s), end)
+                other.prefill_hi = min(other.prefill_lo + other.prompt_tokens * scale, end)
+                other.decode_from = end
+                other.pinned = True
+                cursor = other.prefill_hi
+            self._pinned_until_s = end
+            pinned_any = True
+            i = k + 1
+        if pinned_any:
+            self._estimate_windows()
 
     @property
     def active(self) -> int:
@@ -123,62 +344,146 @@ class Timeline:
     def pending(self) -> int:
         return len(self._requests)
 
-    # -- weights ----------------------------------------------------------------------------
-    def _phases(self, req: _Request, now_s: float) -> tuple[float, float, float]:
-        """(prefill start, prefill end = decode start, decode end) for a request, as known at now_s."""
-        end = req.end_s if req.end_s is not None else now_s
-        if req.first_token_s is not None:
-            first = min(req.first_token_s, end)
-        else:
-            first = req.start_s + req.prompt_tokens / max(self.prefill_tokens_per_s, 1e-9)
-            first = min(first, end)
-        return req.start_s, first, end
+    def calibrated_prefill_j_per_token(self) -> float | None:
+        solution = self.calibration.solve() if self.prefill_weight is None else None
+        return solution[0] if solution is not None else None
 
-    def _weights(self, t0: float, t1: float, now_s: float) -> tuple[dict[str, tuple[float, float]], float]:
-        """Per request (prefill weight, decode weight) in [t0, t1], and the busy (covered) seconds."""
-        weights: dict[str, tuple[float, float]] = {}
-        spans: list[tuple[float, float]] = []
-        for req in self._requests.values():
-            start, first, end = self._phases(req, now_s)
-            if end < t0 or start > t1:
-                continue
-            lo, hi = max(start, t0), min(end, t1)
-            if hi > lo:
-                spans.append((lo, hi))
-            prefill_w = 0.0
-            if first > start:
-                overlap = max(0.0, min(first, t1) - max(start, t0))
-                prefill_w = self.prefill_weight * req.prompt_tokens * self.step_time_s * overlap / (first - start)
-            elif start >= t0 and start <= t1:
-                # The prefill was over before it could be seen (an instant first token): count it here.
-                prefill_w = self.prefill_weight * req.prompt_tokens * self.step_time_s
-            decode_w = max(0.0, min(end, t1) - max(first, t0))
-            if prefill_w > 0 or decode_w > 0:
-                weights[req.rid] = (prefill_w, decode_w)
-        return weights, _covered_seconds(spans)
+    # -- the split of one interval -----------------------------------------------------------
+    def _prefill_tokens(self, req: _Request, t0: float, t1: float, credited: float) -> float:
+        """Prompt tokens credited to [t0, t1], never more than the prompt in all."""
+        remaining = req.prompt_tokens - credited
+        if remaining <= 0:
+            return 0.0
+        lo, hi = req.prefill_lo, req.prefill_hi
+        if hi <= t1 and (req.pinned or req.end_s is not None):
+            return remaining  # the prefill is over by t1: whatever is left belongs here
+        if hi <= lo:
+            return 0.0
+        overlap = max(0.0, min(hi, t1) - max(lo, t0))
+        return min(remaining, req.prompt_tokens * overlap / (hi - lo))
+
+    def _split(self, iv: _Interval, credited: dict[str, float]) -> _Split:
+        t0, t1, energy_j = iv.t0_s, iv.t1_s, iv.energy_j
+        dt = t1 - t0
+        active = [r for r in self._requests.values()
+                  if r.start_s <= t1 and (r.end_s is None or r.end_s >= t0)]
+        # The per-sequence token rate of this interval, as the streams decoding all through it show.
+        seen = [iv.tokens.get(r.rid, 0) for r in active
+                if r.stream and r.first_token_s is not None and r.first_token_s <= t0
+                and (r.end_s is None or r.end_s >= t1)]
+        # (Streams that decode through an interval and receive nothing show a pure prefill interval.)
+        rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(self.token_interval_s, 1e-6)
+        prefill: dict[str, float] = {}
+        decode: dict[str, float] = {}
+        for r in active:
+            prefill[r.rid] = self._prefill_tokens(r, t0, t1, credited.get(r.rid, r.prefill_credited))
+            if r.stream:
+                decode[r.rid] = float(iv.tokens.get(r.rid, 0))
+            else:
+                end = r.end_s if r.end_s is not None else t1
+                decode[r.rid] = max(0.0, min(end, t1) - max(r.decode_from, t0)) * rate
+        busy_s = _covered_seconds([(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1))
+                                   for r in active])
+        total_p, total_d = sum(prefill.values()), sum(decode.values())
+        steps = (sum(seen) / len(seen)) if seen else (0.0 if total_d <= 0 else None)
+        if not active or (total_p <= 0 and total_d <= 0 and busy_s <= 0):
+            return _Split({}, {}, {}, energy_j, 0.0, 0.0, 0.0, steps)
+        uncovered = max(0.0, dt - busy_s)
+        idle_j = 0.0
+        if uncovered > 0:
+            idle_power = self.idle_power_w if self.idle_power_w is not None else energy_j / dt
+            idle_j = min(energy_j, idle_power * uncovered)
+        busy_j = energy_j - idle_j
+        prefill_share: dict[str, float] = {}
+        decode_share: dict[str, float] = {}
+        j_per_prompt = self.calibrated_prefill_j_per_token()
+        if j_per_prompt is not None and total_d > 0:
+            prefill_j = min(busy_j, j_per_prompt * total_p)
+            for rid, p in prefill.items():
+                prefill_share[rid] = prefill_j * p / total_p if total_p > 0 else 0.0
+            for rid, d in decode.items():
+                decode_share[rid] = (busy_j - prefill_j) * d / total_d
+        else:
+            weight = self.prefill_weight if self.prefill_weight is not None else DEFAULT_PREFILL_WEIGHT
+            if total_d <= 0:
+                weight = 1.0  # nothing decoded: the interval is prefill (or waiting) only
+            total_w = weight * total_p + total_d
+            if total_w <= 0:
+                # Requests were present but neither prefilled nor decoded visibly: share by presence.
+                decode = {r.rid: max(0.0, min(r.end_s if r.end_s is not None else t1, t1) - max(r.start_s, t0))
+                          for r in active}
+                total_w = sum(decode.values())
+                weight = 0.0
+            for rid in decode:
+                prefill_share[rid] = busy_j * weight * prefill[rid] / total_w if total_w > 0 else 0.0
+                decode_share[rid] = busy_j * decode[rid] / total_w if total_w > 0 else 0.0
+        parts = {}
+        for rid in decode:
+            pj, dj = prefill_share.get(rid, 0.0), decode_share.get(rid, 0.0)
+            hw = (busy_s * (pj + dj) / busy_j) if busy_j > 0 else 0.0
+            parts[rid] = (pj, dj, hw)
+        return _Split(parts, decode, prefill, idle_j, total_p, total_d, busy_s, steps)
 
     # -- what the meter observes -------------------------------------------------------------
     def reading(self, t_s: float, energy_j: float) -> IntervalResult | None:
-        """Apply a cumulative reading; returns the interval it closed (None for the first reading)."""
+        """Apply a cumulative reading; returns what it settled (None for the first reading).
+
+        The interval it closes is split at once when the prefills in it are placed, else when the first
+        tokens that place them arrive (at most ``max_defer_s`` later); the result sums the intervals
+        split now.
+        """
         if self.last_t_s is None or self.last_energy_j is None:
             self.last_t_s, self.last_energy_j = t_s, energy_j
             return None
         t0, t1 = self.last_t_s, t_s
         d_energy = energy_j - self.last_energy_j
         self.last_t_s, self.last_energy_j = t_s, energy_j
+        tokens = {r.rid: r.tokens_since_reading for r in self._requests.values() if r.tokens_since_reading}
+        for req in self._requests.values():
+            req.tokens_since_reading = 0
         if t1 <= t0 or d_energy < 0:
             # A clock that did not move, or a counter that went backwards (driver reload): the interval
             # carries no usable energy. Requests keep what they had; nothing is invented.
-            return IntervalResult(t0, t1, 0.0, 0.0, 0.0, 0.0, self._settle(t1))
+            self._intervals.append(_Interval(t0, t1, 0.0, tokens))
+        else:
+            self.measured_j += d_energy
+            self.last_power_w = d_energy / (t1 - t0)
+            self._intervals.append(_Interval(t0, t1, d_energy, tokens))
+        self._pin()
+        total = IntervalResult(t0, t1, 0.0, 0.0, 0.0, 0.0)
+        while self._intervals and self._ready(self._intervals[0], t_s):
+            iv = self._intervals.pop(0)
+            done = self._apply(iv)
+            total = IntervalResult(total.t0_s, total.t1_s, total.energy_j + done.energy_j,
+                                   total.attributed_j + done.attributed_j, total.idle_j + done.idle_j,
+                                   total.carried_j + done.carried_j, total.settled + done.settled)
+        return total
+
+    def _ready(self, iv: _Interval, now_s: float) -> bool:
+        if now_s - iv.t1_s >= self.max_defer_s:
+            return True
+        return not any(r.stream and not r.pinned and r.start_s <= iv.t1_s for r in self._requests.values())
+
+    @property
+    def deferred_intervals(self) -> int:
+        return len(self._intervals)
+
+    def _apply(self, iv: _Interval) -> IntervalResult:
+        t0, t1, d_energy = iv.t0_s, iv.t1_s, iv.energy_j
         dt = t1 - t0
-        self.measured_j += d_energy
-        self.last_power_w = d_energy / dt
-        weights, busy_s = self._weights(t0, t1, t1)
-        total_w = sum(p + d for p, d in weights.values())
-        if total_w <= 0:
-            self.idle_power_w = self.last_power_w if self.idle_power_w is None else (
-                self.idle_power_w + 0.2 * (self.last_power_w - self.idle_power_w)
-            )
+        if d_energy <= 0 or dt <= 0:
+            return IntervalResult(t0, t1, 0.0, 0.0, 0.0, 0.0, self._settle(t1))
+        split = self._split(iv, {})
+        for rid, credit in split.credits.items():
+            req = self._requests[rid]
+            req.prefill_credited += credit
+            req.decode_units += split.decode.get(rid, 0.0)
+        if split.steps is not None:
+            self.calibration.add((split.prefill_tokens, split.steps, split.decode_tokens, dt - split.busy_s), d_energy)
+        if not split.parts:
+            power = d_energy / dt
+            self.idle_power_w = power if self.idle_power_w is None else (
+                self.idle_power_w + 0.2 * (power - self.idle_power_w))
             if self.idle == "amortize":
                 self.pending_idle_j += d_energy
                 self.pending_idle_s += dt
@@ -186,38 +491,44 @@ class Timeline:
             self.idle_j += d_energy
             return IntervalResult(t0, t1, d_energy, 0.0, d_energy, 0.0, self._settle(t1))
 
-        uncovered_s = max(0.0, dt - busy_s)
-        if uncovered_s > 0:
-            idle_power = self.idle_power_w if self.idle_power_w is not None else d_energy / dt
-            idle_part = min(d_energy, idle_power * uncovered_s)
-        else:
-            idle_part = 0.0
-        busy_part = d_energy - idle_part
-        busy_hw_s = dt - uncovered_s
-        idle_to_requests = 0.0
+        busy_j = d_energy - split.idle_j
+        self._learn_prices(split, busy_j)
         idle_to_idle = 0.0
+        extra_j, extra_s = 0.0, 0.0
         if self.idle == "amortize":
-            idle_to_requests = idle_part + self.pending_idle_j
-            hw_to_share = busy_hw_s + uncovered_s + self.pending_idle_s
+            extra_j = split.idle_j + self.pending_idle_j
+            extra_s = (dt - split.busy_s) + self.pending_idle_s
             self.pending_idle_j = 0.0
             self.pending_idle_s = 0.0
         else:
-            idle_to_idle = idle_part
-            self.idle_j += idle_part
-            hw_to_share = busy_hw_s
-        to_share = busy_part + idle_to_requests
+            idle_to_idle = split.idle_j
+            self.idle_j += split.idle_j
         attributed = 0.0
-        for rid, (prefill_w, decode_w) in weights.items():
+        for rid, (pj, dj, hw) in split.parts.items():
             req = self._requests[rid]
-            fraction = (prefill_w + decode_w) / total_w
-            part = to_share * fraction
-            prefill_part = part * prefill_w / (prefill_w + decode_w)
-            req.prefill_j += prefill_part
-            req.decode_j += part - prefill_part
-            req.hw_s += hw_to_share * fraction
-            attributed += part
+            fraction = (pj + dj) / busy_j if busy_j > 0 else 1.0 / len(split.parts)
+            extra_p = extra_j * fraction * (pj / (pj + dj)) if pj + dj > 0 else 0.0
+            req.prefill_j += pj + extra_p
+            req.decode_j += dj + extra_j * fraction - extra_p
+            req.hw_s += hw + extra_s * fraction
+            attributed += pj + dj + extra_j * fraction
         carried = d_energy - attributed - idle_to_idle  # idle carried in earlier, released now (<= 0)
         return IntervalResult(t0, t1, d_energy, attributed, idle_to_idle, carried, self._settle(t1))
+
+    def _learn_prices(self, split: _Split, busy_j: float) -> None:
+        """Joules per decode token and per prompt token, and the busy power, of the latest busy split."""
+        prefill_j = sum(p for p, _d, _h in split.parts.values())
+        decode_j = sum(d for _p, d, _h in split.parts.values())
+        if split.decode_tokens > 0:
+            self.j_per_decode_token = decode_j / split.decode_tokens
+        if split.prefill_tokens > 0 and prefill_j > 0:
+            self.j_per_prompt_token = prefill_j / split.prefill_tokens
+        elif self.j_per_decode_token is not None:
+            calibrated = self.calibrated_prefill_j_per_token()
+            weight = self.prefill_weight if self.prefill_weight is not None else DEFAULT_PREFILL_WEIGHT
+            self.j_per_prompt_token = calibrated if calibrated is not None else weight * self.j_per_decode_token
+        if split.busy_s > 0:
+            self.busy_power_w = busy_j / split.busy_s
 
     def _settle(self, t_s: float) -> tuple[Share, ...]:
         done = [r for r in self._requests.values() if r.end_s is not None and r.end_s <= t_s]
@@ -227,24 +538,33 @@ class Timeline:
 
     # -- figures at response time ------------------------------------------------------------
     def estimate(self, rid: str, now_s: float) -> Share | None:
-        """The settled part plus the tail since the last reading, from the latest power; never waits."""
+        """The part already split, plus the rest at the latest prices; O(1), never waits.
+
+        The rest: the prompt tokens not yet credited at the latest joules per prompt token, and the
+        tokens not yet split (the request's token count less the decode tokens already split) at the
+        latest joules per decode token. Amortized idle energy still waiting is left to settlement.
+        """
         req = self._requests.get(rid)
         if req is None:
             return None
         prefill_j, decode_j, hw_s = req.prefill_j, req.decode_j, req.hw_s
-        if self.last_t_s is not None and self.last_power_w is not None and now_s > self.last_t_s:
-            weights, _busy = self._weights(self.last_t_s, now_s, now_s)
-            total_w = sum(p + d for p, d in weights.values())
-            mine = weights.get(rid)
-            if mine is not None and total_w > 0:
-                fraction = (mine[0] + mine[1]) / total_w
-                tail_j = self.last_power_w * (now_s - self.last_t_s) * fraction
-                if self.idle == "amortize":
-                    tail_j += self.pending_idle_j * fraction
-                prefill_tail = tail_j * mine[0] / (mine[0] + mine[1])
-                prefill_j += prefill_tail
-                decode_j += tail_j - prefill_tail
-                hw_s += (now_s - self.last_t_s) * fraction
+        if self.j_per_decode_token is not None:
+            rest_prompt = max(0.0, req.prompt_tokens - req.prefill_credited)
+            rest_decode = max(0.0, req.completion_tokens - req.decode_units)
+            pj = rest_prompt * self.j_per_prompt_token
+            dj = rest_decode * self.j_per_decode_token
+            prefill_j += pj
+            decode_j += dj
+            if self.busy_power_w:
+                hw_s += (pj + dj) / self.busy_power_w
+        elif self.last_power_w is not None:
+            # No busy interval split yet (the first requests): the latest power over the request's time,
+            # shared with the requests running beside it.
+            sharing = sum(1 for r in self._requests.values() if r.start_s <= now_s and
+                          (r.end_s is None or r.end_s >= req.start_s))
+            tail_s = max(0.0, now_s - req.start_s)
+            decode_j += self.last_power_w * tail_s / max(1, sharing)
+            hw_s += tail_s / max(1, sharing)
         return Share(rid, prefill_j + decode_j, prefill_j, decode_j, hw_s, settled=False)
 
     def forget(self, rid: str) -> None:
@@ -258,14 +578,16 @@ def _share(req: _Request, *, settled: bool) -> Share:
 def _covered_seconds(spans: list[tuple[float, float]]) -> float:
     """Length of the union of [lo, hi] spans."""
     total = 0.0
-    current_lo = current_hi = None
+    current_lo = current_hi = -math.inf
     for lo, hi in sorted(spans):
-        if current_hi is None or lo > current_hi:
-            if current_hi is not None and current_lo is not None:
+        if hi <= lo:
+            continue
+        if lo > current_hi:
+            if current_hi > current_lo:
                 total += current_hi - current_lo
             current_lo, current_hi = lo, hi
         else:
             current_hi = max(current_hi, hi)
-    if current_hi is not None and current_lo is not None:
+    if current_hi > current_lo:
         total += current_hi - current_lo
     return total

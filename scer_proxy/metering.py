@@ -39,6 +39,7 @@ class UpstreamMeter:
         self._on_settled = on_settled
         self._clock = clock
         self._task: asyncio.Task[None] | None = None
+        self.first_reading: Reading | None = None
         self.last_reading: Reading | None = None
         self.last_value_change_s: float | None = None
         self.errors = 0
@@ -52,11 +53,17 @@ class UpstreamMeter:
         return self.meter.source if self.meter is not None else "none"
 
     # -- the proxy's side ---------------------------------------------------------------------
-    def start_request(self, rid: str, prompt_tokens: int) -> None:
-        self.timeline.start(rid, self._clock(), prompt_tokens)
+    def start_request(self, rid: str, prompt_tokens: int, *, stream: bool) -> None:
+        self.timeline.start(rid, self._clock(), prompt_tokens, stream=stream)
 
-    def first_token(self, rid: str) -> None:
-        self.timeline.first_token(rid, self._clock())
+    def token_sink(self, rid: str) -> Callable[[int], None]:
+        """A callable for the stream relay: ``sink(n)`` records n tokens passing now (cheap, per chunk)."""
+        tokens, clock = self.timeline.tokens, self._clock
+
+        def sink(count: int) -> None:
+            tokens(rid, clock(), count)
+
+        return sink
 
     def finish_request(self, rid: str, prompt_tokens: int, completion_tokens: int) -> Share | None:
         """Mark the end; returns the response-time figure (settled part + estimated tail), or None."""
@@ -85,6 +92,8 @@ class UpstreamMeter:
         self.readings += 1
         previous = self.last_reading
         self.last_reading = reading
+        if self.first_reading is None:
+            self.first_reading = reading
         if previous is not None and reading.energy_j == previous.energy_j:
             return  # the counter has not updated since the last read: no new interval yet
         if self.last_value_change_s is not None:
@@ -120,7 +129,9 @@ class UpstreamMeter:
         if self.last_reading is not None:
             age_ms = (self._clock() - self.last_reading.t_s) * 1000.0
         info = self.meter.describe() if self.meter is not None else {"kind": "none", "devices": []}
+        extra = {k: v for k, v in info.items() if k not in ("kind", "devices", "url")}
         return {
+            **extra,
             "upstream": self.upstream,
             "kind": self.source,
             "devices": info.get("devices", []),
@@ -132,4 +143,6 @@ class UpstreamMeter:
             "errors": self.errors,
             "last_error": self.last_error,
             "pending_requests": self.timeline.pending(),
+            "deferred_intervals": self.timeline.deferred_intervals,
+            "prefill_j_per_token": self.timeline.calibrated_prefill_j_per_token(),
         }

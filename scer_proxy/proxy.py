@@ -27,6 +27,7 @@ from scer_proxy.records import Record
 from scer_proxy.upstreams import Upstreams
 
 log = structlog.get_logger("scer_proxy.request")
+INLINE_COUNT_TOKENS = 512
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -182,10 +183,19 @@ class ProxyHandler:
             send_body = wire.with_usage_requested(parsed)
             injected = True
         headers = _forward_headers(request.headers)
+        # The prompt's size places its prefill on the timeline. Short prompts are counted here (a few
+        # microseconds); long ones start from a character estimate and are counted in a worker thread
+        # while the request is on its way (tiktoken releases the GIL).
+        estimate = tokens.estimate_prompt(kind, parsed)
+        exact = estimate < INLINE_COUNT_TOKENS
         record = self.accounting.open(
             upstream=upstream.name, model=model, tenant=self.accounting.tenant(request.headers), endpoint=kind,
-            stream=stream, prompt_estimate=len(body) // 4,
+            stream=stream, prompt_estimate=tokens.count_prompt(kind, parsed) if exact else estimate,
         )
+        if not exact:
+            counting = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, parsed)
+            counting.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or
+                                       self.accounting.prompt_counted(record, done.result()))
         ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
         # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
         # that has ended, and no ledger record is lost.
@@ -295,7 +305,7 @@ class _StreamRelay:
         self.text_parts: list[str] = []
         self.closed: Record | None = None
         self.figures_sent = False
-        self.saw_token = False
+        self.on_tokens = handler.accounting.token_sink(record)
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
         self.rewrite = encoding in ("", "identity")
 
@@ -375,9 +385,7 @@ class _StreamRelay:
             return event
         text = wire.chunk_text(chunk)
         if text:
-            if not self.saw_token:
-                self.saw_token = True
-                self.h.accounting.first_token(self.record)
+            self.on_tokens(1)
             self.text_parts.append(text)
         if self.ex.kind == "responses":
             return self._responses_event(event, chunk)

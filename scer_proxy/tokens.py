@@ -108,3 +108,28 @@ def count_prompt(kind: str, body: dict[str, Any]) -> int:
     if kind == "responses":
         return _count_responses_input(body.get("input", "")) + count_text(str(body.get("instructions") or ""))
     return 0
+
+
+def _chars(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_chars(v) if not isinstance(v, int) else 4 for v in value)
+    if isinstance(value, dict):
+        return sum(_chars(v) for k, v in value.items() if k in ("content", "text", "input", "name", "role"))
+    return 0
+
+
+def estimate_prompt(kind: str, body: dict[str, Any]) -> int:
+    """A quick prompt-token estimate for the request path (about 4 characters a token, no tokenizing).
+
+    Used to place the request's prefill on the timeline until the upstream's usage gives the count.
+    """
+    if kind == "chat":
+        messages = body.get("messages") or []
+        return _chars(messages) // 4 + TOKENS_PER_MESSAGE * len(messages) + TOKENS_REPLY_PRIMING
+    if kind == "completions":
+        return _chars(body.get("prompt", "")) // 4
+    if kind == "embeddings":
+        return _chars(body.get("input", "")) // 4
+    return (_chars(body.get("input", "")) + _chars(body.get("instructions") or "")) // 4
