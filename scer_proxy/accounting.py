@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
+from typing import Any
 
 from scer_proxy.attribution import Share
 from scer_proxy.carbon import Embodied
@@ -22,7 +23,7 @@ from scer_proxy.config import Config
 from scer_proxy.grid import GridIntensity
 from scer_proxy.ledger import MemoryLedger
 from scer_proxy.metering import UpstreamMeter
-from scer_proxy.records import Record
+from scer_proxy.records import Record, energy_fields, functional_units
 
 _TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
 
@@ -110,34 +111,35 @@ class Accounting:
         share = meter.finish_request(record.request_id, prompt_tokens, completion_tokens)
         if not meter.healthy and meter.meter is not None:
             flags = (*flags, "meter_error")
-        done = replace(
-            record,
-            ended_at=self._wall(),
-            status=status,
-            http_status=http_status,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            token_source=token_source,
-            flags=flags,
-        )
+        changes: dict[str, Any] = {
+            "ended_at": self._wall(),
+            "status": status,
+            "http_status": http_status,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "token_source": token_source,
+            "flags": flags,
+        }
         if share is None:
-            done = replace(done, energy_source="none", grid_intensity_g_per_kwh=self.grid.intensity_g_per_kwh,
-                           grid_source=self.grid.source)
+            done = replace(record, **changes, energy_source="none",
+                           grid_intensity_g_per_kwh=self.grid.intensity_g_per_kwh, grid_source=self.grid.source)
         else:
-            done = self._with_share(done, share)
+            units = functional_units(record.endpoint, prompt_tokens, completion_tokens)
+            done = replace(record, **changes, **self._energy(record.upstream, share, units))
             if not share.settled:
                 self._pending[done.request_id] = done
         self.ledger.put(done)
         return done
 
-    def _with_share(self, record: Record, share: Share) -> Record:
-        return record.with_energy(
+    def _energy(self, upstream: str, share: Share, units: int) -> dict[str, Any]:
+        return energy_fields(
             share,
-            source=self.meters[record.upstream].source,
+            source=self.meters[upstream].source,
             pue=self.config.carbon.pue,
             intensity_g_per_kwh=self.grid.intensity_g_per_kwh,
             grid_source=self.grid.source,
-            embodied=self._embodied[record.upstream],
+            embodied=self._embodied[upstream],
+            units=units,
         )
 
     def settled(self, upstream: str, share: Share) -> None:
@@ -145,7 +147,7 @@ class Accounting:
         record = self._pending.pop(share.rid, None)
         if record is None:
             return
-        self.ledger.put(self._with_share(record, share))
+        self.ledger.put(replace(record, **self._energy(record.upstream, share, record.functional_units)))
 
     @property
     def pending(self) -> int:

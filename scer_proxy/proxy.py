@@ -40,7 +40,10 @@ HOP_BY_HOP = frozenset(
 
 def _forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
-    named = {t.strip().lower() for v in headers.getall("Connection", []) for t in v.split(",")}
+    connection = headers.getall("Connection", ())
+    if not connection:
+        return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
+    named = {t.strip().lower() for v in connection for t in v.split(",")}
     return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named)
 
 
@@ -194,8 +197,7 @@ class ProxyHandler:
         )
         if not exact:
             counting = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, parsed)
-            counting.add_done_callback(lambda done: done.cancelled() or done.exception() is not None or
-                                       self.accounting.prompt_counted(record, done.result()))
+            counting.add_done_callback(lambda done: self._prompt_counted(record, done))
         ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
         # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
         # that has ended, and no ledger record is lost.
@@ -227,6 +229,10 @@ class ProxyHandler:
                 self._close(record, ex, parsed, status="error", http_status=None, completion_tokens=0, usage=None,
                             flags=("proxy_failure",))
             raise
+
+    def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.accounting.prompt_counted(record, done.result())
 
     async def _buffered(self, request: web.Request, resp: aiohttp.ClientResponse, record: Record, ex: Exchange,
                         parsed: dict[str, Any], upstream: UpstreamConfig) -> web.StreamResponse:

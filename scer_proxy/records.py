@@ -45,7 +45,7 @@ class Record:
 
     @property
     def functional_units(self) -> int:
-        return self.prompt_tokens if self.endpoint == "embeddings" else self.completion_tokens
+        return functional_units(self.endpoint, self.prompt_tokens, self.completion_tokens)
 
     def with_energy(
         self,
@@ -58,29 +58,9 @@ class Record:
         embodied: Embodied,
     ) -> Record:
         """The record with energy and carbon figures from an attribution share."""
-        energy_j = energy_with_pue_j(share.energy_j, pue)
-        carbon = request_carbon(
-            energy_j=energy_j,
-            hw_s=share.hw_s,
-            intensity_g_per_kwh=intensity_g_per_kwh,
-            embodied=embodied,
-            units=self.functional_units,
-        )
-        return replace(
-            self,
-            energy_j=energy_j,
-            energy_prefill_j=energy_with_pue_j(share.prefill_j, pue),
-            energy_decode_j=energy_with_pue_j(share.decode_j, pue),
-            energy_source=source,
-            hardware_s=share.hw_s,
-            carbon_g=carbon.total_g,
-            carbon_operational_g=carbon.operational_g,
-            carbon_embodied_g=carbon.embodied_g,
-            grid_intensity_g_per_kwh=intensity_g_per_kwh,
-            grid_source=grid_source,
-            sci=carbon.sci_g_per_unit,
-            settled=share.settled,
-        )
+        return replace(self, **energy_fields(share, source=source, pue=pue, intensity_g_per_kwh=intensity_g_per_kwh,
+                                             grid_source=grid_source, embodied=embodied,
+                                             units=self.functional_units))
 
     def scer(self) -> dict[str, Any]:
         """The ``usage.scer`` object (and ``: scer`` comment) of the contract."""
@@ -130,9 +110,46 @@ class Record:
         return out
 
 
+def functional_units(endpoint: str, prompt_tokens: int, completion_tokens: int) -> int:
+    """R of SCI: output tokens, or input tokens for embeddings."""
+    return prompt_tokens if endpoint == "embeddings" else completion_tokens
+
+
+def energy_fields(
+    share: Share,
+    *,
+    source: str,
+    pue: float,
+    intensity_g_per_kwh: float,
+    grid_source: str,
+    embodied: Embodied,
+    units: int,
+) -> dict[str, Any]:
+    """The energy and carbon fields of a record, from an attribution share (PUE applied here)."""
+    energy_j = energy_with_pue_j(share.energy_j, pue)
+    carbon = request_carbon(energy_j=energy_j, hw_s=share.hw_s, intensity_g_per_kwh=intensity_g_per_kwh,
+                            embodied=embodied, units=units)
+    return {
+        "energy_j": energy_j,
+        "energy_prefill_j": energy_with_pue_j(share.prefill_j, pue),
+        "energy_decode_j": energy_with_pue_j(share.decode_j, pue),
+        "energy_source": source,
+        "hardware_s": share.hw_s,
+        "carbon_g": carbon.total_g,
+        "carbon_operational_g": carbon.operational_g,
+        "carbon_embodied_g": carbon.embodied_g,
+        "grid_intensity_g_per_kwh": intensity_g_per_kwh,
+        "grid_source": grid_source,
+        "sci": carbon.sci_g_per_unit,
+        "settled": share.settled,
+    }
+
+
 def format_number(value: float) -> str:
     """A plain decimal with up to 9 significant digits, no exponent, no units."""
-    text = format(Decimal(f"{value:.9g}"), "f")
+    text = f"{value:.9g}"
+    if "e" in text:
+        text = format(Decimal(text), "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text or "0"
