@@ -108,7 +108,9 @@ class Accounting:
     ) -> Record:
         """Finish a record with the response-time figures and put it in the ledger; never waits."""
         meter = self.meters[record.upstream]
-        share = meter.finish_request(record.request_id, prompt_tokens, completion_tokens)
+        share, uncertainty, meter_flags = meter.finish_request(record.request_id, prompt_tokens, completion_tokens,
+                                                               model=record.model)
+        flags = (*flags, *meter_flags)
         if not meter.healthy and meter.meter is not None:
             flags = (*flags, "meter_error")
         changes: dict[str, Any] = {
@@ -119,6 +121,7 @@ class Accounting:
             "completion_tokens": completion_tokens,
             "token_source": token_source,
             "flags": flags,
+            "energy_uncertainty_rel": uncertainty,
         }
         if share is None:
             done = replace(record, **changes, energy_source="none",
@@ -147,7 +150,10 @@ class Accounting:
         record = self._pending.pop(share.rid, None)
         if record is None:
             return
-        self.ledger.put(replace(record, **self._energy(record.upstream, share, record.functional_units)))
+        meter = self.meters[upstream]
+        duration_s = (record.ended_at or record.started_at) - record.started_at
+        self.ledger.put(replace(record, **self._energy(upstream, share, record.functional_units),
+                                energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True)))
 
     @property
     def pending(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -13,12 +14,15 @@ from aiohttp import web
 from scer_proxy import openai_wire as wire
 from scer_proxy.accounting import Accounting
 from scer_proxy.attribution import Timeline
-from scer_proxy.config import Config, ConfigError, UpstreamConfig
+from scer_proxy.config import Config, UpstreamConfig
 from scer_proxy.grid import configured_intensity
 from scer_proxy.ledger import MemoryLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.meters import Meter
 from scer_proxy.meters.dcgm import ENERGY_METRIC, DcgmMeter
+from scer_proxy.meters.estimate import EstimateMeter
+from scer_proxy.meters.nvml import NvmlMeter, nvml_available
+from scer_proxy.meters.rapl import RaplMeter, rapl_available
 from scer_proxy.proxy import ProxyHandler
 from scer_proxy.upstreams import Upstreams
 from scer_proxy.web import scer_routes
@@ -41,15 +45,31 @@ async def _probe_simulated(url: str) -> bool:
 async def build_meter(config: Config, upstream: UpstreamConfig) -> tuple[Meter | None, str]:
     """The meter for one upstream, and a note on why it was chosen (shown in health and the summary)."""
     kind = config.meter.kind
+    cfg = config.meter
     if kind == "dcgm":
-        return DcgmMeter(config.meter.dcgm_url + "", gpus=upstream.gpus, source="dcgm"), "configured: dcgm exporter"
+        return DcgmMeter(cfg.dcgm_url, gpus=upstream.gpus, source="dcgm"), "configured: DCGM exporter"
     if kind == "simulated":
         return DcgmMeter(upstream.url + "/metrics", source="simulated"), "configured: the upstream's own counter"
-    if kind == "auto":
-        if await _probe_simulated(upstream.url):
-            return DcgmMeter(upstream.url + "/metrics", source="simulated"), "auto: the upstream exposes a DCGM counter"
-        return None, "auto: no energy counter found (no NVML, RAPL or estimate meter in this version)"
-    raise ConfigError(f"meter.kind: {kind!r} is not available in this version")
+    if kind == "nvml":
+        return NvmlMeter(upstream.gpus), "configured: NVML"
+    if kind == "rapl":
+        return RaplMeter(cfg.rapl_root, dram=cfg.rapl_dram), "configured: RAPL"
+    if kind == "estimate":
+        return _estimate(config, upstream), "configured: estimate (no counter)"
+    # auto: a GPU through NVML, else a DCGM-style counter the upstream itself exposes (the simulator),
+    # else RAPL where readable, else the estimate, saying why at each step.
+    if await asyncio.to_thread(nvml_available):
+        return NvmlMeter(upstream.gpus), "auto: NVML answered"
+    if await _probe_simulated(upstream.url):
+        return DcgmMeter(upstream.url + "/metrics", source="simulated"), "auto: the upstream exposes a DCGM counter"
+    if rapl_available(cfg.rapl_root):
+        return RaplMeter(cfg.rapl_root, dram=cfg.rapl_dram), "auto: no GPU answered NVML; RAPL is readable"
+    return _estimate(config, upstream), "auto: no GPU answered NVML and RAPL is not readable: estimating"
+
+
+def _estimate(config: Config, upstream: UpstreamConfig) -> EstimateMeter:
+    return EstimateMeter(gpu=config.meter.estimate_gpu, gpus=len(upstream.gpus),
+                         configured_params_b=config.rating.model_params_b)
 
 
 def create_app(
@@ -92,7 +112,7 @@ def create_app(
         app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, configured_intensity(config.carbon),
                                      wall_clock=wall_clock)
         for upstream_meter in app[METERS].values():
-            if upstream_meter.meter is not None:
+            if upstream_meter.samples:
                 await upstream_meter.sample_once()  # a first reading, so the first request has a baseline
             upstream_meter.start()
         yield

@@ -37,6 +37,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from scer_proxy.fitting import solve_linear
+
 DEFAULT_PREFILL_WEIGHT = 0.1
 """Decode-token equivalents per prompt token, used until ``auto`` has calibrated (and as the prior).
 
@@ -160,7 +162,7 @@ class Calibration:
         best: tuple[float, list[float]] | None = None
         for size in range(1, 5):
             for subset in itertools.combinations(range(4), size):
-                coef = _solve([[self.xtx[i][j] for j in subset] for i in subset], [self.xty[i] for i in subset])
+                coef = solve_linear([[self.xtx[i][j] for j in subset] for i in subset], [self.xty[i] for i in subset])
                 if coef is None or any(c < 0 for c in coef):
                     continue
                 full = [0.0] * 4
@@ -173,24 +175,6 @@ class Calibration:
                     best = (rss, full)
         self._solution = best[1] if best is not None else None
         return self._solution
-
-
-def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
-    """Gaussian elimination with partial pivoting; None when singular."""
-    n = len(b)
-    m = [[*row, b[i]] for i, row in enumerate(a)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        scale = max(abs(m[r][col]) for r in range(n)) or 1.0
-        if abs(m[pivot][col]) <= 1e-12 * scale:
-            return None
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(n):
-            if r != col:
-                f = m[r][col] / m[col][col]
-                for c in range(col, n + 1):
-                    m[r][c] -= f * m[col][c]
-    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 @dataclass

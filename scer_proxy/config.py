@@ -25,8 +25,7 @@ class ConfigError(ValueError):
 
 
 METER_KINDS = ("auto", "nvml", "dcgm", "rapl", "estimate", "simulated")
-# Kinds of the contract this build does not have yet (the energy issue adds them): refused, never faked.
-METER_KINDS_PENDING = ("nvml", "rapl", "estimate")
+ESTIMATE_GPUS = ("H100", "B200")
 IDLE_POLICIES = ("amortize", "separate")
 CARBON_PROVIDERS = ("static", "uk-carbon-intensity", "electricity-maps")
 CARBON_PROVIDERS_PENDING = ("uk-carbon-intensity", "electricity-maps")
@@ -102,12 +101,15 @@ class MeterConfig:
     kind: str = "auto"
     interval_ms: float = 100.0
     dcgm_url: str = ""
+    rapl_root: str = "/sys/class/powercap"
+    rapl_dram: bool = False
+    estimate_gpu: str = "H100"
 
     def __post_init__(self) -> None:
         if self.kind not in METER_KINDS:
             raise ConfigError(f"meter.kind: expected one of {', '.join(METER_KINDS)}, got {self.kind!r}")
-        if self.kind in METER_KINDS_PENDING:
-            raise ConfigError(f"meter.kind: {self.kind!r} is not available in this version (use auto, dcgm or simulated)")
+        if self.estimate_gpu not in ESTIMATE_GPUS:
+            raise ConfigError(f"meter.estimate_gpu: expected one of {', '.join(ESTIMATE_GPUS)}, got {self.estimate_gpu!r}")
         if not 10 <= self.interval_ms <= 60_000:
             raise ConfigError(f"meter.interval_ms: must be between 10 and 60000, got {self.interval_ms}")
         if self.dcgm_url:

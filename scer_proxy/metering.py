@@ -17,6 +17,7 @@ import structlog
 
 from scer_proxy.attribution import Share, Timeline
 from scer_proxy.meters import Meter, MeterError, Reading
+from scer_proxy.meters.estimate import EstimateMeter
 
 log = structlog.get_logger("scer_proxy.meter")
 
@@ -65,14 +66,37 @@ class UpstreamMeter:
 
         return sink
 
-    def finish_request(self, rid: str, prompt_tokens: int, completion_tokens: int) -> Share | None:
-        """Mark the end; returns the response-time figure (settled part + estimated tail), or None."""
+    def finish_request(
+        self, rid: str, prompt_tokens: int, completion_tokens: int, *, model: str
+    ) -> tuple[Share | None, float | None, tuple[str, ...]]:
+        """Mark the end; returns the response-time figure (the split part plus the rest at the latest
+        prices, or the estimate meter's figure), its relative uncertainty, and flags. None when there
+        is no figure: a missing counter is never a zero."""
         now = self._clock()
+        req = self.timeline._requests.get(rid)
+        started = req.start_s if req is not None else now
+        if isinstance(self.meter, EstimateMeter):
+            concurrency = float(self.timeline.active)
+            self.timeline.forget(rid)
+            share, flags = self.meter.share(rid, model=model, prompt_tokens=prompt_tokens,
+                                            completion_tokens=completion_tokens, concurrency=concurrency,
+                                            duration_s=now - started)
+            return share, self.meter.model.uncertainty_rel, flags
         self.timeline.finish(rid, now, prompt_tokens, completion_tokens)
         if self.meter is None or self.timeline.last_t_s is None:
             self.timeline.forget(rid)
-            return None
-        return self.timeline.estimate(rid, now)
+            return None, None, ()
+        return self.timeline.estimate(rid, now), self.uncertainty_rel(now - started, settled=False), ()
+
+    def uncertainty_rel(self, duration_s: float, *, settled: bool) -> float:
+        """A stated bound on the relative error of a measured figure (a heuristic, see the README).
+
+        Wider for requests shorter than the counter's update period, whose energy rests on a fraction of
+        one reading, and wider before settlement (the tail is priced, not yet measured).
+        """
+        period = self.update_period_s or self.interval_s
+        short = min(1.0, period / max(duration_s, 1e-6))
+        return (0.05 if settled else 0.10) + (0.25 if settled else 0.40) * short
 
     # -- the sampler --------------------------------------------------------------------------
     async def sample_once(self) -> None:
@@ -111,8 +135,13 @@ class UpstreamMeter:
             await self.sample_once()
             await asyncio.sleep(max(0.0, self.interval_s - (self._clock() - started)))
 
+    @property
+    def samples(self) -> bool:
+        """Whether this meter has a counter to sample (the estimate meter has none)."""
+        return self.meter is not None and not isinstance(self.meter, EstimateMeter)
+
     def start(self) -> None:
-        if self.meter is not None and self._task is None:
+        if self.samples and self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"meter-{self.upstream}")
 
     async def close(self) -> None:

@@ -32,6 +32,7 @@ class Record:
     energy_prefill_j: float | None = None
     energy_decode_j: float | None = None
     energy_source: str = "none"  # nvml | dcgm | rapl | simulated | estimate | none
+    energy_uncertainty_rel: float | None = None  # stated relative uncertainty of energy_j
     hardware_s: float | None = None
     carbon_g: float | None = None
     carbon_operational_g: float | None = None
@@ -71,6 +72,7 @@ class Record:
             "token_source": self.token_source,
             "energy_j": self.energy_j,
             "energy_source": self.energy_source,
+            "energy_uncertainty_rel": self.energy_uncertainty_rel,
             "carbon_g": self.carbon_g,
             "carbon_operational_g": self.carbon_operational_g,
             "carbon_embodied_g": self.carbon_embodied_g,
@@ -98,6 +100,7 @@ class Record:
             "X-SCER-Carbon-Embodied-gCO2e": self.carbon_embodied_g,
             "X-SCER-Grid-Intensity": self.grid_intensity_g_per_kwh,
             "X-SCER-SCI": self.sci,
+            "X-SCER-Energy-Uncertainty": self.energy_uncertainty_rel,
         }
         for name, value in numbers.items():
             if value is not None:
