@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-once test lint bench check clean
+.PHONY: demo demo-once test lint bench check clean llamacpp llamacpp-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,16 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check scer_proxy tests bench
+	$(BIN)/ruff check scer_proxy tests bench scripts
 	$(BIN)/mypy scer_proxy
+
+## llama.cpp's llama-server and a tiny generated model, for the integration tests (about 8 min, once).
+llamacpp: $(STAMP)
+	$(BIN)/python scripts/llamacpp_setup.py
+
+## The proxy's client tests against a real llama-server (builds it first when needed).
+llamacpp-test: llamacpp
+	$(BIN)/python -m pytest -q -m llamacpp
 
 bench: $(STAMP)
 	$(BIN)/python bench/overhead.py

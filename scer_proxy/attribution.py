@@ -286,7 +286,8 @@ class Timeline:
                 break
             first = queued[j].first_token_s
             assert first is not None
-            tolerance = self.token_interval_s / 2
+            # First tokens within one decode step (and a few ms of the proxy's own jitter) came together.
+            tolerance = max(self.token_interval_s, 0.005)
             # The group: the streams after j whose first tokens came with j's (non-streams in between,
             # whose tokens are not seen, go with them).
             k, m = j, j + 1

@@ -284,6 +284,16 @@ class ProxyHandler:
         return done
 
 
+# Keys every chunk has; anything else on a usage-only chunk was moved there by the server.
+_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "system_fingerprint", "choices", "usage",
+                         "service_tier", "obfuscation"))
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
 def _is_done(event: bytes) -> bool:
     if b"[DONE]" not in event:
         return False
@@ -292,7 +302,15 @@ def _is_done(event: bytes) -> bool:
 
 
 class _StreamRelay:
-    """Relays one SSE stream read by read, rewriting only the usage chunk and the end of the stream."""
+    """Relays one SSE stream read by read, rewriting only the usage chunk and the end of the stream.
+
+    The final usage is the one on the last data event before ``[DONE]`` (or the end): some servers put a
+    running or placeholder usage on every chunk (vLLM's continuous usage stats, Ollama's zeros), so a
+    chunk that carries usage is held in a one-event slot until the next event shows whether it was the
+    last. When the proxy asked for usage on the client's behalf, the finish chunk is held too: servers
+    move keys of it (llama.cpp's ``timings``) onto the usage chunk, and they are moved back before the
+    usage chunk is dropped.
+    """
 
     def __init__(self, handler: ProxyHandler, request: web.Request, resp: aiohttp.ClientResponse, record: Record,
                  ex: Exchange, parsed: dict[str, Any], asked_usage: bool, injected: bool,
@@ -311,6 +329,8 @@ class _StreamRelay:
         self.text_parts: list[str] = []
         self.closed: Record | None = None
         self.figures_sent = False
+        self.last_usage: wire.Usage | None = None
+        self.held: tuple[bytes, dict[str, Any]] | None = None
         self.on_tokens = handler.accounting.token_sink(record)
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
         self.rewrite = encoding in ("", "identity")
@@ -330,7 +350,7 @@ class _StreamRelay:
                     continue
                 parts = []
                 for event in self.scanner.feed(data):
-                    if self.closed is None and _is_done(event):
+                    if self.closed is None and self.last_usage is None and _is_done(event):
                         # The stream ends without usage: count with the upstream's /tokenize where it has one.
                         text = "".join(self.text_parts)
                         self.counted_completion = await self.h._count_text(self.upstream, text)
@@ -338,11 +358,13 @@ class _StreamRelay:
                 chunk = b"".join(parts)
                 if chunk:
                     await out.write(chunk)
-            tail = self.scanner.flush()
-            if tail:
-                await out.write(self._event(tail))
-            if self.rewrite and not self.figures_sent:
-                await out.write(wire.scer_comment(self._finish("ok", ()).scer()))
+            if self.rewrite:
+                tail = self.scanner.flush()
+                ending = (self._event(tail) if tail else b"") + self._release(final=True)
+                if not self.figures_sent:
+                    ending += wire.scer_comment(self._finish("ok", (), self.last_usage).scer())
+                if ending:
+                    await out.write(ending)
             await out.write_eof()
         except asyncio.CancelledError:
             # The client went away: drop the upstream connection now so the server stops generating.
@@ -358,7 +380,7 @@ class _StreamRelay:
             status, flags = "upstream_error", ("upstream_broke_stream", exc.__class__.__name__)
             self._finish(status, flags)
             return out
-        self._finish(status, flags)
+        self._finish(status, flags, self.last_usage)
         return out
 
     def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
@@ -379,16 +401,17 @@ class _StreamRelay:
         if payload is None:
             return event
         if payload.strip() == b"[DONE]":
-            if self.figures_sent:
-                return event
-            self.figures_sent = True
-            return wire.scer_comment(self._finish("ok", ()).scer(), like=event) + event
+            out = self._release(final=True)
+            if not self.figures_sent:
+                self.figures_sent = True
+                out += wire.scer_comment(self._finish("ok", (), self.last_usage).scer(), like=event)
+            return out + event
         try:
             chunk = orjson.loads(payload)
         except orjson.JSONDecodeError:
-            return event
+            return self._release(final=False) + event
         if not isinstance(chunk, dict):
-            return event
+            return self._release(final=False) + event
         text = wire.chunk_text(chunk)
         if text:
             self.on_tokens(1)
@@ -396,20 +419,48 @@ class _StreamRelay:
         if self.ex.kind == "responses":
             return self._responses_event(event, chunk)
         usage = wire.read_usage(chunk.get("usage"))
-        if usage is None:
-            if self.injected and b'"usage"' in event:
-                return wire.strip_null_usage(event)
-            return event
-        record = self._finish("ok", (), usage)
-        if self.asked_usage:
-            self.figures_sent = True
-            chunk["usage"] = {**chunk["usage"], "scer": record.scer()}
-            return wire.data_event(chunk, event)
-        # The client did not ask for usage: it must not see any.
-        if not chunk.get("choices"):
+        if usage is not None:
+            self.last_usage = usage
+        out = b""
+        if self.held is not None:
+            held_event, held_chunk = self.held
+            if self.injected and usage is not None and not chunk.get("choices") and _finishes(held_chunk):
+                # The usage chunk the client did not ask for: move back what the server moved off the
+                # finish chunk, and drop the rest.
+                moved = {k: v for k, v in chunk.items() if k not in _CHUNK_KEYS and k not in held_chunk}
+                if moved:
+                    merged = {**held_chunk, **moved}
+                    self.held = (wire.data_event(merged, held_event), merged)
+                return b""
+            out = self._release(final=False)
+        if usage is not None or (self.injected and _finishes(chunk)):
+            self.held = (event, chunk)
+            return out
+        if self.injected and b'"usage"' in event:
+            return out + wire.strip_null_usage(event)
+        return out + event
+
+    def _release(self, *, final: bool) -> bytes:
+        """Send the held event: as the last one (with the figures) or as an ordinary one."""
+        if self.held is None:
             return b""
-        del chunk["usage"]
-        return wire.data_event(chunk, event)
+        event, chunk = self.held
+        self.held = None
+        has_usage = isinstance(chunk.get("usage"), dict)
+        if self.asked_usage:
+            if final and has_usage:
+                record = self._finish("ok", (), self.last_usage)
+                self.figures_sent = True
+                chunk["usage"] = {**chunk["usage"], "scer": record.scer()}
+                return wire.data_event(chunk, event)
+            return event
+        # The client did not ask for usage: it must not see any.
+        if "usage" in chunk:
+            if not chunk.get("choices"):
+                return b""
+            del chunk["usage"]
+            return wire.data_event(chunk, event)
+        return event
 
     def _responses_event(self, event: bytes, chunk: dict[str, Any]) -> bytes:
         if chunk.get("type") != "response.completed":

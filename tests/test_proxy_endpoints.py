@@ -7,6 +7,7 @@ from collections.abc import Callable
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from scer_proxy.sim import create_sim_app
 from scer_proxy.tokens import count_prompt, count_text
@@ -93,3 +94,50 @@ def test_simulator_faults_pass_through_unchanged(servers: ThreadedServers, start
     assert httpx.post(f"{proxy}/v1/chat/completions", json=body).status_code == 200
     statuses = [r["status"] for r in httpx.get(f"{proxy}/scer/requests?limit=3").json()["data"]]
     assert statuses == ["ok", "upstream_error", "upstream_error"]
+
+
+def _ollama_like() -> web.Application:
+    """Ollama's /v1/completions streams: a placeholder zero usage on every chunk once usage is requested."""
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        asked = (body.get("stream_options") or {}).get("include_usage") is True
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "system_fingerprint": "fp"}
+        for text, reason in [("A", None), (" b", None), (" c", None), ("", "stop")]:
+            chunk: dict = {**base, "choices": [{"text": text, "index": 0, "finish_reason": reason}]}
+            if asked:
+                chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        if asked:
+            final = {**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+            await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    return app
+
+
+@pytest.mark.parametrize("asked", [True, False])
+def test_placeholder_usage_on_content_chunks_is_not_the_final_usage(
+        servers: ThreadedServers, start_proxy: Callable[..., str], asked: bool) -> None:
+    proxy = start_proxy(servers.start(_ollama_like), meter={"kind": "auto"})
+    body: dict = {"model": "m", "prompt": "x", "stream": True}
+    if asked:
+        body["stream_options"] = {"include_usage": True}
+    resp = httpx.post(f"{proxy}/v1/completions", json=body)
+    record = httpx.get(f"{proxy}/scer/requests/{resp.headers['x-scer-request-id']}").json()
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (5, 3)
+    chunks = [orjson.loads(line[6:]) for line in resp.content.splitlines() if line.startswith(b"data: {")]
+    assert [c["choices"][0]["text"] for c in chunks if c["choices"]] == ["A", " b", " c", ""]
+    if asked:
+        scer = [c["usage"]["scer"] for c in chunks if isinstance(c.get("usage"), dict) and "scer" in c["usage"]]
+        assert len(scer) == 1 and scer[0]["completion_tokens"] == 3
+        # The placeholder usage passes as the server sent it.
+        assert sum(1 for c in chunks if c.get("usage") == {"prompt_tokens": 0, "completion_tokens": 0,
+                                                             "total_tokens": 0}) == 4
+    else:
+        assert all("usage" not in c for c in chunks)
