@@ -6,7 +6,7 @@ import pytest
 
 from scer_proxy.attribution import Share
 from scer_proxy.carbon import Embodied, operational_g, request_carbon, sci_per_1k
-from scer_proxy.config import CarbonConfig, ConfigError
+from scer_proxy.config import CarbonConfig, ConfigError, load_config
 from scer_proxy.grid import annual_table, configured_intensity
 from scer_proxy.records import Record, format_number
 
@@ -68,3 +68,39 @@ def test_grid_table_and_override() -> None:
     assert configured_intensity(CarbonConfig(intensity_g_per_kwh=123.0)).intensity_g_per_kwh == 123.0
     with pytest.raises(ConfigError, match=r"carbon\.region"):
         configured_intensity(CarbonConfig(region="ZZZ"))
+
+
+@pytest.mark.parametrize(
+    # energy J, PUE, intensity g/kWh, hardware s, preset, output tokens -> operational g, embodied g (by hand)
+    ("energy_j", "pue", "intensity", "hw_s", "preset", "tokens", "operational_g", "embodied_g"),
+    [
+        # 36,000 J x 1.0 = 0.01 kWh x 400 = 4 g; H100: (164 + 2500/8) kg = 476.5 kg over 4 y, 60 s
+        (36_000.0, 1.0, 400.0, 60.0, "h100", 500, 4.0, 476_500.0 * 60 / (4 * 365.25 * 86400)),
+        # PUE 1.5: 0.015 kWh x 100 = 1.5 g; A100: (150 + 312.5) kg over 6 y, 3,600 s
+        (36_000.0, 1.5, 100.0, 3600.0, "a100", 1000, 1.5, 462_500.0 * 3600 / (6 * 365.25 * 86400)),
+        # CPU server: 2,500 kg over 4 y for 10 s; 720 J = 0.0002 kWh x 50 = 0.01 g
+        (720.0, 1.0, 50.0, 10.0, "cpu-server", 100, 0.01, 2_500_000.0 * 10 / (4 * 365.25 * 86400)),
+    ],
+)
+def test_sci_against_hand_computed_table(energy_j: float, pue: float, intensity: float, hw_s: float, preset: str,
+                                         tokens: int, operational_g: float, embodied_g: float) -> None:
+    config = load_config(overrides={"embodied": {"preset": preset}, "carbon": {"pue": pue}})
+    embodied = Embodied(gpu_kg=config.embodied.gpu_kg, server_kg=config.embodied.server_kg,
+                        gpus_per_server=config.embodied.gpus_per_server,
+                        lifetime_years=config.embodied.lifetime_years, gpus_used=1)
+    share = Share("r", energy_j, 0.0, energy_j, hw_s, settled=True)
+    base = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="chat", stream=False,
+                  started_at=0.0, prompt_tokens=10, completion_tokens=tokens)
+    rec = base.with_energy(share, source="nvml", pue=config.carbon.pue, intensity_g_per_kwh=intensity,
+                           grid_source="static", embodied=embodied)
+    assert rec.energy_j == pytest.approx(energy_j * pue)
+    assert rec.carbon_operational_g == pytest.approx(operational_g)
+    assert rec.carbon_embodied_g == pytest.approx(embodied_g)
+    assert rec.sci == pytest.approx((operational_g + embodied_g) * 1000 / tokens)
+
+
+def test_embodied_preset_values_can_be_overridden_key_by_key() -> None:
+    config = load_config(overrides={"embodied": {"preset": "b200", "lifetime_years": 5}})
+    assert config.embodied.gpu_kg == 287.0 and config.embodied.lifetime_years == 5.0
+    with pytest.raises(ConfigError, match=r"embodied\.preset"):
+        load_config(overrides={"embodied": {"preset": "tpu"}})
