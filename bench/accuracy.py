@@ -25,8 +25,8 @@ import sys
 
 import structlog
 
-from scer_proxy.sim.accuracy import Workload, run_accuracy
-from scer_proxy.sim.replay import ReplayWorkload, percentile, replay
+from scer_proxy.sim.accuracy import run_accuracy
+from scer_proxy.sim.replay import Workload, percentile, replay
 
 QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 
@@ -46,7 +46,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--time-scale", type=float, default=2.0, help="simulated seconds per real second (http)")
+    parser.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (http)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -57,7 +57,7 @@ def main() -> int:
         for idle in policies:
             print(f"\n{profile}, idle = {idle}, {args.requests} requests, {args.concurrency} concurrent")
             print(_header())
-            rep = replay(profile, idle=idle, workload=ReplayWorkload(requests=args.requests,
+            rep = replay(profile, idle=idle, workload=Workload(requests=args.requests,
                                                                     concurrency=args.concurrency))
             print(_row("replay settled", rep.errors("settled")))
             print(_row("replay header", rep.errors("header")))

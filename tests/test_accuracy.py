@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from scer_proxy.sim.accuracy import Workload, run_accuracy
-from scer_proxy.sim.replay import ReplayWorkload, percentile, replay
+from scer_proxy.sim.accuracy import run_accuracy
+from scer_proxy.sim.replay import Workload, percentile, replay
 
 # At least 200 requests, 32 concurrent, streamed and not, prompts of 20 to 2,000 tokens, outputs of 1 to 1,000.
 WORKLOAD = dict(requests=200, concurrency=32, prompt_tokens=(20, 2000), output_tokens=(1, 1000), stream_share=0.5)
@@ -16,7 +16,7 @@ WORKLOAD = dict(requests=200, concurrency=32, prompt_tokens=(20, 2000), output_t
 @pytest.mark.parametrize("profile", ["llama-3.1-8b-h100", "llama-3.1-70b-h100x4"])
 @pytest.mark.parametrize("idle", ["separate", "amortize"])
 def test_replay_accuracy_bounds(profile: str, idle: str) -> None:
-    report = replay(profile, idle=idle, workload=ReplayWorkload(**WORKLOAD))  # type: ignore[arg-type]
+    report = replay(profile, idle=idle, workload=Workload(**WORKLOAD))  # type: ignore[arg-type]
     settled, header = report.errors("settled"), report.errors("header")
     assert len(settled) == 200
     assert percentile(settled, 0.5) <= 0.05
@@ -27,7 +27,7 @@ def test_replay_accuracy_bounds(profile: str, idle: str) -> None:
 
 
 def test_replay_with_idle_gaps_reports_idle_apart() -> None:
-    workload = ReplayWorkload(requests=60, concurrency=4, idle_gap_s=0.5, seed=5)
+    workload = Workload(requests=60, concurrency=4, idle_gap_s=0.5, seed=5)
     report = replay("llama-3.1-8b-h100", idle="separate", workload=workload)
     assert report.idle_j > 0
     assert percentile(report.errors("settled"), 0.5) <= 0.05
@@ -39,7 +39,7 @@ def test_replay_with_idle_gaps_reports_idle_apart() -> None:
 
 def test_http_accuracy_bounds_against_the_simulator() -> None:
     """The whole proxy, seeing only HTTP and the DCGM-style counter, against the simulator's truth."""
-    report = asyncio.run(run_accuracy("llama-3.1-8b-h100", idle="separate", time_scale=2.0,
+    report = asyncio.run(run_accuracy("llama-3.1-8b-h100", idle="separate", time_scale=1.0,
                                       workload=Workload(**WORKLOAD)))  # type: ignore[arg-type]
     summary = report.summary()
     assert summary["requests"] == 200

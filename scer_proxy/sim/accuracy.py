@@ -22,20 +22,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from scer_proxy.app import create_app
 from scer_proxy.config import UpstreamConfig, load_config
 from scer_proxy.sim.profiles import get_profile
+from scer_proxy.sim.replay import Workload, percentile
 from scer_proxy.sim.server import create_sim_app
 from scer_proxy.web.keys import METERS
 
 WORDS = ("river", "stone", "cloud", "field", "light", "water", "north", "green", "grain", "tide")
-
-
-@dataclass(frozen=True)
-class Workload:
-    requests: int = 200
-    concurrency: int = 32
-    prompt_tokens: tuple[int, int] = (20, 2000)
-    output_tokens: tuple[int, int] = (1, 1000)
-    stream_share: float = 0.5
-    seed: int = 1
 
 
 @dataclass
@@ -70,12 +61,7 @@ class AccuracyReport:
         return out
 
     def summary(self) -> dict[str, Any]:
-        def pct(values: list[float], q: float) -> float | None:
-            if not values:
-                return None
-            ordered = sorted(values)
-            return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
-
+        pct = percentile
         settled, header = self.errors("settled"), self.errors("header")
         return {
             "profile": self.profile,
@@ -111,13 +97,18 @@ async def run_accuracy(
     profile_name: str = "llama-3.1-8b-h100",
     *,
     idle: str = "separate",
-    workload: Workload = Workload(),
-    time_scale: float = 4.0,
+    workload: Workload | None = None,
+    time_scale: float = 1.0,
     metrics_period_ms: float = 100.0,
     prefill_weight: float | str = "auto",
     progress: Any = None,
 ) -> AccuracyReport:
-    """Drive ``workload`` through a proxy in front of a simulator and compare with the truth."""
+    """Drive ``workload`` through a proxy in front of a simulator and compare with the truth.
+
+    At ``time_scale`` 1 (real time) a decode step lasts several milliseconds, well above the event loop's
+    jitter on a busy 2-core machine; faster runs are fine on an idle one.
+    """
+    workload = workload if workload is not None else Workload()
     profile = get_profile(profile_name)
     sim_runner, sim_url = await _serve(create_sim_app(profile, time_scale=time_scale,
                                                       metrics_period_ms=metrics_period_ms))

@@ -20,14 +20,14 @@ from scer_proxy.sim.profiles import get_profile
 
 
 @dataclass(frozen=True)
-class ReplayWorkload:
+class Workload:
     requests: int = 200
     concurrency: int = 32
     prompt_tokens: tuple[int, int] = (20, 2000)
     output_tokens: tuple[int, int] = (1, 1000)
     stream_share: float = 0.5
     seed: int = 1
-    idle_gap_s: float = 0.0  # pause between a client's requests (creates idle time at low concurrency)
+    idle_gap_s: float = 0.0  # pause between a client's requests (creates idle time; replay only)
 
 
 @dataclass
@@ -65,7 +65,7 @@ class _Clock:
 def replay(
     profile_name: str = "llama-3.1-8b-h100",
     *,
-    workload: ReplayWorkload = ReplayWorkload(),
+    workload: Workload = Workload(),
     idle: str = "separate",
     prefill_weight: float | None = None,
     metrics_period_s: float = 0.1,
@@ -107,6 +107,22 @@ def replay(
                 client_free_at[slot] = -1.0  # busy
                 slot_of[rid] = slot
 
+    def sample() -> None:
+        """The proxy reads the counter: a new published value closes an interval."""
+        nonlocal last_published
+        published = engine.published
+        if published is last_published:
+            return
+        last_published = published
+        result = timeline.reading(clock.t, published.energy_j)
+        if result is None:
+            return
+        for share in result.settled:
+            settled[share.rid] = share
+        imbalance = abs(result.energy_j - result.attributed_j - result.idle_j - result.carried_j)
+        if result.energy_j > 0:
+            report.max_interval_imbalance_rel = max(report.max_interval_imbalance_rel, imbalance / result.energy_j)
+
     slot_of: dict[str, int] = {}
     submit(0.0)
     while running or next_index < len(plan):
@@ -130,30 +146,14 @@ def replay(
                 del running[rid]
                 client_free_at[slot_of[rid]] = clock.t + workload.idle_gap_s
         if clock.t >= next_sample:
-            published = engine.published
-            if published is not last_published:
-                last_published = published
-                result = timeline.reading(clock.t, published.energy_j)
-                if result is not None:
-                    for share in result.settled:
-                        settled[share.rid] = share
-                    imbalance = abs(result.energy_j - result.attributed_j - result.idle_j - result.carried_j)
-                    if result.energy_j > 0:
-                        report.max_interval_imbalance_rel = max(report.max_interval_imbalance_rel,
-                                                                imbalance / result.energy_j)
+            sample()
             next_sample += sample_interval_s
         submit(clock.t)
     # Let the counter publish past the end and settle everything.
     for _ in range(int(4 * metrics_period_s / sample_interval_s) + 2):
         clock.t = next_sample
         engine.sync()
-        published = engine.published
-        if published is not last_published:
-            last_published = published
-            result = timeline.reading(clock.t, published.energy_j)
-            if result is not None:
-                for share in result.settled:
-                    settled[share.rid] = share
+        sample()
         next_sample += sample_interval_s
     for i in range(len(plan)):
         rid = f"r{i}"
