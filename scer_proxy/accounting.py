@@ -42,7 +42,9 @@ class Accounting:
         *,
         tenant_salt: bytes | None = None,
         wall_clock: Callable[[], float] = time.time,
+        rating_for: Callable[[str], str] = lambda model: "unrated",
     ) -> None:
+        self.rating_for = rating_for
         self.config = config
         self.ledger = ledger
         self.meters = meters
@@ -83,6 +85,7 @@ class Accounting:
             endpoint=endpoint,
             stream=stream,
             started_at=self._wall(),
+            rating=self.rating_for(model),
         )
         self.meters[upstream].start_request(record.request_id, prompt_estimate, stream=stream)
         return record

@@ -24,9 +24,10 @@ from scer_proxy.meters.estimate import EstimateMeter
 from scer_proxy.meters.nvml import NvmlMeter, nvml_available
 from scer_proxy.meters.rapl import RaplMeter, rapl_available
 from scer_proxy.proxy import ProxyHandler
+from scer_proxy.ratings_book import RatingsBook
 from scer_proxy.upstreams import Upstreams
 from scer_proxy.web import scer_routes
-from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, UPSTREAMS
+from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
 
 log = structlog.get_logger("scer_proxy.app")
 
@@ -88,6 +89,8 @@ def create_app(
     app[UPSTREAMS] = upstreams
     app[METERS] = {}
     app[METER_NOTES] = {}
+    ratings = RatingsBook()
+    app[RATINGS] = ratings
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         await upstreams.open()
@@ -110,7 +113,7 @@ def create_app(
             app[METER_NOTES][upstream.name] = note
         upstream_meters = app[METERS]
         app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, configured_intensity(config.carbon),
-                                     wall_clock=wall_clock)
+                                     wall_clock=wall_clock, rating_for=ratings.grade)
         for upstream_meter in app[METERS].values():
             if upstream_meter.samples:
                 await upstream_meter.sample_once()  # a first reading, so the first request has a baseline

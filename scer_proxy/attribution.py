@@ -254,6 +254,10 @@ class Timeline:
             if seen > 1 and req.end_s > req.first_token_s:
                 interval = (req.end_s - req.first_token_s) / (seen - 1)
                 self.token_interval_s += 0.2 * (interval - self.token_interval_s)
+        elif not req.stream and completion_tokens > 1 and req.end_s > req.decode_from:
+            # Without streams the token rate can only be learned from whole non-streamed requests.
+            interval = (req.end_s - req.decode_from) / completion_tokens
+            self.token_interval_s += 0.2 * (interval - self.token_interval_s)
         req.completion_tokens = max(0, completion_tokens)
         if not req.pinned:
             req.prefill_hi = min(req.prefill_hi, req.end_s)

@@ -149,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--metrics-period-ms", type=_positive_float, default=100.0,
                           help="update period of the DCGM-style counter, simulated ms (default 100)")
 
+    bench = sub.add_parser("bench", help="run the standard benchmark through a running proxy")
+    bench.add_argument("--target", required=True, help="the proxy's base URL, e.g. http://127.0.0.1:8080")
+    bench.add_argument("--model", required=True, help="the model to benchmark, as the upstream names it")
+    bench.add_argument("--workload", default="standard-chat-v1", help="workload id (default standard-chat-v1)")
+    bench.add_argument("--concurrency", type=_positive_int, help="concurrent requests (default: the workload's, 32)")
+    bench.add_argument("--requests", type=_positive_int, help="requests per repeat (default: every prompt, 300)")
+    bench.add_argument("--repeats", type=_positive_int, default=3, help="measured repeats, at least 3 (default 3)")
+    bench.add_argument("--task", default="chat", help="the category's task (default chat)")
+    bench.add_argument("--params-b", type=_positive_float, help="model parameters in billions, for the size class")
+    bench.add_argument("--out", help="submission file (default scer-submission-<model>.json)")
+    bench.add_argument("--no-submit", action="store_true", help="do not register the submission with the proxy")
+
+    rate = sub.add_parser("rate", help="rate bench submissions per SCER and print the table")
+    rate.add_argument("files", nargs="+", metavar="FILE", help="submission files written by scer-proxy bench")
+    rate.add_argument("--quintiles", action="store_true",
+                      help="an A to E quintile scale instead of SCER's A to C (not the default)")
+
     demo = sub.add_parser("demo", help="simulator + proxy + a short workload, then the summary")
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
     demo.add_argument("--requests", type=_positive_int, default=48, help="requests in the workload (default 48)")
@@ -199,6 +216,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  f"(see --list-profiles)") from None
             configure_logging("info")
             return _run(_simulate(args))
+        if args.command == "bench":
+            from scer_proxy.commands import bench_command
+
+            configure_logging("warning", json=False)
+            return bench_command(args)
+        if args.command == "rate":
+            from scer_proxy.commands import rate_command
+
+            return rate_command(args)
         if args.command == "demo":
             from scer_proxy.demo import run_demo
 

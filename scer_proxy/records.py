@@ -29,6 +29,7 @@ class Record:
     completion_tokens: int = 0
     token_source: str = "estimate"  # upstream | tokenizer | estimate
     energy_j: float | None = None  # PUE included; None when no meter figure exists
+    energy_gpu_j: float | None = None  # the meter's (or the estimate's) figure, before PUE
     energy_prefill_j: float | None = None
     energy_decode_j: float | None = None
     energy_source: str = "none"  # nvml | dcgm | rapl | simulated | estimate | none
@@ -134,6 +135,7 @@ def energy_fields(
                             embodied=embodied, units=units)
     return {
         "energy_j": energy_j,
+        "energy_gpu_j": share.energy_j,
         "energy_prefill_j": energy_with_pue_j(share.prefill_j, pue),
         "energy_decode_j": energy_with_pue_j(share.decode_j, pue),
         "energy_source": source,

@@ -8,6 +8,7 @@ from scer_proxy.accounting import Accounting
 from scer_proxy.config import Config
 from scer_proxy.ledger import MemoryLedger
 from scer_proxy.metering import UpstreamMeter
+from scer_proxy.ratings_book import RatingsBook
 from scer_proxy.upstreams import Upstreams
 
 CONFIG = web.AppKey("config", Config)
@@ -16,3 +17,4 @@ ACCOUNTING = web.AppKey("accounting", Accounting)
 METERS = web.AppKey("meters", dict[str, UpstreamMeter])
 METER_NOTES = web.AppKey("meter_notes", dict[str, str])
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
+RATINGS = web.AppKey("ratings", RatingsBook)

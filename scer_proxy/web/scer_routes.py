@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scer_proxy import openai_wire as wire
 from scer_proxy.summary import parse_duration_s, summarize
-from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS
+from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, RATINGS
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -59,9 +59,14 @@ async def summary(request: web.Request) -> web.Response:
             return _bad(str(exc), "since")
     grid = request.app[ACCOUNTING].grid
     ledger = request.app[LEDGER]
+    ratings = request.app[RATINGS]
+    records = list(ledger)
+    models = {r.model for r in records}
     body = summarize(
-        ledger, start=start, end=now, model=request.query.get("model") or None,
+        records, start=start, end=now, model=request.query.get("model") or None,
         tenant=request.query.get("tenant") or None,
+        grades={m: ratings.grade(m) for m in models},
+        categories={m: c for m in models if (c := ratings.category(m)) is not None},
     )
     body["idle_energy_j"] = idle_energy_j(request.app)
     body["meter"] = meter_info(request.app)
@@ -141,7 +146,24 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
+async def submissions_post(request: web.Request) -> web.Response:
+    """Register a bench submission (``scer-proxy bench`` posts it): the model's grade follows from it."""
+    try:
+        submission = await request.json(loads=orjson.loads)
+        rated = request.app[RATINGS].add(submission)
+    except (ValueError, KeyError, TypeError, AssertionError) as exc:
+        return _bad(f"not a scer-proxy bench submission: {exc.__class__.__name__}: {exc}", "body")
+    return _json({"model": rated.entry.name, "category": str(rated.entry.category), "rank": rated.rank,
+                  "peers": rated.peers, "percentile": rated.percentile, "grade": rated.grade}, status=201)
+
+
+async def submissions_get(request: web.Request) -> web.Response:
+    return _json({"object": "list", "data": request.app[RATINGS].submissions()})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_post("/scer/submissions", submissions_post)
+    app.router.add_get("/scer/submissions", submissions_get)
     app.router.add_get("/scer/summary", summary)
     app.router.add_get("/scer/requests", request_list)
     app.router.add_get("/scer/requests/{request_id}", request_record)

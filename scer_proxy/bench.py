@@ -1,0 +1,217 @@
+"""``scer-proxy bench``: the standard benchmark through a running proxy, written as a SCER submission.
+
+The workload (``standard-chat-v1``, shipped in ``scer_proxy/workloads/``) runs at a fixed concurrency
+through the proxy with the official openai client: one excluded warm-up repeat, then at least three
+measured repeats. Each repeat's energy is the settled ledger records of its requests (GPU energy,
+before PUE), so the figure is what the proxy measured request by request. The submission records the
+workload id and hash, the hardware (GPU names from the meter), the server (``/v1/models`` and its
+``Server`` header), the meter kind, each repeat's figures and their spread, and the SCI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import httpx
+import openai
+from tqdm import tqdm
+
+from scer_proxy import __version__
+from scer_proxy.meters.estimate import model_size_b
+from scer_proxy.rating import Category, gpu_family
+
+SCER_VERSION = "SCER 0.1 (draft)"
+SCI_VERSION = "SCI 1.1"
+
+
+class BenchError(Exception):
+    """The benchmark could not run (target unreachable, bad workload, records never settled)."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    id: str
+    version: int
+    sha256: str
+    max_tokens: int
+    ignore_eos: bool
+    concurrency: int
+    prompts: tuple[dict[str, Any], ...]
+
+
+def load_workload(name: str) -> Workload:
+    path = resources.files("scer_proxy") / "workloads" / f"{name}.json"
+    if not path.is_file():
+        available = sorted(p.name.removesuffix(".json") for p in (resources.files("scer_proxy") / "workloads")
+                           .iterdir() if p.name.endswith(".json"))
+        raise BenchError(f"--workload: unknown workload {name!r} (available: {', '.join(available)})")
+    raw = path.read_bytes()
+    data = json.loads(raw)
+    return Workload(id=data["id"], version=int(data["version"]), sha256=hashlib.sha256(raw).hexdigest(),
+                    max_tokens=int(data["max_tokens"]), ignore_eos=bool(data["ignore_eos"]),
+                    concurrency=int(data["concurrency"]), prompts=tuple(data["prompts"]))
+
+
+def _hardware(meter: dict[str, Any]) -> tuple[str, int, list[str]]:
+    """GPU model family and count from the meter's device list (e.g. '0: NVIDIA H100 80GB HBM3')."""
+    devices = [str(d) for d in meter.get("devices") or []]
+    if not devices:
+        return "unknown", 1, devices
+    if meter.get("kind") == "estimate" and " x " in devices[0]:
+        count, _, rest = devices[0].partition(" x ")
+        return gpu_family(rest), int(count) if count.isdigit() else 1, devices
+    return gpu_family(devices[0].split(":", 1)[-1]), len(devices), devices
+
+
+async def _settled(http: httpx.AsyncClient, target: str, ids: list[str], timeout_s: float) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout_s
+    records: dict[str, dict[str, Any]] = {}
+    while True:
+        for rid in ids:
+            if rid in records:
+                continue
+            resp = await http.get(f"{target}/scer/requests/{rid}")
+            if resp.status_code == 200 and resp.json().get("settled"):
+                records[rid] = resp.json()
+        if len(records) == len(ids):
+            return [records[rid] for rid in ids]
+        if time.monotonic() > deadline:
+            raise BenchError(f"{len(ids) - len(records)} records did not settle within {timeout_s:.0f} s "
+                             "(is the proxy's meter reading?)")
+        await asyncio.sleep(0.05)
+
+
+async def run_bench(
+    target: str,
+    model: str,
+    *,
+    workload_name: str = "standard-chat-v1",
+    concurrency: int | None = None,
+    requests: int | None = None,
+    repeats: int = 3,
+    task: str = "chat",
+    params_b: float = 0.0,
+    api_key: str = "sk-scer-bench",
+    progress: bool = True,
+    settle_timeout_s: float = 60.0,
+) -> dict[str, Any]:
+    """Run the benchmark through the proxy at ``target``; returns the submission."""
+    if repeats < 3:
+        raise BenchError("--repeats: the standard benchmark needs at least 3 measured repeats")
+    workload = load_workload(workload_name)
+    concurrency = concurrency or workload.concurrency
+    requests = requests or len(workload.prompts)
+    target = target.rstrip("/")
+    async with httpx.AsyncClient(timeout=30) as http:
+        try:
+            models_resp = await http.get(f"{target}/v1/models", headers={"Authorization": f"Bearer {api_key}"})
+            health = (await http.get(f"{target}/scer/health")).json()
+        except httpx.HTTPError as exc:
+            raise BenchError(f"--target: cannot reach {target}: {exc}") from None
+        server = {
+            "models": [m.get("id") for m in (models_resp.json().get("data") or [])] if models_resp.is_success else [],
+            "server_header": models_resp.headers.get("server"),
+        }
+        meter = health.get("meter", {})
+        client = openai.AsyncOpenAI(base_url=f"{target}/v1", api_key=api_key, max_retries=0, timeout=600)
+        gate = asyncio.Semaphore(concurrency)
+        figures: list[dict[str, Any]] = []
+        try:
+            for repeat in range(repeats + 1):
+                label = "warm-up" if repeat == 0 else f"repeat {repeat}/{repeats}"
+                ids, wall_s = await _one_repeat(client, gate, workload, model, requests, label, progress, target)
+                if repeat == 0:
+                    continue  # the warm-up is excluded
+                records = await _settled(http, target, ids, settle_timeout_s)
+                figures.append(_repeat_figures(records, wall_s))
+        finally:
+            await client.close()
+    gpu_model, gpu_count, devices = _hardware(meter)
+    active_b, total_b, size_source = model_size_b(model, params_b)
+    category = Category.of(task, total_b, gpu_model, gpu_count)
+    per_1k = [f["j_per_1k_output_tokens"] for f in figures]
+    mean = statistics.fmean(per_1k)
+    sci = statistics.fmean(f["sci_g_per_1k_output_tokens"] for f in figures)
+    return {
+        "scer_version": SCER_VERSION,
+        "sci_version": SCI_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "tool": f"scer-proxy {__version__}",
+        "model": model,
+        "category": {"task": category.task, "size_class": category.size_class, "gpu_model": category.gpu_model,
+                     "gpu_count": category.gpu_count},
+        "model_params_b": {"activated": active_b, "total": total_b, "source": size_source},
+        "workload": {"id": workload.id, "version": workload.version, "sha256": workload.sha256,
+                     "requests_per_repeat": requests, "concurrency": concurrency, "repeats": repeats,
+                     "warmup_repeats_excluded": 1, "max_tokens": workload.max_tokens,
+                     "ignore_eos": workload.ignore_eos},
+        "hardware": {"gpu_model": gpu_model, "gpu_count": gpu_count, "devices": devices},
+        "server": server,
+        "meter": {"kind": meter.get("kind"), "update_period_ms": meter.get("update_period_ms")},
+        "repeats": figures,
+        "result": {
+            "j_per_1k_output_tokens": mean,
+            "wh_per_1k_output_tokens": mean / 3600.0,
+            "spread_rel": (statistics.pstdev(per_1k) / mean) if mean > 0 else None,
+            "min_j_per_1k_output_tokens": min(per_1k),
+            "max_j_per_1k_output_tokens": max(per_1k),
+            "sci_g_per_1k_output_tokens": sci,
+            "energy_source": figures[0]["energy_source"],
+        },
+    }
+
+
+async def _one_repeat(client: openai.AsyncOpenAI, gate: asyncio.Semaphore, workload: Workload, model: str,
+                      requests: int, label: str, progress: bool, target: str) -> tuple[list[str], float]:
+    """One pass of the workload; returns the proxy's request ids and the wall time."""
+    ids: list[str] = []
+    with tqdm(total=requests, desc=label, unit="req", disable=not progress, leave=False) as bar:
+
+        async def one(i: int) -> None:
+            prompt = workload.prompts[i % len(workload.prompts)]
+            async with gate:
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=model, messages=prompt["messages"], max_tokens=prompt.get("max_tokens", workload.max_tokens),
+                    temperature=0.0, extra_body={"ignore_eos": workload.ignore_eos},
+                )
+            rid = raw.headers.get("x-scer-request-id")
+            if rid is None:
+                raise BenchError(f"{target} did not answer with X-SCER-Request-Id: is it a scer-proxy?")
+            ids.append(rid)
+            bar.update(1)
+
+        started = time.monotonic()
+        try:
+            await asyncio.gather(*(one(i) for i in range(requests)))
+        except openai.APIError as exc:
+            raise BenchError(f"the upstream failed a benchmark request: {exc}") from None
+    return ids, time.monotonic() - started
+
+
+def _repeat_figures(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    output = sum(int(r["completion_tokens"]) for r in records)
+    gpu_j = sum(float(r.get("energy_gpu_j") or 0.0) for r in records)
+    carbon = sum(float(r.get("carbon_g") or 0.0) for r in records)
+    sources = {r.get("energy_source") for r in records}
+    if output <= 0:
+        raise BenchError("the benchmark produced no output tokens")
+    return {
+        "requests": len(records),
+        "prompt_tokens": sum(int(r["prompt_tokens"]) for r in records),
+        "output_tokens": output,
+        "gpu_energy_j": gpu_j,
+        "j_per_1k_output_tokens": gpu_j * 1000.0 / output,
+        "carbon_g": carbon,
+        "sci_g_per_1k_output_tokens": carbon * 1000.0 / output,
+        "grid_intensity_g_per_kwh": records[0].get("grid_intensity_g_per_kwh"),
+        "energy_source": ",".join(sorted(str(s) for s in sources)),
+        "wall_s": wall_s,
+        "output_tokens_per_s": output / wall_s if wall_s > 0 else None,
+    }
