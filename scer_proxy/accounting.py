@@ -21,7 +21,7 @@ from scer_proxy.attribution import Share
 from scer_proxy.carbon import Embodied
 from scer_proxy.config import Config
 from scer_proxy.grid import GridIntensity
-from scer_proxy.ledger import MemoryLedger
+from scer_proxy.ledger import SqliteLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.records import Record, energy_fields, functional_units
 
@@ -36,7 +36,7 @@ class Accounting:
     def __init__(
         self,
         config: Config,
-        ledger: MemoryLedger,
+        ledger: SqliteLedger,
         meters: Mapping[str, UpstreamMeter],
         grid: GridIntensity,
         *,

@@ -16,7 +16,7 @@ from scer_proxy.accounting import Accounting
 from scer_proxy.attribution import Timeline
 from scer_proxy.config import Config, UpstreamConfig
 from scer_proxy.grid import configured_intensity
-from scer_proxy.ledger import MemoryLedger
+from scer_proxy.ledger import SqliteLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.meters import Meter
 from scer_proxy.meters.dcgm import ENERGY_METRIC, DcgmMeter
@@ -83,7 +83,9 @@ def create_app(
     """The proxy application. ``meters`` (per upstream name) replaces the configured meters in tests."""
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors, _admin_gate])
     app[CONFIG] = config
-    ledger = MemoryLedger(config.storage.memory_records)
+    ledger = SqliteLedger(config.storage.path, flush_interval_s=config.storage.flush_interval_ms / 1000.0,
+                          max_pending=config.storage.memory_records,
+                          retention_days=config.storage.retention_days)
     app[LEDGER] = ledger
     upstreams = Upstreams(config.upstreams)
     app[UPSTREAMS] = upstreams
@@ -91,6 +93,11 @@ def create_app(
     app[METER_NOTES] = {}
     ratings = RatingsBook()
     app[RATINGS] = ratings
+
+    async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+        await ledger.open()  # first in, last out: closed (final flush) after the meters settle
+        yield
+        await ledger.close()
 
     async def upstream_ctx(app: web.Application) -> AsyncIterator[None]:
         await upstreams.open()
@@ -113,7 +120,7 @@ def create_app(
             app[METER_NOTES][upstream.name] = note
         upstream_meters = app[METERS]
         app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, configured_intensity(config.carbon),
-                                     wall_clock=wall_clock, rating_for=ratings.grade)
+                                     tenant_salt=ledger.tenant_salt, wall_clock=wall_clock, rating_for=ratings.grade)
         for upstream_meter in app[METERS].values():
             if upstream_meter.samples:
                 await upstream_meter.sample_once()  # a first reading, so the first request has a baseline
@@ -122,6 +129,7 @@ def create_app(
         for upstream_meter in app[METERS].values():
             await upstream_meter.close()
 
+    app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(meter_ctx)
 

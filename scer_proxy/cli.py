@@ -18,6 +18,7 @@ from aiohttp import web
 
 from scer_proxy import __version__
 from scer_proxy.config import Config, ConfigError, load_config, parse_listen
+from scer_proxy.ledger import LedgerError
 
 
 class UsageError(Exception):
@@ -166,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     rate.add_argument("--quintiles", action="store_true",
                       help="an A to E quintile scale instead of SCER's A to C (not the default)")
 
+    report = sub.add_parser("report", help="print the summary from the ledger database or a running proxy")
+    from scer_proxy.report import add_report_arguments
+
+    add_report_arguments(report)
+
     demo = sub.add_parser("demo", help="simulator + proxy + a short workload, then the summary")
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
     demo.add_argument("--requests", type=_positive_int, default=48, help="requests in the workload (default 48)")
@@ -225,11 +231,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             from scer_proxy.commands import rate_command
 
             return rate_command(args)
+        if args.command == "report":
+            from scer_proxy.report import main_report
+
+            return main_report(args)
         if args.command == "demo":
             from scer_proxy.demo import run_demo
 
             configure_logging("warning", json=False)
             return _run(run_demo(args))
+    except LedgerError as exc:
+        print(f"scer-proxy: storage.path: {exc}", file=sys.stderr)
+        return 2
     except (UsageError, ConfigError) as exc:
         text = str(exc)
         print(text if text.startswith("scer-proxy") else f"scer-proxy: {text}", file=sys.stderr)

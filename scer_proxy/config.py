@@ -215,11 +215,14 @@ class RatingConfig:
 class StorageConfig:
     path: str = "scer.db"
     retention_days: float = 90.0
-    memory_records: int = 100_000
+    memory_records: int = 100_000  # records held in memory while the database cannot be written
+    flush_interval_ms: float = 200.0  # ledger writes are batched this often; kill -9 loses at most one
 
     def __post_init__(self) -> None:
         if self.retention_days <= 0:
             raise ConfigError(f"storage.retention_days: must be > 0, got {self.retention_days}")
+        if self.flush_interval_ms <= 0:
+            raise ConfigError(f"storage.flush_interval_ms: must be > 0, got {self.flush_interval_ms}")
         if self.memory_records <= 0:
             raise ConfigError(f"storage.memory_records: must be > 0, got {self.memory_records}")
 

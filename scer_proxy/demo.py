@@ -84,7 +84,8 @@ def summary_table(summary: dict[str, Any]) -> str:
 async def run_demo(args: argparse.Namespace) -> int:
     sim_runner, sim_url, model = await _start_simulator(args.time_scale)
     host, port = parse_listen(args.listen, "--listen")
-    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": 50}})
+    # The demo keeps its ledger in a temporary database, so each run starts from zero.
+    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": 50}, "storage": {"path": ":memory:"}})
     config = dataclasses.replace(config, upstreams=(UpstreamConfig(name="simulator", url=sim_url),))
     proxy_runner, proxy_url = await start_proxy(config, host, port)
     try:

@@ -20,7 +20,8 @@ def servers() -> Iterator[ThreadedServers]:
 
 
 def proxy_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
-    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": 20}, **sections})
+    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": 20},
+                                     "storage": {"path": ":memory:"}, **sections})
     return dataclasses.replace(config, upstreams=(UpstreamConfig(name="up", url=upstream_url),))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import httpx
 import orjson
 import pytest
 
-from scer_proxy.config import UpstreamConfig, load_config
+from scer_proxy.config import UpstreamConfig
 from tests.conftest import proxy_config
 from tests.fake_upstream import MODEL
 
@@ -50,9 +51,8 @@ def test_upstream_refused_is_502(start_proxy: Callable[..., str]) -> None:
 
 
 def test_upstream_timeout_is_504(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    config = proxy_config(fake_upstream, meter={"kind": "auto"})
-    config = config.__class__(**{**config.__dict__, "upstreams": (
-        UpstreamConfig(name="up", url=fake_upstream, timeout_s=0.3),)})
+    config = dataclasses.replace(proxy_config(fake_upstream, meter={"kind": "auto"}),
+                                 upstreams=(UpstreamConfig(name="up", url=fake_upstream, timeout_s=0.3),))
     proxy = start_proxy(config=config)
     with httpx.Client(timeout=10) as client:
         resp = client.post(f"{proxy}/v1/chat/completions", json=CHAT,
@@ -82,9 +82,8 @@ def test_body_over_the_limit_is_413(fake_upstream: str, start_proxy: Callable[..
 
 
 def test_no_upstream_for_the_model_is_404(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    config = load_config(overrides={"meter": {"kind": "auto"}})
-    config = config.__class__(**{**config.__dict__, "upstreams": (
-        UpstreamConfig(name="only-llama", url=fake_upstream, models=("llama-*",)),)})
+    config = dataclasses.replace(proxy_config(fake_upstream, meter={"kind": "auto"}),
+                                 upstreams=(UpstreamConfig(name="only-llama", url=fake_upstream, models=("llama-*",)),))
     proxy = start_proxy(config=config)
     with httpx.Client() as client:
         error = _assert_openai_error(client.post(f"{proxy}/v1/chat/completions", json=CHAT), 404, "model_not_found")

@@ -6,7 +6,15 @@ from importlib import resources
 
 import pytest
 
-from scer_proxy.rating import Category, Entry, grade_for, published_entries, quintile_grade_for, rate, size_class
+from scer_proxy.rating import (
+    Category,
+    Entry,
+    grade_for,
+    published_entries,
+    quintile_grade_for,
+    rate,
+    size_class,
+)
 
 CAT = Category("chat", "<=20B", "H100", 1)
 OTHER = Category("chat", ">66B", "H100", 4)

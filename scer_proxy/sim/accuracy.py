@@ -115,6 +115,7 @@ async def run_accuracy(
     # The proxy samples faster than the counter updates (in wall time: the period over the time scale).
     interval_ms = max(10.0, metrics_period_ms / time_scale / 4)
     config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": interval_ms},
+                                    "storage": {"path": ":memory:"},
                                     "attribution": {"idle": idle, "prefill_weight": prefill_weight}})
     config = dataclasses.replace(config, upstreams=(UpstreamConfig(name="sim", url=sim_url,
                                                                    gpus=tuple(range(profile.num_gpus))),))

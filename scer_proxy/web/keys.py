@@ -6,13 +6,13 @@ from aiohttp import web
 
 from scer_proxy.accounting import Accounting
 from scer_proxy.config import Config
-from scer_proxy.ledger import MemoryLedger
+from scer_proxy.ledger import SqliteLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.ratings_book import RatingsBook
 from scer_proxy.upstreams import Upstreams
 
 CONFIG = web.AppKey("config", Config)
-LEDGER = web.AppKey("ledger", MemoryLedger)
+LEDGER = web.AppKey("ledger", SqliteLedger)
 ACCOUNTING = web.AppKey("accounting", Accounting)
 METERS = web.AppKey("meters", dict[str, UpstreamMeter])
 METER_NOTES = web.AppKey("meter_notes", dict[str, str])

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scer_proxy import openai_wire as wire
-from scer_proxy.summary import parse_duration_s, summarize
+from scer_proxy.summary import parse_duration_s
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, RATINGS
 
 
@@ -50,24 +50,21 @@ def idle_energy_j(app: web.Application) -> float:
 
 async def summary(request: web.Request) -> web.Response:
     now = time.time()
-    start = None
+    since_s = None
     since = request.query.get("since")
     if since:
         try:
-            start = now - parse_duration_s(since)
+            since_s = parse_duration_s(since)
         except ValueError as exc:
             return _bad(str(exc), "since")
     grid = request.app[ACCOUNTING].grid
     ledger = request.app[LEDGER]
     ratings = request.app[RATINGS]
-    records = list(ledger)
-    models = {r.model for r in records}
-    body = summarize(
-        records, start=start, end=now, model=request.query.get("model") or None,
-        tenant=request.query.get("tenant") or None,
-        grades={m: ratings.grade(m) for m in models},
-        categories={m: c for m in models if (c := ratings.category(m)) is not None},
-    )
+    body = await ledger.summary(since_s, request.query.get("model") or None, request.query.get("tenant") or None,
+                                now=now)
+    for entry in body["models"]:
+        entry["grade"] = ratings.grade(entry["model"])
+        entry["category"] = ratings.category(entry["model"])
     body["idle_energy_j"] = idle_energy_j(request.app)
     body["meter"] = meter_info(request.app)
     body["grid"] = {"intensity_g_per_kwh": grid.intensity_g_per_kwh, "source": grid.source, "as_of": grid.as_of}
@@ -93,19 +90,20 @@ async def request_list(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     meter = meter_info(request.app)
+    ledger = request.app[LEDGER].health() | {"pending_settlement": request.app[ACCOUNTING].pending}
     return _json({
-        "status": "ok" if meter["healthy"] else "degraded",
+        "status": "ok" if meter["healthy"] and ledger["healthy"] else "degraded",
         "meter": meter,
-        "ledger": {"kind": "memory", "records": len(request.app[LEDGER]), "dropped": request.app[LEDGER].dropped,
-                   "pending_settlement": request.app[ACCOUNTING].pending},
+        "ledger": ledger,
     })
 
 
 class _LedgerCollector:
     """Prometheus metrics computed from the ledger at scrape time (per model and energy source)."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, rows: list[dict[str, Any]]) -> None:
         self.app = app
+        self.rows = rows  # SqliteLedger.metrics_rows(): sums per model x status x energy source
 
     def collect(self) -> Any:
         requests = CounterMetricFamily("scer_requests", "Metered requests finished", labels=["model", "status"])
@@ -115,16 +113,14 @@ class _LedgerCollector:
         carbon = CounterMetricFamily("scer_carbon_grams", "Carbon attributed to requests, gCO2e",
                                      labels=["model", "part"])
         agg: dict[tuple[str, ...], float] = {}
-        for r in self.app[LEDGER]:
-            if r.status == "running":
-                continue
+        for r in self.rows:
             for key, value in (
-                (("req", r.model, r.status), 1.0),
-                (("tok", r.model, "prompt"), float(r.prompt_tokens)),
-                (("tok", r.model, "completion"), float(r.completion_tokens)),
-                (("en", r.model, r.energy_source), r.energy_j or 0.0),
-                (("co2", r.model, "operational"), r.carbon_operational_g or 0.0),
-                (("co2", r.model, "embodied"), r.carbon_embodied_g or 0.0),
+                (("req", r["model"], r["status"]), float(r["records"])),
+                (("tok", r["model"], "prompt"), float(r["prompt_tokens"])),
+                (("tok", r["model"], "completion"), float(r["completion_tokens"])),
+                (("en", r["model"], r["energy_source"]), float(r["energy_j"])),
+                (("co2", r["model"], "operational"), float(r["carbon_operational_g"])),
+                (("co2", r["model"], "embodied"), float(r["carbon_embodied_g"])),
             ):
                 agg[key] = agg.get(key, 0.0) + value
         families = {"req": requests, "tok": tokens, "en": energy, "co2": carbon}
@@ -142,7 +138,7 @@ class _LedgerCollector:
 
 async def metrics(request: web.Request) -> web.Response:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_LedgerCollector(request.app))
+    registry.register(_LedgerCollector(request.app, await request.app[LEDGER].metrics_rows()))
     return web.Response(body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
