@@ -20,7 +20,7 @@ from typing import Any
 from scer_proxy.attribution import Share
 from scer_proxy.carbon import Embodied
 from scer_proxy.config import Config
-from scer_proxy.grid import GridIntensity
+from scer_proxy.grid_providers import GridIntensitySource
 from scer_proxy.ledger import SqliteLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.records import Record, energy_fields, functional_units
@@ -38,7 +38,7 @@ class Accounting:
         config: Config,
         ledger: SqliteLedger,
         meters: Mapping[str, UpstreamMeter],
-        grid: GridIntensity,
+        grid: GridIntensitySource,
         *,
         tenant_salt: bytes | None = None,
         wall_clock: Callable[[], float] = time.time,
@@ -62,6 +62,9 @@ class Accounting:
             )
             for u in config.upstreams
         }
+
+    def embodied_for(self, upstream: str) -> Embodied:
+        return self._embodied[upstream]
 
     def tenant(self, headers: Mapping[str, str]) -> str:
         """``X-SCER-Tenant`` when given (validated), else a salted hash of the API key, never the key."""
@@ -113,11 +116,13 @@ class Accounting:
         meter = self.meters[record.upstream]
         share, uncertainty, meter_flags = meter.finish_request(record.request_id, prompt_tokens, completion_tokens,
                                                                model=record.model)
-        flags = (*flags, *meter_flags)
+        grid = self.grid.current()  # O(1), no I/O: the cached live value, else the table
+        flags = (*flags, *meter_flags, *grid.flags)
         if not meter.healthy and meter.meter is not None:
             flags = (*flags, "meter_error")
+        ended_at = self._wall()
         changes: dict[str, Any] = {
-            "ended_at": self._wall(),
+            "ended_at": ended_at,
             "status": status,
             "http_status": http_status,
             "prompt_tokens": prompt_tokens,
@@ -125,25 +130,28 @@ class Accounting:
             "token_source": token_source,
             "flags": flags,
             "energy_uncertainty_rel": uncertainty,
+            "grid_age_s": grid.age_s(ended_at),
         }
         if share is None:
             done = replace(record, **changes, energy_source="none",
-                           grid_intensity_g_per_kwh=self.grid.intensity_g_per_kwh, grid_source=self.grid.source)
+                           grid_intensity_g_per_kwh=grid.intensity_g_per_kwh, grid_source=grid.source)
         else:
             units = functional_units(record.endpoint, prompt_tokens, completion_tokens)
-            done = replace(record, **changes, **self._energy(record.upstream, share, units))
+            done = replace(record, **changes, **self._energy(record.upstream, share, units,
+                                                             grid.intensity_g_per_kwh, grid.source))
             if not share.settled:
                 self._pending[done.request_id] = done
         self.ledger.put(done)
         return done
 
-    def _energy(self, upstream: str, share: Share, units: int) -> dict[str, Any]:
+    def _energy(self, upstream: str, share: Share, units: int, intensity_g_per_kwh: float,
+                grid_source: str) -> dict[str, Any]:
         return energy_fields(
             share,
             source=self.meters[upstream].source,
             pue=self.config.carbon.pue,
-            intensity_g_per_kwh=self.grid.intensity_g_per_kwh,
-            grid_source=self.grid.source,
+            intensity_g_per_kwh=intensity_g_per_kwh,
+            grid_source=grid_source,
             embodied=self._embodied[upstream],
             units=units,
         )
@@ -155,7 +163,10 @@ class Accounting:
             return
         meter = self.meters[upstream]
         duration_s = (record.ended_at or record.started_at) - record.started_at
-        self.ledger.put(replace(record, **self._energy(upstream, share, record.functional_units),
+        # Settle with the intensity that applied when the request ended, not today's.
+        intensity = record.grid_intensity_g_per_kwh if record.grid_intensity_g_per_kwh is not None else 0.0
+        self.ledger.put(replace(record, **self._energy(upstream, share, record.functional_units,
+                                                       intensity, record.grid_source),
                                 energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True)))
 
     @property

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -15,7 +16,7 @@ from scer_proxy import openai_wire as wire
 from scer_proxy.accounting import Accounting
 from scer_proxy.attribution import Timeline
 from scer_proxy.config import Config, UpstreamConfig
-from scer_proxy.grid import configured_intensity
+from scer_proxy.grid_providers import build_grid_source
 from scer_proxy.ledger import SqliteLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.meters import Meter
@@ -26,8 +27,8 @@ from scer_proxy.meters.rapl import RaplMeter, rapl_available
 from scer_proxy.proxy import ProxyHandler
 from scer_proxy.ratings_book import RatingsBook
 from scer_proxy.upstreams import Upstreams
-from scer_proxy.web import scer_routes
-from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
+from scer_proxy.web import labels, scer_routes
+from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
 
 log = structlog.get_logger("scer_proxy.app")
 
@@ -79,8 +80,10 @@ def create_app(
     meters: Mapping[str, Meter | None] | None = None,
     clock: Callable[[], float] = time.monotonic,
     wall_clock: Callable[[], float] = time.time,
+    environ: Mapping[str, str] | None = None,
 ) -> web.Application:
-    """The proxy application. ``meters`` (per upstream name) replaces the configured meters in tests."""
+    """The proxy application. ``meters`` (per upstream name) replaces the configured meters in tests;
+    ``environ`` (default ``os.environ``) is where the Electricity Maps token is read."""
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors, _admin_gate])
     app[CONFIG] = config
     ledger = SqliteLedger(config.storage.path, flush_interval_s=config.storage.flush_interval_ms / 1000.0,
@@ -91,6 +94,10 @@ def create_app(
     app[UPSTREAMS] = upstreams
     app[METERS] = {}
     app[METER_NOTES] = {}
+    # Built here, without I/O, so that a bad provider setting (a missing token) fails before serving.
+    grid = build_grid_source(config.carbon, os.environ if environ is None else environ,
+                             clock=clock, wall_clock=wall_clock)
+    app[GRID] = grid
     ratings = RatingsBook()
     app[RATINGS] = ratings
 
@@ -103,6 +110,11 @@ def create_app(
         await upstreams.open()
         yield
         await upstreams.close()
+
+    async def grid_ctx(app: web.Application) -> AsyncIterator[None]:
+        grid.start()  # the first fetch runs in the background; the table serves until it succeeds
+        yield
+        await grid.close()
 
     async def meter_ctx(app: web.Application) -> AsyncIterator[None]:
         weight = config.attribution.prefill_weight
@@ -119,7 +131,7 @@ def create_app(
             )
             app[METER_NOTES][upstream.name] = note
         upstream_meters = app[METERS]
-        app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, configured_intensity(config.carbon),
+        app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, grid,
                                      tenant_salt=ledger.tenant_salt, wall_clock=wall_clock, rating_for=ratings.grade)
         for upstream_meter in app[METERS].values():
             if upstream_meter.samples:
@@ -131,6 +143,7 @@ def create_app(
 
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstream_ctx)
+    app.cleanup_ctx.append(grid_ctx)
     app.cleanup_ctx.append(meter_ctx)
 
     async def v1(request: web.Request) -> web.StreamResponse:
@@ -140,6 +153,7 @@ def create_app(
     app.router.add_route("*", "/v1/{tail:.*}", v1)
     app.router.add_route("*", "/v1", v1)
     scer_routes.add_routes(app)
+    labels.add_routes(app)
     return app
 
 

@@ -198,6 +198,10 @@ async def _one_repeat(client: openai.AsyncOpenAI, gate: asyncio.Semaphore, workl
 def _repeat_figures(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     output = sum(int(r["completion_tokens"]) for r in records)
     gpu_j = sum(float(r.get("energy_gpu_j") or 0.0) for r in records)
+
+    def total(key: str) -> float:
+        return sum(float(r.get(key) or 0.0) for r in records)
+
     carbon = sum(float(r.get("carbon_g") or 0.0) for r in records)
     sources = {r.get("energy_source") for r in records}
     if output <= 0:
@@ -207,6 +211,12 @@ def _repeat_figures(records: list[dict[str, Any]], wall_s: float) -> dict[str, A
         "prompt_tokens": sum(int(r["prompt_tokens"]) for r in records),
         "output_tokens": output,
         "gpu_energy_j": gpu_j,
+        "energy_j": total("energy_j"),  # PUE included
+        "carbon_operational_g": total("carbon_operational_g"),
+        "carbon_embodied_g": total("carbon_embodied_g"),
+        "hardware_s": total("hardware_s"),
+        "started_at": min(float(r["started_at"]) for r in records),
+        "ended_at": max(float(r.get("ended_at") or r["started_at"]) for r in records),
         "j_per_1k_output_tokens": gpu_j * 1000.0 / output,
         "carbon_g": carbon,
         "sci_g_per_1k_output_tokens": carbon * 1000.0 / output,

@@ -172,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_arguments(report)
 
+    label = sub.add_parser("label", help="write the SCER label (SVG) of a model, and its manifest")
+    label.add_argument("--model", required=True, help="the model, as the upstream names it")
+    source = label.add_mutually_exclusive_group(required=True)
+    source.add_argument("--proxy", help="a running proxy's base URL: the label it serves")
+    source.add_argument("--submission", help="a bench submission file")
+    label.add_argument("--out", required=True, help="the SVG file to write (the manifest goes beside it, .yaml)")
+    label.add_argument("--base-url", default="http://127.0.0.1:8080",
+                       help="with --submission: the proxy URL the QR code links to (default http://127.0.0.1:8080)")
+
     demo = sub.add_parser("demo", help="simulator + proxy + a short workload, then the summary")
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
     demo.add_argument("--requests", type=_positive_int, default=48, help="requests in the workload (default 48)")
@@ -235,6 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from scer_proxy.report import main_report
 
             return main_report(args)
+        if args.command == "label":
+            from scer_proxy.commands import label_command
+
+            return label_command(args)
         if args.command == "demo":
             from scer_proxy.demo import run_demo
 

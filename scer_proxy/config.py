@@ -28,7 +28,6 @@ METER_KINDS = ("auto", "nvml", "dcgm", "rapl", "estimate", "simulated")
 ESTIMATE_GPUS = ("H100", "B200")
 IDLE_POLICIES = ("amortize", "separate")
 CARBON_PROVIDERS = ("static", "uk-carbon-intensity", "electricity-maps")
-CARBON_PROVIDERS_PENDING = ("uk-carbon-intensity", "electricity-maps")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -145,6 +144,12 @@ class CarbonConfig:
     intensity_g_per_kwh: float = 0.0
     provider: str = "static"
     pue: float = 1.0
+    zone: str = ""  # Electricity Maps zone; empty = derived from region where it is one zone
+    uk_region_id: int = 0  # UK Carbon Intensity region 1-17; 0 = national (Great Britain)
+    provider_url: str = ""  # the provider's base URL; empty = its public API
+    refresh_s: float = 300.0  # seconds between live fetches
+    timeout_s: float = 5.0  # seconds one live fetch may take
+    max_age_s: float = 7200.0  # seconds a live value is used after its fetch; then the table
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z]{3}", self.region):
@@ -156,8 +161,22 @@ class CarbonConfig:
             raise ConfigError(
                 f"carbon.provider: expected one of {', '.join(CARBON_PROVIDERS)}, got {self.provider!r}"
             )
-        if self.provider in CARBON_PROVIDERS_PENDING:
-            raise ConfigError(f"carbon.provider: {self.provider!r} is not available in this version (use static)")
+        if self.provider == "uk-carbon-intensity" and self.region != "GBR":
+            raise ConfigError(f"carbon.region: must be 'GBR' with provider 'uk-carbon-intensity' (the table "
+                              f"figure it falls back to), got {self.region!r}")
+        if self.zone and not re.fullmatch(r"[A-Z]{2}(-[A-Za-z0-9-]{1,32})?", self.zone):
+            raise ConfigError(f"carbon.zone: expected an Electricity Maps zone such as 'DE' or 'US-CAL-CISO', "
+                              f"got {self.zone!r}")
+        if not 0 <= self.uk_region_id <= 17:
+            raise ConfigError(f"carbon.uk_region_id: expected 1 to 17 (0 = national), got {self.uk_region_id}")
+        if self.provider_url:
+            object.__setattr__(self, "provider_url", _check_url(self.provider_url, "carbon.provider_url"))
+        if not 0 < self.timeout_s <= 60:
+            raise ConfigError(f"carbon.timeout_s: must be > 0 and at most 60, got {self.timeout_s}")
+        if self.refresh_s < self.timeout_s:
+            raise ConfigError(f"carbon.refresh_s: must be >= carbon.timeout_s ({self.timeout_s}), got {self.refresh_s}")
+        if self.max_age_s < self.refresh_s:
+            raise ConfigError(f"carbon.max_age_s: must be >= carbon.refresh_s ({self.refresh_s}), got {self.max_age_s}")
         if not 1.0 <= self.pue <= 5.0:
             raise ConfigError(f"carbon.pue: must be between 1.0 and 5.0, got {self.pue}")
 

@@ -50,7 +50,7 @@ COLUMNS: tuple[str, ...] = (
     "request_id", "model", "upstream", "tenant", "endpoint", "stream", "started_at", "ended_at", "status",
     "http_status", "prompt_tokens", "completion_tokens", "token_source", "energy_j", "energy_gpu_j", "energy_prefill_j",
     "energy_decode_j", "energy_source", "energy_uncertainty_rel", "hardware_s", "carbon_g",
-    "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "grid_source", "sci", "rating",
+    "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "grid_source", "grid_age_s", "sci", "rating",
     "settled", "flags",
 )
 
@@ -97,7 +97,7 @@ def _rollup_upsert(p: str, sign: str) -> str:
     )
 
 
-_V2_COLUMNS = ("energy_gpu_j", "energy_uncertainty_rel")  # added by migration 2
+_V2_COLUMNS = ("energy_gpu_j", "energy_uncertainty_rel", "grid_age_s")  # added by migration 2
 _V1_COLUMNS = [c for c in COLUMNS if c not in _V2_COLUMNS]
 _COLUMN_TYPES = {
     "request_id": "TEXT NOT NULL UNIQUE", "stream": "INTEGER NOT NULL", "started_at": "REAL NOT NULL",
@@ -105,7 +105,7 @@ _COLUMN_TYPES = {
     "completion_tokens": "INTEGER NOT NULL", "settled": "INTEGER NOT NULL",
 }
 for _c in ("energy_j", "energy_gpu_j", "energy_prefill_j", "energy_decode_j", "energy_uncertainty_rel", "hardware_s", "carbon_g",
-           "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "sci"):
+           "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "grid_age_s", "sci"):
     _COLUMN_TYPES[_c] = "REAL"
 
 # Migrations, applied in order at open; the schema version is ``PRAGMA user_version`` (= how many ran).
@@ -121,6 +121,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (
         "ALTER TABLE requests ADD COLUMN energy_gpu_j REAL",
         "ALTER TABLE requests ADD COLUMN energy_uncertainty_rel REAL",
+        "ALTER TABLE requests ADD COLUMN grid_age_s REAL",
         "CREATE TABLE rollup (model TEXT NOT NULL, tenant TEXT NOT NULL, hour INTEGER NOT NULL, "
         "status TEXT NOT NULL, energy_source TEXT NOT NULL, "
         + ", ".join(f"{c} {'REAL' if c.startswith(('energy', 'carbon')) else 'INTEGER'} NOT NULL DEFAULT 0"
@@ -189,7 +190,7 @@ def _to_row(r: Record) -> tuple[Any, ...]:
         r.request_id, r.model, r.upstream, r.tenant, r.endpoint, int(r.stream), r.started_at, r.ended_at, r.status,
         r.http_status, r.prompt_tokens, r.completion_tokens, r.token_source, r.energy_j, r.energy_gpu_j, r.energy_prefill_j,
         r.energy_decode_j, r.energy_source, r.energy_uncertainty_rel, r.hardware_s, r.carbon_g,
-        r.carbon_operational_g, r.carbon_embodied_g, r.grid_intensity_g_per_kwh, r.grid_source, r.sci, r.rating,
+        r.carbon_operational_g, r.carbon_embodied_g, r.grid_intensity_g_per_kwh, r.grid_source, r.grid_age_s, r.sci, r.rating,
         int(r.settled), ",".join(r.flags),
     )
 

@@ -40,6 +40,7 @@ class Record:
     carbon_embodied_g: float | None = None
     grid_intensity_g_per_kwh: float | None = None
     grid_source: str = ""
+    grid_age_s: float | None = None  # seconds since a live grid figure was fetched; None for table/static
     sci: float | None = None  # gCO2e per 1,000 output tokens (input tokens for embeddings)
     rating: str = "unrated"
     settled: bool = False

@@ -101,3 +101,40 @@ def test_rate_command_bad_input(tmp_path: Path) -> None:
     for argv in (["rate", str(tmp_path / "missing.json")], ["rate", str(bad)]):
         out = subprocess.run([sys.executable, "-m", "scer_proxy", *argv], capture_output=True, text=True)
         assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+
+
+def test_label_and_manifest_served_and_written(sim_proxy: tuple[str, str], tmp_path: Path) -> None:
+    import xml.etree.ElementTree as ET
+    from urllib.parse import quote
+
+    import yaml
+
+    from scer_proxy.label import format_sig3
+    from scer_proxy.manifest import manifest_sci
+    from tests.test_label import _decode_qr
+
+    _sim, proxy = sim_proxy
+    model = "meta-llama/Llama-3.1-8B-Instruct"
+    submission = asyncio.run(run_bench(proxy, model, concurrency=40, requests=48, repeats=3, progress=False))
+    httpx.post(f"{proxy}/scer/submissions", json=submission)
+    name = quote(model, safe="")
+    svg = httpx.get(f"{proxy}/scer/label/{name}.svg")
+    assert svg.status_code == 200 and svg.headers["content-type"].startswith("image/svg+xml")
+    root = ET.fromstring(svg.text)
+    assert root.get("width") == "260" and root.get("height") == "364"
+    manifest_url = _decode_qr(root)
+    assert manifest_url == f"{proxy}/scer/manifest/{name}.yaml"
+    manifest = yaml.safe_load(httpx.get(manifest_url).text)
+    assert f"{format_sig3(manifest_sci(manifest))} gCO2eq per 1,000 output tokens" in svg.text
+    assert httpx.get(f"{proxy}/scer/label/{quote('no-such-model', safe='')}.svg").status_code == 404
+    # The command line writes the same label from the proxy, and one from the submission file.
+    sub_path = tmp_path / "sub.json"
+    sub_path.write_text(json.dumps(submission))
+    for extra in (["--proxy", proxy], ["--submission", str(sub_path), "--base-url", proxy]):
+        out = tmp_path / f"label-{extra[0][2:]}.svg"
+        done = subprocess.run([sys.executable, "-m", "scer_proxy", "label", "--model", model, "--out", str(out),
+                               *extra], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        written = ET.fromstring(out.read_text())
+        assert _decode_qr(written) == manifest_url
+        assert yaml.safe_load(out.with_suffix(".yaml").read_text())["name"]

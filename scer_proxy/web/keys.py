@@ -6,6 +6,7 @@ from aiohttp import web
 
 from scer_proxy.accounting import Accounting
 from scer_proxy.config import Config
+from scer_proxy.grid_providers import GridIntensitySource
 from scer_proxy.ledger import SqliteLedger
 from scer_proxy.metering import UpstreamMeter
 from scer_proxy.ratings_book import RatingsBook
@@ -17,4 +18,5 @@ ACCOUNTING = web.AppKey("accounting", Accounting)
 METERS = web.AppKey("meters", dict[str, UpstreamMeter])
 METER_NOTES = web.AppKey("meter_notes", dict[str, str])
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
+GRID = web.AppKey("grid", GridIntensitySource)
 RATINGS = web.AppKey("ratings", RatingsBook)

@@ -12,7 +12,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scer_proxy import openai_wire as wire
 from scer_proxy.summary import parse_duration_s
-from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METER_NOTES, METERS, RATINGS
+from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -57,7 +57,6 @@ async def summary(request: web.Request) -> web.Response:
             since_s = parse_duration_s(since)
         except ValueError as exc:
             return _bad(str(exc), "since")
-    grid = request.app[ACCOUNTING].grid
     ledger = request.app[LEDGER]
     ratings = request.app[RATINGS]
     body = await ledger.summary(since_s, request.query.get("model") or None, request.query.get("tenant") or None,
@@ -67,7 +66,7 @@ async def summary(request: web.Request) -> web.Response:
         entry["category"] = ratings.category(entry["model"])
     body["idle_energy_j"] = idle_energy_j(request.app)
     body["meter"] = meter_info(request.app)
-    body["grid"] = {"intensity_g_per_kwh": grid.intensity_g_per_kwh, "source": grid.source, "as_of": grid.as_of}
+    body["grid"] = request.app[GRID].describe()
     return _json(body)
 
 
@@ -94,6 +93,7 @@ async def health(request: web.Request) -> web.Response:
     return _json({
         "status": "ok" if meter["healthy"] and ledger["healthy"] else "degraded",
         "meter": meter,
+        "grid": request.app[GRID].describe(),
         "ledger": ledger,
     })
 

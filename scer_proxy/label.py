@@ -1,0 +1,345 @@
+"""The SCER label (pure, no I/O): an SVG of 260 x 364 px in the manner of an appliance energy label.
+
+It shows what the contract lists: the model, its task, the hardware, the scoring date, the
+deployment's own SCI as ``<value> gCO2eq per 1,000 output tokens`` (never a "/"), the energy in Wh
+per 1,000 output tokens, the grade on SCER's A to C scale (or ``unrated``), the number of peers, the
+SCI version followed (``SCI 1.1``), a QR code (ISO/IEC 18004, made with segno, error correction M,
+4-module quiet zone) that encodes exactly the manifest's URL, and a note that SCER is a draft
+specification of the Green Software Foundation.
+
+Only basic SVG is used (``rect``, ``path``, ``text``/``tspan``, ``g``, ``title``, ``desc``) with a
+generic sans-serif font stack, so any renderer shows it; every font size is at least 7 px. Text that
+might not fit (model, task, hardware) is cut with an ellipsis, measured with Helvetica/Arial advance
+widths (Liberation Sans has the same metrics) and a safety margin.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from dataclasses import dataclass
+from datetime import date
+from decimal import ROUND_HALF_UP, Decimal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import segno
+
+WIDTH = 260
+HEIGHT = 364
+GRADES = ("A", "B", "C")
+GRADE_COLORS = {"A": "#00a651", "B": "#ffd200", "C": "#f7941d"}
+GRADE_TEXT = {"A": "#ffffff", "B": "#1a1a1a", "C": "#ffffff"}
+GRADE_RANGE = {"A": "above 90th", "B": "60th to 90th", "C": "below 60th"}
+HEADER = "#0e5a36"
+FONT = "Helvetica, Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
+VALUE_UNIT = "gCO2eq per 1,000 output tokens"
+ENERGY_UNIT = "Wh per 1,000 output tokens"
+DRAFT_NOTE = "SCER is a draft specification of the Green Software Foundation"
+QR_ERROR = "m"
+QR_BORDER = 4
+_LEFT = 12.0
+_RIGHT = 248.0
+
+_MEASURED = {"nvml": "NVML", "dcgm": "DCGM", "rapl": "RAPL"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LabelData:
+    """Everything the label shows. Numbers are per 1,000 output tokens; ``scoring_date`` is ISO 8601."""
+
+    model: str
+    task: str
+    hardware: str  # e.g. "1 x NVIDIA H100 80GB HBM3"
+    scoring_date: str  # "YYYY-MM-DD"
+    sci_g_per_1k_output_tokens: float
+    energy_wh_per_1k_output_tokens: float
+    grade: str  # A | B | C | unrated
+    peers: int
+    manifest_url: str
+    percentile: float | None = None
+    sci_version: str = "SCI 1.1"
+    energy_source: str = ""  # nvml | dcgm | rapl | simulated | estimate | ...
+    grid_intensity_g_per_kwh: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.grade not in (*GRADES, "unrated"):
+            raise ValueError(f"grade must be A, B, C or unrated, got {self.grade!r}")
+        for name in ("sci_g_per_1k_output_tokens", "energy_wh_per_1k_output_tokens"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.peers < 0:
+            raise ValueError(f"peers must be >= 0, got {self.peers}")
+        if not self.manifest_url:
+            raise ValueError("manifest_url is empty")
+        date.fromisoformat(self.scoring_date[:10])
+
+    @property
+    def value_text(self) -> str:
+        """The label's SCI figure as shown: 3 significant digits, a plain decimal."""
+        return format_sig3(self.sci_g_per_1k_output_tokens)
+
+    @property
+    def value_line(self) -> str:
+        """``<value> gCO2eq per 1,000 output tokens``."""
+        return f"{self.value_text} {VALUE_UNIT}"
+
+    @property
+    def energy_line(self) -> str:
+        """``<value> Wh per 1,000 output tokens``."""
+        return f"{format_sig3(self.energy_wh_per_1k_output_tokens)} {ENERGY_UNIT}"
+
+
+def format_sig3(value: float) -> str:
+    """``value`` to 3 significant digits as a plain decimal (no exponent): 0.18 -> ``0.180``, 12345 -> ``12300``."""
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value!r}")
+    if value == 0:
+        return "0"
+    d = Decimal(repr(value))
+    for _ in range(2):  # a second pass when rounding carries into a new digit (0.9996 -> 1.00)
+        exponent = d.adjusted() - 2
+        rounded = d.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_HALF_UP)
+        if rounded.adjusted() == d.adjusted():
+            break
+        d = rounded
+    text = format(rounded, "f")
+    return text
+
+
+def qr_code(url: str) -> segno.QRCode:
+    """The label's QR code for ``url``: ISO/IEC 18004 (not Micro QR), error correction M.
+
+    segno is imported here, not at module level: its writers pull in ``urllib.request`` (and with it
+    the ``socket`` module) through ``xml.sax.saxutils``, which the pure core's import check forbids.
+    """
+    import segno
+
+    return segno.make(url, error=QR_ERROR, boost_error=False, micro=False)
+
+
+def qr_modules(url: str) -> list[list[bool]]:
+    """The QR matrix for ``url`` with its 4-module quiet zone, True where a module is dark."""
+    return [[bool(cell) for cell in row] for row in qr_code(url).matrix_iter(scale=1, border=QR_BORDER)]
+
+
+def qr_path(modules: list[list[bool]]) -> str:
+    """An SVG path (module units) filling each horizontal run of dark modules: ``M x y h w v1 H x z``."""
+    parts: list[str] = []
+    for y, row in enumerate(modules):
+        x = 0
+        while x < len(row):
+            if row[x]:
+                start = x
+                while x < len(row) and row[x]:
+                    x += 1
+                parts.append(f"M{start} {y}h{x - start}v1H{start}z")
+            else:
+                x += 1
+    return "".join(parts)
+
+
+# Helvetica/Arial advance widths in 1/1000 em for printable ASCII (32..126).
+_WIDTHS = [
+    278, 278, 355, 556, 556, 889, 667, 191, 333, 333, 389, 584, 278, 333, 278, 278,
+    556, 556, 556, 556, 556, 556, 556, 556, 556, 556, 278, 278, 584, 584, 584, 556,
+    1015, 667, 667, 722, 722, 667, 611, 778, 722, 278, 500, 667, 556, 833, 722, 778,
+    667, 778, 722, 667, 611, 722, 667, 944, 667, 667, 611, 278, 278, 278, 469, 556,
+    333, 556, 556, 500, 556, 556, 278, 556, 556, 222, 222, 500, 222, 833, 556, 556,
+    556, 556, 333, 500, 278, 556, 500, 722, 500, 500, 500, 334, 260, 334, 584,
+]
+_SAFETY = 1.05
+_BOLD = 1.08
+
+
+def text_width(text: str, size: float, *, bold: bool = False) -> float:
+    """Estimated rendered width of ``text`` in px at ``size`` px (a little generous, never narrow)."""
+    total = 0
+    for ch in text:
+        code = ord(ch)
+        if 32 <= code <= 126:
+            total += _WIDTHS[code - 32]
+        elif unicodedata.east_asian_width(ch) in ("W", "F"):
+            total += 1000
+        elif unicodedata.combining(ch):
+            continue
+        else:
+            total += 667
+    return total / 1000.0 * size * _SAFETY * (_BOLD if bold else 1.0)
+
+
+def fit(text: str, size: float, max_width: float, *, bold: bool = False) -> str:
+    """``text`` cut with an ellipsis so that it fits in ``max_width`` px."""
+    text = " ".join(text.split())
+    if text_width(text, size, bold=bold) <= max_width:
+        return text
+    while text and text_width(text + "\u2026", size, bold=bold) > max_width:
+        text = text[:-1]
+    return text.rstrip() + "\u2026"
+
+
+_XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def esc(text: str) -> str:
+    """XML-escape text for element content and double-quoted attributes (invalid XML chars dropped)."""
+    text = _XML_INVALID.sub("", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;")
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _peers_text(n: int) -> str:
+    return f"{n} peer" if n == 1 else f"{n} peers"
+
+
+def energy_source_text(source: str) -> str:
+    """How the label names the energy figure's source."""
+    key = source.strip().lower()
+    if key in _MEASURED:
+        return f"measured ({_MEASURED[key]})"
+    if key == "simulated":
+        return "simulated GPU meter"
+    if key == "estimate":
+        return "estimated, not measured"
+    return key or "not stated"
+
+
+def _text(x: float, y: float, content: str, size: float, *, bold: bool = False, fill: str = "#1a1a1a",
+          anchor: str = "start", extra: str = "") -> str:
+    weight = ' font-weight="bold"' if bold else ""
+    anchor_attr = f' text-anchor="{anchor}"' if anchor != "start" else ""
+    return (f'<text x="{x:g}" y="{y:g}" font-size="{size:g}"{weight}{anchor_attr} fill="{fill}"{extra}>'
+            f"{content}</text>")
+
+
+def _arrow(x: float, y: float, w: float, h: float, tip: float) -> str:
+    """A right-pointing arrow bar (path data)."""
+    return f"M{x:g} {y:g}h{w - tip:g}l{tip:g} {h / 2:g}l{-tip:g} {h / 2:g}h{-(w - tip):g}z"
+
+
+def render_label_svg(data: LabelData) -> str:
+    """The label as an SVG document (a string), 260 x 364 px."""
+    out: list[str] = []
+    add = out.append
+    title = f"SCER label: {data.model}"
+    summary = (f"{data.model}, task {data.task}, hardware {data.hardware}, scored {data.scoring_date}: "
+               f"{data.value_line}, {data.energy_line}, grade {data.grade}, {_peers_text(data.peers)}, "
+               f"follows {data.sci_version}. {DRAFT_NOTE}.")
+    add(f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+        f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-labelledby="scer-title scer-desc" '
+        f'font-family="{FONT}">')
+    add(f'<title id="scer-title">{esc(title)}</title>')
+    add(f'<desc id="scer-desc">{esc(summary)}</desc>')
+
+    # Frame and header band.
+    add(f'<rect x="1" y="1" width="{WIDTH - 2}" height="{HEIGHT - 2}" rx="6" fill="#ffffff"/>')
+    add('<g id="header">')
+    add(f'<path d="M1 35V7a6 6 0 0 1 6-6h{WIDTH - 14}a6 6 0 0 1 6 6v28z" fill="{HEADER}"/>')
+    add(_text(_LEFT, 26, "SCER", 21, bold=True, fill="#ffffff", extra=' letter-spacing="1.5"'))
+    add(_text(_RIGHT, 16, "ENERGY &amp; CARBON LABEL", 8, bold=True, fill="#ffffff", anchor="end"))
+    add(_text(_RIGHT, 28, "LLM inference", 8, fill="#d8efe2", anchor="end"))
+    add("</g>")
+
+    # Identity: model, task, hardware.
+    width = _RIGHT - _LEFT
+    add('<g id="identity">')
+    add(_text(_LEFT, 52, esc(fit(data.model, 13, width, bold=True)), 13, bold=True))
+    task = fit(data.task, 9.5, width - text_width("Task ", 8.5))
+    add(f'<text x="{_LEFT:g}" y="66" font-size="9.5" fill="#1a1a1a">'
+        f'<tspan font-size="8.5" fill="#555555">Task </tspan>{esc(task)}</text>')
+    hardware = fit(data.hardware, 9.5, width - text_width("Hardware ", 8.5))
+    add(f'<text x="{_LEFT:g}" y="79" font-size="9.5" fill="#1a1a1a">'
+        f'<tspan font-size="8.5" fill="#555555">Hardware </tspan>{esc(hardware)}</text>')
+    add("</g>")
+    add(f'<path d="M{_LEFT:g} 86.5H{_RIGHT:g}" stroke="#bbbbbb" stroke-width="1"/>')
+
+    # The A to C scale and the pointer.
+    add('<g id="scale">')
+    rows = {"A": 92.0, "B": 117.0, "C": 142.0}
+    widths = {"A": 92.0, "B": 112.0, "C": 132.0}
+    h = 22.0
+    for g in GRADES:
+        y = rows[g]
+        stroke = ' stroke="#1a1a1a" stroke-width="1.5"' if data.grade == g else ""
+        add(f'<path d="{_arrow(_LEFT, y, widths[g], h, 11)}" fill="{GRADE_COLORS[g]}"{stroke}/>')
+        add(_text(_LEFT + 8, y + 17, g, 16, bold=True, fill=GRADE_TEXT[g]))
+        add(_text(_LEFT + 26, y + 14.5, GRADE_RANGE[g], 7.5, fill=GRADE_TEXT[g]))
+    if data.grade in GRADES:
+        y = rows[data.grade]
+        add(f'<g id="pointer"><path d="M176 {y + h / 2:g}l11 {-h / 2:g}h61v{h:g}h-61z" fill="#1a1a1a"/>')
+        add(_text(218, y + 18, data.grade, 18, bold=True, fill="#ffffff", anchor="middle") + "</g>")
+    else:
+        add('<g id="pointer"><rect x="162" y="108" width="86" height="40" rx="3" fill="#eeeeee" '
+            'stroke="#777777" stroke-width="1" stroke-dasharray="3 2"/>')
+        add(_text(205, 125, "unrated", 12, bold=True, fill="#444444", anchor="middle"))
+        add(_text(205, 139, "needs 2 or more peers", 7, fill="#555555", anchor="middle") + "</g>")
+    add("</g>")
+
+    if data.grade in GRADES:
+        rank = f"Grade {data.grade} among {_peers_text(data.peers)} in its category"
+        if data.percentile is not None:
+            rank += f", {_ordinal(round(data.percentile))} percentile"
+    else:
+        rank = f"unrated: {_peers_text(data.peers)} in its category"
+    add(f'<g id="peers">{_text(_LEFT, 177, esc(fit(rank, 8.5, width)), 8.5, fill="#333333")}</g>')
+    add(f'<path d="M{_LEFT:g} 184.5H{_RIGHT:g}" stroke="#bbbbbb" stroke-width="1"/>')
+
+    # The value line (one text element, never a "/") and the energy line.
+    add('<g id="value">')
+    add(_text(_LEFT, 197, "SOFTWARE CARBON INTENSITY", 7.5, bold=True, fill="#555555",
+              extra=' letter-spacing="0.6"'))
+    unit_size = 9.5
+    unit_w = text_width(" " + VALUE_UNIT, unit_size)
+    number = data.value_text
+    number_size = min(26.0, max(11.0, (width - unit_w) / max(text_width(number, 1.0, bold=True), 1e-9)))
+    add(f'<text id="value-line" x="{_LEFT:g}" y="222" fill="#1a1a1a">'
+        f'<tspan font-size="{number_size:.3g}" font-weight="bold">{esc(number)}</tspan>'
+        f'<tspan font-size="{unit_size:g}"> {VALUE_UNIT}</tspan></text>')
+    energy = format_sig3(data.energy_wh_per_1k_output_tokens)
+    add(f'<text id="energy-line" x="{_LEFT:g}" y="239" font-size="9.5" fill="#1a1a1a">'
+        f'<tspan font-weight="bold">{esc(energy)}</tspan> {ENERGY_UNIT}</text>')
+    add("</g>")
+
+    # The QR code, bottom right: whole pixels per module where the box allows (crisp at 1x and 2x).
+    modules = qr_modules(data.manifest_url)
+    n = len(modules)
+    box = 96.0  # from the divider (247) to the footer (345), quiet zone included
+    scale = 2.0 if n * 2 <= box else box / n
+    side = n * scale
+    x0 = round(254 - side)
+    y0 = round(248 + (box - side) / 2)
+    add(f'<path d="M{_LEFT:g} 247.5H{x0 + 4 * scale:g}" stroke="#bbbbbb" stroke-width="1"/>')
+
+    # Details on the left of the QR code.
+    column = x0 - _LEFT
+    add('<g id="details">')
+    add(f'<text x="{_LEFT:g}" y="264" font-size="9" fill="#1a1a1a">Follows '
+        f'<tspan font-weight="bold" font-size="10">{esc(data.sci_version)}</tspan></text>')
+    add(_text(_LEFT, 279, f"Scored {esc(data.scoring_date)}", 9))
+    add(_text(_LEFT, 293, esc(fit(f"Energy: {energy_source_text(data.energy_source)}", 8.5, column)), 8.5))
+    if data.grid_intensity_g_per_kwh is not None:
+        grid = f"Grid: {format_sig3(data.grid_intensity_g_per_kwh)} gCO2eq per kWh"
+        add(_text(_LEFT, 307, esc(fit(grid, 8.5, column)), 8.5))
+    add(_text(_LEFT, 325, "Scan for the full manifest", 7.5, fill="#555555"))
+    add("</g>")
+
+    add(f'<g id="qr" transform="translate({x0:g} {y0:g}) scale({scale:.6g})" shape-rendering="crispEdges">')
+    add(f'<title>QR code: the manifest of this label</title><rect width="{n}" height="{n}" fill="#ffffff"/>')
+    add(f'<path d="{qr_path(modules)}" fill="#000000"/></g>')
+
+    # Footer: the draft note.
+    add('<g id="footer">')
+    add(f'<path d="M1 345h{WIDTH - 2}v12a6 6 0 0 1 -6 6h{-(WIDTH - 14)}a6 6 0 0 1 -6 -6z" fill="#f0f0f0"/>')
+    add(f'<path d="M1 345H{WIDTH - 1}" stroke="#bbbbbb" stroke-width="1"/>')
+    add(_text(WIDTH / 2, 357, DRAFT_NOTE, 7.2, fill="#333333", anchor="middle"))
+    add("</g>")
+    add(f'<rect x="1" y="1" width="{WIDTH - 2}" height="{HEIGHT - 2}" rx="6" fill="none" '
+        f'stroke="#1a1a1a" stroke-width="2"/>')
+    add("</svg>")
+    return "\n".join(out) + "\n"
