@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import secrets
 import shutil
@@ -277,6 +278,9 @@ def _connect(path: str, *, read_only: bool = False) -> sqlite3.Connection:
     return conn
 
 
+COUNT_EVERY_S = 2.0  # how often the writer recounts the rows in the database
+
+
 class SqliteLedger:
     """Request records in SQLite (WAL, ``synchronous=NORMAL``), written in batches by one writer task.
 
@@ -317,6 +321,7 @@ class SqliteLedger:
         self._aggregator: sqlite3.Connection | None = None  # summaries, on a worker thread
         self._aggregator_lock = threading.Lock()
         self._records = 0
+        self._counted_at = -math.inf
         self._last_error: str | None = None
         self._failures = 0
         self._last_flush = time.monotonic()
@@ -528,7 +533,8 @@ class SqliteLedger:
             self._fault(exc)
             return False
         self._flushing = {}
-        self._records = records
+        if records is not None:
+            self._records = records
         self._last_flush = time.monotonic()
         if self._failures:
             log.info("ledger_recovered", path=self.path, after_failures=self._failures)
@@ -541,21 +547,26 @@ class SqliteLedger:
         self._failures += 1
         self._last_error = f"{type(exc).__name__}: {exc}"
 
-    def _write(self, records: list[Record]) -> int:
-        """One transaction: upsert the batch (triggers keep the rollup); returns the rows in the database."""
+    def _write(self, records: list[Record]) -> int | None:
+        """One transaction: upsert the batch (triggers keep the rollup). Returns the rows in the database,
+        counted at most every few seconds (the count reads the whole rollup), else None."""
         with self._writer_lock:
             conn = self._writer
             assert conn is not None
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(_UPSERT, [_to_row(r) for r in records])
-                (count,) = conn.execute("SELECT coalesce(sum(records), 0) FROM rollup").fetchone()
+                count = None
+                now = time.monotonic()
+                if now - self._counted_at >= COUNT_EVERY_S:
+                    (count,) = conn.execute("SELECT coalesce(sum(records), 0) FROM rollup").fetchone()
+                    self._counted_at = now
                 conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            return int(count)
+            return None if count is None else int(count)
 
     async def _retention(self) -> None:
         self._next_retention = time.monotonic() + self.retention_check_s

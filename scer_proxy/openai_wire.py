@@ -178,6 +178,11 @@ class SSEScanner:
 
 def event_payload(event: bytes) -> bytes | None:
     """The joined ``data:`` field of an SSE event, or None for an event with no data (a comment)."""
+    if event.startswith(b"data: "):
+        # The common case, one ``data:`` line and its blank line: no splitting needed.
+        body = event[6:].rstrip(b"\r\n")
+        if b"\n" not in body and b"\r" not in body:
+            return body
     data_lines = []
     for line in event.splitlines():
         if line.startswith(b"data:"):
@@ -190,6 +195,9 @@ def event_payload(event: bytes) -> bytes | None:
 
 def strip_null_usage(event: bytes) -> bytes:
     """Remove ``"usage": null`` that the upstream adds to every chunk once usage was requested."""
+    for exact in (b',"usage":null', b', "usage": null'):  # compact (vLLM, orjson) and Python's json
+        if exact in event:
+            return event.replace(exact, b"", 1)
     return _USAGE_NULL.sub(b"", event, count=1)
 
 

@@ -13,8 +13,11 @@ from scer_proxy.attribution import Share
 from scer_proxy.carbon import Embodied, energy_with_pue_j, request_carbon
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
+    """One request's record. Treated as a value: changes make a new record (``dataclasses.replace``),
+    never an update in place (slots rather than frozen: building one is about twice as fast)."""
+
     request_id: str
     model: str
     upstream: str
