@@ -52,7 +52,7 @@ def count_text(text: str) -> int:
     return len(encoding().encode_ordinary(text))
 
 
-def _content_text(content: Any) -> str:
+def content_text(content: Any) -> str:
     """The text of a message ``content``: a string, or a list of parts with ``text``."""
     if isinstance(content, str):
         return content
@@ -70,7 +70,7 @@ def count_chat_messages(messages: Iterable[Any]) -> int:
         total += TOKENS_PER_MESSAGE
         for key, value in message.items():
             if key == "content":
-                total += count_text(_content_text(value))
+                total += count_text(content_text(value))
             elif key == "name":
                 total += TOKENS_PER_NAME + count_text(str(value))
             elif key == "role":
@@ -93,7 +93,7 @@ def _count_responses_input(value: Any) -> int:
     if isinstance(value, str):
         return count_text(value)
     if isinstance(value, list):
-        return sum(count_text(_content_text(item.get("content"))) for item in value if isinstance(item, dict))
+        return sum(count_text(content_text(item.get("content"))) for item in value if isinstance(item, dict))
     return 0
 
 

@@ -301,7 +301,7 @@ def tokenize(body: Any, *, model_id: str) -> list[int]:
                     ids.append(_IM_SEP)
                     ids.extend(enc.encode_ordinary(str(value)))
             ids.append(_IM_SEP)
-            ids.extend(enc.encode_ordinary(_content_text(message.get("content"))))
+            ids.extend(enc.encode_ordinary(tokens.content_text(message.get("content"))))
             ids.append(_IM_END)
         ids.extend([_IM_START, *enc.encode_ordinary("assistant"), _IM_SEP])
         return ids
@@ -315,12 +315,3 @@ def tokenize(body: Any, *, model_id: str) -> list[int]:
 
 
 _IM_START, _IM_END, _IM_SEP = 100264, 100265, 100266
-
-
-def _content_text(content: Any) -> str:
-    """A message's text as ``tokens.count_chat_messages`` counts it: a string or the parts' ``text``."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
-    return ""
