@@ -59,6 +59,17 @@ def load_workload(name: str) -> Workload:
                     concurrency=int(data["concurrency"]), prompts=tuple(data["prompts"]))
 
 
+def server_params_b(models: list[Any], model: str) -> float | None:
+    """The model's size from the server's ``/v1/models`` metadata where it has it (llama.cpp reports
+    ``meta.n_params``), in billions; None otherwise."""
+    for entry in models:
+        if isinstance(entry, dict) and entry.get("id") == model and isinstance(entry.get("meta"), dict):
+            n_params = entry["meta"].get("n_params")
+            if isinstance(n_params, int | float) and n_params > 0:
+                return float(n_params) / 1e9
+    return None
+
+
 def _hardware(meter: dict[str, Any]) -> tuple[str, int, list[str]]:
     """GPU model family and count from the meter's device list (e.g. '0: NVIDIA H100 80GB HBM3')."""
     devices = [str(d) for d in meter.get("devices") or []]
@@ -115,8 +126,9 @@ async def run_bench(
             health = (await http.get(f"{target}/scer/health")).json()
         except httpx.HTTPError as exc:
             raise BenchError(f"--target: cannot reach {target}: {exc}") from None
+        listed = (models_resp.json().get("data") or []) if models_resp.is_success else []
         server = {
-            "models": [m.get("id") for m in (models_resp.json().get("data") or [])] if models_resp.is_success else [],
+            "models": [m.get("id") for m in listed if isinstance(m, dict)],
             "server_header": models_resp.headers.get("server"),
         }
         meter = health.get("meter", {})
@@ -134,7 +146,11 @@ async def run_bench(
         finally:
             await client.close()
     gpu_model, gpu_count, devices = _hardware(meter)
-    active_b, total_b, size_source = model_size_b(model, params_b)
+    served_b = server_params_b(listed, model)
+    if params_b <= 0 and served_b is not None:
+        active_b, total_b, size_source = served_b, served_b, "server"
+    else:
+        active_b, total_b, size_source = model_size_b(model, params_b)
     category = Category.of(task, total_b, gpu_model, gpu_count)
     per_1k = [f["j_per_1k_output_tokens"] for f in figures]
     mean = statistics.fmean(per_1k)

@@ -112,9 +112,18 @@ class Record:
                 out[name] = format_number(value)
         return out
 
+    @property
+    def sci_per_1k_total_tokens(self) -> float | None:
+        """gCO2e per 1,000 tokens in and out (a second functional unit, derived)."""
+        total = self.prompt_tokens + self.completion_tokens
+        return None if self.carbon_g is None or total <= 0 else self.carbon_g * 1000.0 / total
+
     def to_json(self) -> dict[str, Any]:
+        """The stored fields plus the derived SCI per request and per 1,000 total tokens."""
         out = asdict(self)
         out["flags"] = list(self.flags)
+        out["sci_per_request_g"] = self.carbon_g
+        out["sci_per_1k_total_tokens"] = self.sci_per_1k_total_tokens
         return out
 
 

@@ -138,3 +138,11 @@ def test_label_and_manifest_served_and_written(sim_proxy: tuple[str, str], tmp_p
         written = ET.fromstring(out.read_text())
         assert _decode_qr(written) == manifest_url
         assert yaml.safe_load(out.with_suffix(".yaml").read_text())["name"]
+
+
+def test_model_size_from_the_servers_model_list() -> None:
+    from scer_proxy.bench import server_params_b
+
+    listed = [{"id": "tiny", "meta": {"n_params": 7_241_732_096}}, {"id": "other"}]
+    assert server_params_b(listed, "tiny") == pytest.approx(7.241732096)
+    assert server_params_b(listed, "other") is None and server_params_b(listed, "absent") is None

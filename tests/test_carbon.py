@@ -97,6 +97,9 @@ def test_sci_against_hand_computed_table(energy_j: float, pue: float, intensity:
     assert rec.carbon_operational_g == pytest.approx(operational_g)
     assert rec.carbon_embodied_g == pytest.approx(embodied_g)
     assert rec.sci == pytest.approx((operational_g + embodied_g) * 1000 / tokens)
+    as_json = rec.to_json()
+    assert as_json["sci_per_request_g"] == pytest.approx(operational_g + embodied_g)
+    assert as_json["sci_per_1k_total_tokens"] == pytest.approx((operational_g + embodied_g) * 1000 / (tokens + 10))
 
 
 def test_embodied_preset_values_can_be_overridden_key_by_key() -> None:

@@ -478,3 +478,12 @@ def test_unmetered_llamacpp_endpoints_pass_through(llama: LlamaServer, proxy: st
     body = {"model": ALIAS, "messages": MSGS, "max_tokens": 4}
     assert httpx.post(f"{proxy}/v1/chat/completions", json=body).status_code == 200
     assert httpx.get(f"{proxy}/scer/health").json()["status"] == "ok"
+
+
+def test_model_size_comes_from_llamacpps_model_list(llama: LlamaServer) -> None:
+    from scer_proxy.bench import server_params_b
+
+    listed = httpx.get(f"{llama.url}/v1/models", timeout=10).json()["data"]
+    n_params = next(m for m in listed if m["id"] == ALIAS)["meta"]["n_params"]
+    assert n_params > 0
+    assert server_params_b(listed, ALIAS) == pytest.approx(n_params / 1e9)
