@@ -84,7 +84,7 @@ def create_app(
 ) -> web.Application:
     """The proxy application. ``meters`` (per upstream name) replaces the configured meters in tests;
     ``environ`` (default ``os.environ``) is where the Electricity Maps token is read."""
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors, _admin_gate])
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors, _admin_gate] if config.server.admin_token else [_errors])
     app[CONFIG] = config
     ledger = SqliteLedger(config.storage.path, flush_interval_s=config.storage.flush_interval_ms / 1000.0,
                           max_pending=config.storage.memory_records,
@@ -181,7 +181,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _admin_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """With ``server.admin_token`` set, ``/scer/*`` and ``/metrics`` need the bearer token; ``/v1/*`` never."""
+    """With ``server.admin_token`` set (only then is this middleware installed), ``/scer/*`` and ``/metrics``
+    need the bearer token; ``/v1/*`` never."""
     token = request.app[CONFIG].server.admin_token
     if token and (request.path.startswith("/scer") or request.path == "/metrics"):
         given = request.headers.get("Authorization", "")
