@@ -839,38 +839,3 @@ def _retryable(exc: sqlite3.OperationalError) -> bool:
     name = getattr(exc, "sqlite_errorname", "")
     return name.startswith(("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR",
                             "SQLITE_CANTOPEN")) or "readonly" in str(exc) or "disk is full" in str(exc)
-
-
-
-class MemoryLedger:
-    """Records in memory only (bounded, oldest dropped first): the ledger before SQLite, kept for tools
-    and tests that need no file. Same ``put``/``get``/``recent`` surface as ``SqliteLedger``."""
-
-    kind = "memory"
-
-    def __init__(self, max_records: int = 100_000) -> None:
-        self._records: dict[str, Record] = {}
-        self._max = max_records
-        self.dropped = 0
-
-    def put(self, record: Record) -> None:
-        """Insert or replace (a settled figure replaces the response-time one)."""
-        if record.request_id in self._records:
-            self._records[record.request_id] = record
-            return
-        self._records[record.request_id] = record
-        while len(self._records) > self._max:
-            del self._records[next(iter(self._records))]
-            self.dropped += 1
-
-    def get(self, request_id: str) -> Record | None:
-        return self._records.get(request_id)
-
-    def recent(self, limit: int) -> list[Record]:
-        return list(itertools.islice(reversed(self._records.values()), limit))
-
-    def __iter__(self) -> Iterator[Record]:
-        return iter(list(self._records.values()))
-
-    def __len__(self) -> int:
-        return len(self._records)

@@ -1,4 +1,8 @@
-"""The ``/scer/summary`` aggregation (pure): totals per window, per model and per tenant."""
+"""The ``/scer/summary`` aggregation (pure): totals per window, per model and per tenant, from records.
+
+The SQLite ledger computes the same figures from its hourly rollups (``SqliteLedger.summary``); this
+is the reference the tests check it against, record by record, and ``parse_duration_s`` reads ``since``.
+"""
 
 from __future__ import annotations
 
