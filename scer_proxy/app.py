@@ -136,6 +136,10 @@ def create_app(
         for upstream_meter in app[METERS].values():
             if upstream_meter.samples:
                 await upstream_meter.sample_once()  # a first reading, so the first request has a baseline
+                meter = upstream_meter.meter
+                if isinstance(meter, NvmlMeter):
+                    # The first read detected the counter's update period: never sample faster than it.
+                    upstream_meter.interval_s = meter.recommended_interval_s(upstream_meter.interval_s)
             upstream_meter.start()
         yield
         for upstream_meter in app[METERS].values():

@@ -249,3 +249,26 @@ def test_whole_proxy_reports_nvml(servers: ThreadedServers, start_proxy: Callabl
     assert summary["meter"]["kind"] == "nvml"
     assert summary["meter"]["healthy"] is True
     assert fake.calls["nvmlDeviceGetTotalEnergyConsumption"] > 1
+
+
+def test_the_proxy_samples_no_faster_than_the_detected_update_period(servers: Any, start_proxy: Any) -> None:
+    """With a 20 ms configured interval and a counter that updates every 100 ms, the sampler reads every 100 ms."""
+    import httpx
+
+    from scer_proxy.meters.nvml import NvmlMeter
+    from scer_proxy.sim import SIM_STATE, create_sim_app
+
+    holder: dict[str, Any] = {}
+
+    def make() -> Any:
+        app = create_sim_app(time_scale=1.0)
+        holder["app"] = app
+        return app
+
+    sim = servers.start(make)
+    fake = FakeNvml(holder["app"][SIM_STATE].engine)  # the engine publishes every 100 ms
+    proxy = start_proxy(sim, meter={"kind": "simulated", "interval_ms": 20}, meters={"up": NvmlMeter((0,), nvml=fake)})
+    meter = httpx.get(f"{proxy}/scer/health").json()["meter"]["upstreams"][0]
+    assert meter["kind"] == "nvml"
+    assert meter["update_period_ms"] is None or meter["update_period_ms"] >= 90
+    assert meter["interval_ms"] >= 95
