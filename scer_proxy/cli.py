@@ -55,23 +55,10 @@ async def _wait_for_signal() -> None:
 async def start_proxy(config: Config, host: str | None = None, port: int | None = None) -> tuple[web.AppRunner, str]:
     """Start the proxy on its listen address (or the given one); returns the runner and the base URL."""
     from scer_proxy.app import create_app
+    from scer_proxy.serving import serve_app
 
-    app = create_app(config)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=30.0)
-    await runner.setup()
-    host = host if host is not None else config.server.host
-    port = port if port is not None else config.server.port
-    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sockets = runner.addresses
-    bound_port = sockets[0][1] if sockets else port
-    shown = f"[{host}]" if ":" in host else host
-    return runner, f"http://{shown}:{bound_port}"
+    return await serve_app(create_app(config), host if host is not None else config.server.host,
+                           port if port is not None else config.server.port)
 
 
 async def _serve(config: Config) -> int:

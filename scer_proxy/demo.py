@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from scer_proxy.cli import _wait_for_signal, start_proxy
 from scer_proxy.config import UpstreamConfig, load_config, parse_listen
+from scer_proxy.serving import serve_app
 from scer_proxy.sim import create_sim_app, get_profile
 
 TOPICS = ["rivers", "glaciers", "solar power", "city trees", "the water cycle", "wind farms", "soil", "tides"]
@@ -23,13 +24,8 @@ TOPICS = ["rivers", "glaciers", "solar power", "city trees", "the water cycle", 
 
 async def _start_simulator(time_scale: float) -> tuple[web.AppRunner, str, str]:
     profile = get_profile("llama-3.1-8b-h100")
-    runner = web.AppRunner(create_sim_app(profile, time_scale=time_scale), handle_signals=False, access_log=None,
-                           handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}", profile.model_id
+    runner, url = await serve_app(create_sim_app(profile, time_scale=time_scale))
+    return runner, url, profile.model_id
 
 
 async def _one(client: openai.AsyncOpenAI, model: str, i: int, rng: random.Random) -> None:

@@ -16,11 +16,11 @@ from typing import Any
 
 import httpx
 import openai
-from aiohttp import web
 from openai.types.chat import ChatCompletionMessageParam
 
 from scer_proxy.app import create_app
 from scer_proxy.config import UpstreamConfig, load_config
+from scer_proxy.serving import serve_app
 from scer_proxy.sim.profiles import get_profile
 from scer_proxy.sim.replay import Workload, percentile
 from scer_proxy.sim.server import create_sim_app
@@ -85,14 +85,6 @@ def _prompt(rng: random.Random, tokens: int) -> str:
     return "".join(" " + rng.choice(WORDS) for _ in range(max(1, tokens)))
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
-
-
 async def run_accuracy(
     profile_name: str = "llama-3.1-8b-h100",
     *,
@@ -110,7 +102,7 @@ async def run_accuracy(
     """
     workload = workload if workload is not None else Workload()
     profile = get_profile(profile_name)
-    sim_runner, sim_url = await _serve(create_sim_app(profile, time_scale=time_scale,
+    sim_runner, sim_url = await serve_app(create_sim_app(profile, time_scale=time_scale,
                                                       metrics_period_ms=metrics_period_ms))
     # The proxy samples faster than the counter updates (in wall time: the period over the time scale).
     interval_ms = max(10.0, metrics_period_ms / time_scale / 4)
@@ -119,7 +111,7 @@ async def run_accuracy(
                                     "attribution": {"idle": idle, "prefill_weight": prefill_weight}})
     config = dataclasses.replace(config, upstreams=(UpstreamConfig(name="sim", url=sim_url,
                                                                    gpus=tuple(range(profile.num_gpus))),))
-    proxy_runner, proxy_url = await _serve(create_app(config))
+    proxy_runner, proxy_url = await serve_app(create_app(config))
     report = AccuracyReport(profile=profile_name, idle=idle)
     rng = random.Random(workload.seed)
     plan = [

@@ -1,0 +1,25 @@
+"""Serving an aiohttp application on a host and port (0 for a free one): the one place that does it."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+async def serve_app(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0, *, shutdown_timeout: float = 30.0
+) -> tuple[web.AppRunner, str]:
+    """Start ``app`` with handler cancellation on (a client that goes away cancels its handler); returns
+    the runner (``await runner.cleanup()`` to stop) and the base URL with the port actually bound."""
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                           shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise OSError(f"cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sockets = runner.addresses
+    bound_port = sockets[0][1] if sockets else port
+    shown = f"[{host}]" if ":" in host else host
+    return runner, f"http://{shown}:{bound_port}"
