@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -133,18 +135,14 @@ async def run_bench(
         }
         meter = health.get("meter", {})
         client = openai.AsyncOpenAI(base_url=f"{target}/v1", api_key=api_key, max_retries=0, timeout=600)
-        gate = asyncio.Semaphore(concurrency)
-        figures: list[dict[str, Any]] = []
         try:
-            for repeat in range(repeats + 1):
-                label = "warm-up" if repeat == 0 else f"repeat {repeat}/{repeats}"
-                ids, wall_s = await _one_repeat(client, gate, workload, model, requests, label, progress, target)
-                if repeat == 0:
-                    continue  # the warm-up is excluded
-                records = await _settled(http, target, ids, settle_timeout_s)
-                figures.append(_repeat_figures(records, wall_s))
+            blocks = await _saturated_run(client, workload, model, concurrency, requests, repeats + 1, progress,
+                                          target)
         finally:
             await client.close()
+        # Block 0 is the warm-up, excluded; the others are the measured repeats.
+        figures = [_repeat_figures(await _settled(http, target, ids, settle_timeout_s), wall_s)
+                   for ids, wall_s in blocks[1:]]
     gpu_model, gpu_count, devices = _hardware(meter)
     served_b = server_params_b(listed, model)
     if params_b <= 0 and served_b is not None:
@@ -167,7 +165,8 @@ async def run_bench(
         "workload": {"id": workload.id, "version": workload.version, "sha256": workload.sha256,
                      "requests_per_repeat": requests, "concurrency": concurrency, "repeats": repeats,
                      "warmup_repeats_excluded": 1, "max_tokens": workload.max_tokens,
-                     "ignore_eos": workload.ignore_eos},
+                     "ignore_eos": workload.ignore_eos,
+                     "steady_state": "repeats back to back, the queue kept full by excluded fillers"},
         "hardware": {"gpu_model": gpu_model, "gpu_count": gpu_count, "devices": devices},
         "server": server,
         "meter": {"kind": meter.get("kind"), "update_period_ms": meter.get("update_period_ms")},
@@ -184,31 +183,70 @@ async def run_bench(
     }
 
 
-async def _one_repeat(client: openai.AsyncOpenAI, gate: asyncio.Semaphore, workload: Workload, model: str,
-                      requests: int, label: str, progress: bool, target: str) -> tuple[list[str], float]:
-    """One pass of the workload; returns the proxy's request ids and the wall time."""
-    ids: list[str] = []
-    with tqdm(total=requests, desc=label, unit="req", disable=not progress, leave=False) as bar:
+async def _saturated_run(client: openai.AsyncOpenAI, workload: Workload, model: str, concurrency: int,
+                         requests: int, blocks: int, progress: bool, target: str) -> list[tuple[list[str], float]]:
+    """Run ``blocks`` consecutive blocks of ``requests`` requests with ``concurrency`` always in flight.
 
-        async def one(i: int) -> None:
-            prompt = workload.prompts[i % len(workload.prompts)]
-            async with gate:
-                raw = await client.chat.completions.with_raw_response.create(
-                    model=model, messages=prompt["messages"], max_tokens=prompt.get("max_tokens", workload.max_tokens),
-                    temperature=0.0, extra_body={"ignore_eos": workload.ignore_eos},
-                )
-            rid = raw.headers.get("x-scer-request-id")
-            if rid is None:
-                raise BenchError(f"{target} did not answer with X-SCER-Request-Id: is it a scer-proxy?")
-            ids.append(rid)
+    ML.ENERGY measures in steady state, with the batch saturated. To match, the blocks follow one
+    another with no drain between them, and once the last measured request has been sent, *filler*
+    requests (the workload again, never measured) keep the queue full until the last measured one
+    ends; then the fillers are cancelled, which frees the server at once. Every measured request thus
+    runs in a full batch, as the published figure was measured. Returns each block's proxy request
+    ids and its wall time (its first send to its last answer; neighbouring blocks overlap).
+    """
+    ids: list[list[str]] = [[] for _ in range(blocks)]
+    first_s = [math.inf] * blocks
+    last_s = [0.0] * blocks
+    plan = iter([(block, i) for block in range(blocks) for i in range(requests)])
+    fillers = itertools.count(requests)
+    remaining = blocks * requests
+    measured_done = asyncio.Event()
+
+    async def send(i: int) -> str:
+        prompt = workload.prompts[i % len(workload.prompts)]
+        raw = await client.chat.completions.with_raw_response.create(
+            model=model, messages=prompt["messages"], max_tokens=prompt.get("max_tokens", workload.max_tokens),
+            temperature=0.0, extra_body={"ignore_eos": workload.ignore_eos},
+        )
+        rid = raw.headers.get("x-scer-request-id")
+        if rid is None:
+            raise BenchError(f"{target} did not answer with X-SCER-Request-Id: is it a scer-proxy?")
+        return rid
+
+    async def worker(bar: tqdm) -> None:
+        nonlocal remaining
+        while not measured_done.is_set():
+            item = next(plan, None)
+            if item is None:
+                await send(next(fillers))  # keeps the batch full; cancelled once the measured ones end
+                continue
+            block, i = item
+            first_s[block] = min(first_s[block], time.monotonic())
+            ids[block].append(await send(i))
+            last_s[block] = time.monotonic()
             bar.update(1)
+            remaining -= 1
+            if remaining == 0:
+                measured_done.set()
 
-        started = time.monotonic()
+    with tqdm(total=blocks * requests, desc="warm-up + repeats", unit="req", disable=not progress,
+              leave=False) as bar:
+        workers = [asyncio.create_task(worker(bar)) for _ in range(concurrency)]
+        done_wait = asyncio.create_task(measured_done.wait())
         try:
-            await asyncio.gather(*(one(i) for i in range(requests)))
-        except openai.APIError as exc:
-            raise BenchError(f"the upstream failed a benchmark request: {exc}") from None
-    return ids, time.monotonic() - started
+            await asyncio.wait([done_wait, *workers], return_when=asyncio.FIRST_COMPLETED)
+            failed = [w for w in workers if w.done() and not w.cancelled() and w.exception() is not None]
+            if failed:
+                exc = failed[0].exception()
+                if isinstance(exc, openai.APIError):
+                    raise BenchError(f"the upstream failed a benchmark request: {exc}") from None
+                raise exc  # type: ignore[misc]
+        finally:
+            done_wait.cancel()
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(done_wait, *workers, return_exceptions=True)
+    return [(ids[b], last_s[b] - first_s[b]) for b in range(blocks)]
 
 
 def _repeat_figures(records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
