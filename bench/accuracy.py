@@ -1,8 +1,9 @@
 """Accuracy of per-request energy against the simulator's ground truth: the whole error distribution.
 
 Two measurements, side by side, for each profile and idle policy:
-- ``http``: the simulator and the proxy as real servers on loopback, the workload through the official
-  openai client; the proxy sees only HTTP and the DCGM-style counter (``scer_proxy.sim.accuracy``).
+- ``http``: the simulator and the proxy as real servers on loopback, each in its own process, the
+  workload through the official openai client; the proxy sees only HTTP and the DCGM-style counter
+  (``scer_proxy.sim.accuracy``).
 - ``replay``: the same attribution method on a virtual clock with no event-loop jitter
   (``scer_proxy.sim.replay``): the method's own error.
 

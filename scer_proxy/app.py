@@ -26,6 +26,7 @@ from scer_proxy.meters.nvml import NvmlMeter, nvml_available
 from scer_proxy.meters.rapl import RaplMeter, rapl_available
 from scer_proxy.proxy import ProxyHandler
 from scer_proxy.ratings_book import RatingsBook
+from scer_proxy.serving import preload_tokenizer
 from scer_proxy.upstreams import Upstreams
 from scer_proxy.web import labels, scer_routes
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
@@ -145,6 +146,7 @@ def create_app(
         for upstream_meter in app[METERS].values():
             await upstream_meter.close()
 
+    app.on_startup.append(preload_tokenizer)
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstream_ctx)
     app.cleanup_ctx.append(grid_ctx)

@@ -174,4 +174,8 @@ class UpstreamMeter:
             "pending_requests": self.timeline.pending(),
             "deferred_intervals": self.timeline.deferred_intervals,
             "prefill_j_per_token": self.timeline.calibrated_prefill_j_per_token(),
+            # GPU energy before PUE since the first reading: split among intervals, and the raw counter.
+            "measured_j": self.timeline.measured_j,
+            "counter_j": (None if self.first_reading is None or self.last_reading is None
+                          else self.last_reading.energy_j - self.first_reading.energy_j),
         }

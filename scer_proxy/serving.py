@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
+
+from scer_proxy import tokens
+
+
+async def preload_tokenizer(_app: web.Application) -> None:
+    """An ``on_startup`` hook: load the bundled tokenizer in a worker thread. Loading takes a few hundred
+    ms, which the first request that counts tokens would otherwise spend blocking the event loop (and
+    every request behind it)."""
+    await asyncio.get_running_loop().run_in_executor(None, tokens.encoding)
 
 
 async def serve_app(

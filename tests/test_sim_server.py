@@ -504,3 +504,21 @@ async def test_serve_simulator_logs_one_line_and_stops_when_cancelled(
     started = orjson.loads(lines[0])
     assert started["event"] == "simulator.started" and started["url"] == url
     assert started["profile"] == "llama-3.1-70b-h100x4"
+
+
+@pytest.mark.parametrize("which", ["simulator", "proxy"])
+async def test_servers_load_the_tokenizer_at_start_up_not_on_the_first_request(which: str) -> None:
+    # Loading takes a few hundred ms; on the first request it would stall the event loop and every
+    # request behind it (the opening burst reached the simulated GPU about 270 ms late).
+    from scer_proxy import tokens
+    from scer_proxy.app import create_app
+    from scer_proxy.serving import serve_app
+    from tests.conftest import proxy_config
+
+    tokens.encoding.cache_clear()
+    app = create_sim_app() if which == "simulator" else create_app(proxy_config("http://127.0.0.1:9"))
+    runner, _url = await serve_app(app)
+    try:
+        assert tokens.encoding.cache_info().currsize == 1
+    finally:
+        await runner.cleanup()

@@ -1,30 +1,32 @@
 """Accuracy of the proxy's per-request energy against the simulator's ground truth.
 
-The simulator and the proxy run in one event loop (each a real HTTP server on a loopback port); a
-workload is driven through the proxy with the official openai client, and each request's figures are
-compared with the simulator's truth: the header figure (settled part plus estimated tail, at response
-time) and the settled ledger figure. The proxy sees only HTTP and the DCGM-style counter.
+The simulator and the proxy run as they are deployed, each in its own process (``scer-proxy
+simulate`` and ``scer-proxy serve`` on loopback ports), so that neither waits on the other's event
+loop nor on the client's; a workload is driven through the proxy with the official openai client,
+and each request's figures are compared with the simulator's truth: the header figure (settled part
+plus estimated tail, at response time) and the settled ledger figure. The proxy sees only HTTP and
+the DCGM-style counter; everything the harness reads comes over HTTP too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import random
+import socket
+import sys
+import tempfile
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from scer_proxy.app import create_app
-from scer_proxy.config import UpstreamConfig, load_config
-from scer_proxy.serving import serve_app
 from scer_proxy.sim.profiles import get_profile
 from scer_proxy.sim.replay import Workload, percentile
-from scer_proxy.sim.server import create_sim_app
-from scer_proxy.web.keys import METERS
 
 WORDS = ("river", "stone", "cloud", "field", "light", "water", "north", "green", "grain", "tide")
 
@@ -32,6 +34,7 @@ WORDS = ("river", "stone", "cloud", "field", "light", "water", "north", "green",
 @dataclass
 class RequestResult:
     request_id: str
+    completion_id: str
     stream: bool
     prompt_tokens: int
     completion_tokens: int
@@ -85,6 +88,73 @@ def _prompt(rng: random.Random, tokens: int) -> str:
     return "".join(" " + rng.choice(WORDS) for _ in range(max(1, tokens)))
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _spawn(args: list[str], log: Path, ready_url: str, timeout_s: float = 30.0) -> asyncio.subprocess.Process:
+    """Start ``python -m scer_proxy ARGS`` and wait until ``ready_url`` answers."""
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "scer_proxy", *args,
+                                                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    async with httpx.AsyncClient(timeout=1.0) as http:
+        while loop.time() < deadline:
+            if proc.returncode is not None:
+                break
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(ready_url)).status_code < 500:
+                    return proc
+            await asyncio.sleep(0.05)
+    await _stop(proc)
+    output = await asyncio.to_thread(log.read_text, errors="replace")
+    raise RuntimeError(f"scer-proxy {args[0]} did not start: {output[-2000:]}")
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.terminate()
+        try:
+            await asyncio.wait_for(proc.wait(), 30)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def _stack(profile_name: str, *, idle: str, time_scale: float, metrics_period_ms: float,
+                 prefill_weight: float | str) -> AsyncIterator[tuple[str, str]]:
+    """The simulator and a proxy in front of it, each in its own process; yields their URLs."""
+    profile = get_profile(profile_name)
+    sim_url, proxy_url = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    # The proxy samples faster than the counter updates (in wall time: the period over the time scale).
+    interval_ms = max(10.0, metrics_period_ms / time_scale / 4)
+    weight = f'"{prefill_weight}"' if isinstance(prefill_weight, str) else repr(float(prefill_weight))
+    config = (f'[meter]\nkind = "simulated"\ninterval_ms = {interval_ms!r}\n'
+              f'[storage]\npath = ":memory:"\n'
+              f'[attribution]\nidle = "{idle}"\nprefill_weight = {weight}\n'
+              f'[server]\nlog_level = "warning"\n'
+              f'[[upstreams]]\nname = "sim"\nurl = "{sim_url}"\ngpus = {list(range(profile.num_gpus))}\n')
+    with tempfile.TemporaryDirectory(prefix="scer-accuracy-") as tmp:
+        (Path(tmp) / "proxy.toml").write_text(config)
+        sim = await _spawn(["simulate", "--listen", sim_url.removeprefix("http://"), "--profile", profile_name,
+                            "--time-scale", repr(time_scale), "--metrics-period-ms", repr(metrics_period_ms)],
+                           Path(tmp) / "sim.log", f"{sim_url}/health")
+        try:
+            proxy = await _spawn(["serve", "--config", str(Path(tmp) / "proxy.toml"),
+                                  "--listen", proxy_url.removeprefix("http://")],
+                                 Path(tmp) / "proxy.log", f"{proxy_url}/scer/health")
+            try:
+                yield sim_url, proxy_url
+            finally:
+                await _stop(proxy)
+        finally:
+            await _stop(sim)
+
+
 async def run_accuracy(
     profile_name: str = "llama-3.1-8b-h100",
     *,
@@ -101,17 +171,14 @@ async def run_accuracy(
     jitter on a busy 2-core machine; faster runs are fine on an idle one.
     """
     workload = workload if workload is not None else Workload()
+    async with _stack(profile_name, idle=idle, time_scale=time_scale, metrics_period_ms=metrics_period_ms,
+                      prefill_weight=prefill_weight) as (sim_url, proxy_url):
+        return await _drive(profile_name, workload, sim_url, proxy_url, idle, progress)
+
+
+async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url: str, idle: str,
+                 progress: Any) -> AccuracyReport:
     profile = get_profile(profile_name)
-    sim_runner, sim_url = await serve_app(create_sim_app(profile, time_scale=time_scale,
-                                                      metrics_period_ms=metrics_period_ms))
-    # The proxy samples faster than the counter updates (in wall time: the period over the time scale).
-    interval_ms = max(10.0, metrics_period_ms / time_scale / 4)
-    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": interval_ms},
-                                    "storage": {"path": ":memory:"},
-                                    "attribution": {"idle": idle, "prefill_weight": prefill_weight}})
-    config = dataclasses.replace(config, upstreams=(UpstreamConfig(name="sim", url=sim_url,
-                                                                   gpus=tuple(range(profile.num_gpus))),))
-    proxy_runner, proxy_url = await serve_app(create_app(config))
     report = AccuracyReport(profile=profile_name, idle=idle)
     rng = random.Random(workload.seed)
     plan = [
@@ -170,21 +237,18 @@ async def run_accuracy(
                 truth = (await http.get(f"{sim_url}/sim/truth/{completion_id}")).json()
                 record = records.get(rid, {})
                 report.results.append(RequestResult(
-                    request_id=rid, stream=stream, prompt_tokens=truth["prompt_tokens"],
+                    request_id=rid, completion_id=completion_id, stream=stream, prompt_tokens=truth["prompt_tokens"],
                     completion_tokens=truth["completion_tokens"], true_j=truth["energy_j"], header_j=header_j,
                     settled_j=record.get("energy_j") if record.get("settled") else None,
                 ))
             summary = (await http.get(f"{proxy_url}/scer/summary")).json()
-        meter_state = proxy_runner.app[METERS]["sim"]
-        report.measured_j = meter_state.timeline.measured_j
-        report.idle_j = meter_state.timeline.idle_j + meter_state.timeline.pending_idle_j
+            meter = (await http.get(f"{proxy_url}/scer/health")).json()["meter"]["upstreams"][0]
+        report.measured_j = meter["measured_j"]
+        report.counter_j = meter["counter_j"] or 0.0
+        report.idle_j = summary["idle_energy_j"]
         report.attributed_j = summary["totals"]["energy_j"] or 0.0
-        if meter_state.first_reading is not None and meter_state.last_reading is not None:
-            report.counter_j = meter_state.last_reading.energy_j - meter_state.first_reading.energy_j
     finally:
         await client.close()
-        await proxy_runner.cleanup()
-        await sim_runner.cleanup()
     return report
 
 

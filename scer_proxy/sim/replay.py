@@ -70,6 +70,7 @@ def replay(
     prefill_weight: float | None = None,
     metrics_period_s: float = 0.1,
     sample_interval_s: float = 0.025,
+    sample_phase_s: float = 0.0137,
 ) -> ReplayReport:
     """Run the workload on a virtual clock; returns the per-request figures and the balances."""
     profile = get_profile(profile_name)
@@ -88,7 +89,7 @@ def replay(
     settled: dict[str, Share] = {}
     next_index = 0
     client_free_at = [0.0] * workload.concurrency
-    next_sample = 0.0
+    next_sample = sample_phase_s  # the proxy's reads are not in step with the counter's updates
     last_published = None
     first_counter = engine.published.energy_j
 

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from scer_proxy.serving import preload_tokenizer
 from scer_proxy.sim.driver import EngineDriver
 from scer_proxy.sim.engine import Engine, SeqStatus, Sequence
 from scer_proxy.sim.output import output_length, output_words, request_seed
@@ -448,6 +449,7 @@ def create_sim_app(
         except asyncio.CancelledError:
             pass
 
+    app.on_startup.append(preload_tokenizer)
     app.cleanup_ctx.append(run_driver)
     app.router.add_get("/v1/models", _models)
     app.router.add_post("/v1/chat/completions", _chat)
