@@ -68,6 +68,17 @@ class ThreadedServers:
         async def _stop() -> None:
             for runner in reversed(self._runners):
                 await runner.cleanup()
+            # End the loop as asyncio.run does: cancel what is left, then give the transports closed above
+            # the loop iterations in which they release their sockets (a socket left to the garbage
+            # collector warns, at random, in a later test), and close async generators and the executor.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(3):
+                await asyncio.sleep(0)
+            await self.loop.shutdown_asyncgens()
+            await self.loop.shutdown_default_executor()
 
         try:
             self.call(_stop())
