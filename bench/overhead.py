@@ -44,7 +44,6 @@ import os
 import resource
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -59,6 +58,8 @@ from typing import Any, TypeVar
 import aiohttp
 import orjson
 import uvloop
+
+from scer_proxy.serving import free_port
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "fast_upstream.py"
@@ -111,12 +112,6 @@ QUICK = Plan(warmup_requests=300, c1_rounds=4, c1_requests=150, c64_rounds=2, c6
 
 # ---------------------------------------------------------------------------------------------------
 # Child processes.
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _die_with_parent() -> None:
     """In the child: receive SIGTERM when the benchmark dies, even by SIGKILL (Linux only)."""
     with contextlib.suppress(Exception):
@@ -596,8 +591,8 @@ def _session(limit: int) -> aiohttp.ClientSession:
 
 async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
     report = Report()
-    up_port = args.upstream_port or _free_port()
-    px_port = args.proxy_port or _free_port()
+    up_port = args.upstream_port or free_port()
+    px_port = args.proxy_port or free_port()
     up_url, px_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
     limit = max(plan.many_streams, 64) + 16
     with children() as start:

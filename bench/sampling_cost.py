@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -48,20 +47,15 @@ from scer_proxy.meters import Meter  # noqa: E402
 from scer_proxy.meters.dcgm import DcgmMeter  # noqa: E402
 from scer_proxy.meters.nvml import NvmlMeter  # noqa: E402
 from scer_proxy.meters.rapl import RaplMeter, rapl_available  # noqa: E402
+from scer_proxy.serving import free_port  # noqa: E402
 from scer_proxy.sim import Engine, get_profile  # noqa: E402
 
 TARGET_PERCENT = 1.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextlib.contextmanager
 def simulator() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "scer_proxy", "simulate", "--listen", f"127.0.0.1:{port}"],

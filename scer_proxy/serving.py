@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from aiohttp import web
 
 from scer_proxy import tokens
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, for a server started in another process (which binds it itself;
+    a server in this process should bind port 0 and read the port back instead)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
 
 
 async def preload_tokenizer(_app: web.Application) -> None:

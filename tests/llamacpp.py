@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from scer_proxy.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK_DIR = Path(os.environ.get("SCER_LLAMACPP_DIR", ROOT / "third_party" / "llamacpp"))
@@ -34,12 +35,6 @@ def missing() -> str | None:
     if not MODEL_PATH.is_file():
         return f"model not found at {MODEL_PATH}"
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -84,7 +79,7 @@ def start_llama_server(log_dir: Path, *, attempts: int = 3, ready_s: float = 30.
     """Start llama-server on a free loopback port and wait until ``/health`` answers 200."""
     last = ""
     for attempt in range(attempts):
-        port = _free_port()
+        port = free_port()
         log_path = log_dir / f"llama-server-{attempt}.log"
         cmd = [str(BINARY), "-m", str(MODEL_PATH), "--alias", ALIAS, "--host", "127.0.0.1", "--port", str(port),
                "-c", str(CONTEXT), "-np", str(SLOTS), "--metrics", "--slots", "-t", "1", "--seed", "1"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,15 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scer_proxy.serving import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 FLUSH_INTERVAL_S = 0.2
 MARGIN_S = 0.3  # a flush transaction's own time, scheduling on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

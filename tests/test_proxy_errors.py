@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 from collections.abc import Callable
 
 import httpx
@@ -11,6 +10,7 @@ import orjson
 import pytest
 
 from scer_proxy.config import UpstreamConfig
+from scer_proxy.serving import free_port
 from tests.conftest import proxy_config
 from tests.fake_upstream import MODEL
 
@@ -29,18 +29,12 @@ def _assert_openai_error(resp: httpx.Response, status: int, code: str | None = N
     return body["error"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _healthy(proxy: str, client: httpx.Client) -> None:
     assert client.get(f"{proxy}/scer/health").status_code == 200
 
 
 def test_upstream_refused_is_502(start_proxy: Callable[..., str]) -> None:
-    proxy = start_proxy(f"http://127.0.0.1:{_free_port()}", meter={"kind": "auto"})
+    proxy = start_proxy(f"http://127.0.0.1:{free_port()}", meter={"kind": "auto"})
     with httpx.Client() as client:
         for path, body in (("/v1/chat/completions", CHAT), ("/v1/models", None)):
             resp = client.post(f"{proxy}{path}", json=body) if body else client.get(f"{proxy}{path}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import socket
 import sys
 import tempfile
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from scer_proxy.serving import free_port
 from scer_proxy.sim.profiles import get_profile
 from scer_proxy.sim.replay import Workload, percentile
 
@@ -88,12 +88,6 @@ def _prompt(rng: random.Random, tokens: int) -> str:
     return "".join(" " + rng.choice(WORDS) for _ in range(max(1, tokens)))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _spawn(args: list[str], log: Path, ready_url: str, timeout_s: float = 30.0) -> asyncio.subprocess.Process:
     """Start ``python -m scer_proxy ARGS`` and wait until ``ready_url`` answers."""
     with log.open("wb") as out:
@@ -129,7 +123,7 @@ async def _stack(profile_name: str, *, idle: str, time_scale: float, metrics_per
                  prefill_weight: float | str) -> AsyncIterator[tuple[str, str]]:
     """The simulator and a proxy in front of it, each in its own process; yields their URLs."""
     profile = get_profile(profile_name)
-    sim_url, proxy_url = f"http://127.0.0.1:{_free_port()}", f"http://127.0.0.1:{_free_port()}"
+    sim_url, proxy_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     # The proxy samples faster than the counter updates (in wall time: the period over the time scale).
     interval_ms = max(10.0, metrics_period_ms / time_scale / 4)
     weight = f'"{prefill_weight}"' if isinstance(prefill_weight, str) else repr(float(prefill_weight))
