@@ -26,7 +26,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from scer_proxy.serving import free_port
 from scer_proxy.sim.profiles import get_profile
-from scer_proxy.sim.replay import Workload, percentile
+from scer_proxy.sim.replay import Workload, percentile, relative_errors
 
 WORDS = ("river", "stone", "cloud", "field", "light", "water", "north", "green", "grain", "tide")
 
@@ -56,12 +56,7 @@ class AccuracyReport:
 
     def errors(self, which: str) -> list[float]:
         """Relative errors |proxy - truth| / truth of the header or settled figure, per request."""
-        out = []
-        for r in self.results:
-            value = r.header_j if which == "header" else r.settled_j
-            if value is not None and r.true_j > 0:
-                out.append(abs(value - r.true_j) / r.true_j)
-        return out
+        return relative_errors(self.results, which)
 
     def summary(self) -> dict[str, Any]:
         pct = percentile
@@ -174,12 +169,7 @@ async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url:
                  progress: Any) -> AccuracyReport:
     profile = get_profile(profile_name)
     report = AccuracyReport(profile=profile_name, idle=idle)
-    rng = random.Random(workload.seed)
-    plan = [
-        (rng.randint(*workload.prompt_tokens), rng.randint(*workload.output_tokens),
-         rng.random() < workload.stream_share)
-        for _ in range(workload.requests)
-    ]
+    plan = workload.plan()
     client = openai.AsyncOpenAI(base_url=f"{proxy_url}/v1", api_key="sk-accuracy", max_retries=0, timeout=600)
     gate = asyncio.Semaphore(workload.concurrency)
     pending: list[tuple[str, str, bool, float | None]] = []

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from scer_proxy.attribution import Share, Timeline
 from scer_proxy.sim.engine import Engine, Sequence
@@ -28,6 +30,13 @@ class Workload:
     stream_share: float = 0.5
     seed: int = 1
     idle_gap_s: float = 0.0  # pause between a client's requests (creates idle time; replay only)
+
+    def plan(self) -> list[tuple[int, int, bool]]:
+        """Each request's (prompt tokens, output tokens, streamed), drawn from ``seed``: the same plan for
+        the replay and the HTTP harness."""
+        rng = random.Random(self.seed)
+        return [(rng.randint(*self.prompt_tokens), rng.randint(*self.output_tokens), rng.random() < self.stream_share)
+                for _ in range(self.requests)]
 
 
 @dataclass
@@ -51,7 +60,7 @@ class ReplayReport:
     max_interval_imbalance_rel: float = 0.0
 
     def errors(self, which: str) -> list[float]:
-        return [abs(getattr(r, f"{which}_j") - r.true_j) / r.true_j for r in self.results if r.true_j > 0]
+        return relative_errors(self.results, which)
 
 
 class _Clock:
@@ -77,12 +86,7 @@ def replay(
     clock = _Clock()
     engine = Engine(profile, clock=clock, metrics_period_s=metrics_period_s)
     timeline = Timeline(idle=idle, prefill_weight=prefill_weight)
-    rng = random.Random(workload.seed)
-    plan = [
-        (rng.randint(*workload.prompt_tokens), rng.randint(*workload.output_tokens),
-         rng.random() < workload.stream_share)
-        for _ in range(workload.requests)
-    ]
+    plan = workload.plan()
     report = ReplayReport()
     running: dict[str, tuple[Sequence, bool, int]] = {}  # rid -> (sequence, stream, tokens seen)
     headers: dict[str, float] = {}
@@ -171,6 +175,17 @@ def replay(
     report.attributed_j = sum(s.energy_j for s in settled.values())
     report.idle_j = timeline.idle_j + timeline.pending_idle_j
     return report
+
+
+def relative_errors(results: Iterable[Any], which: str) -> list[float]:
+    """|figure - truth| / truth per request for the ``header`` or ``settled`` figure (``<which>_j``);
+    a request without that figure (None or NaN) is left out."""
+    out = []
+    for r in results:
+        value = getattr(r, f"{which}_j")
+        if value is not None and not math.isnan(value) and r.true_j > 0:
+            out.append(abs(value - r.true_j) / r.true_j)
+    return out
 
 
 def percentile(values: list[float], q: float) -> float:
