@@ -2,7 +2,7 @@
 
 Method
 ------
-Three processes on one machine:
+Four processes on one machine:
 
 - ``bench/fast_upstream.py``: a trivial OpenAI-compatible upstream (aiohttp on uvloop) that answers
   at once, streams N chunks with an optional per-chunk delay, and exposes a DCGM-style energy counter
@@ -10,8 +10,13 @@ Three processes on one machine:
 - the proxy: ``scer-proxy serve --upstream <fast upstream> --meter simulated --log-level warning``
   (run as ``python -m scer_proxy`` from this interpreter, in a scratch directory, without any
   ``SCER_*`` variables from the environment).
+- ``bench/bare_relay.py``: the least an aiohttp reverse proxy can do (the proxy's server and client
+  stack and its hop-by-hop handling, nothing else), set beside the proxy in the non-streamed phases as
+  "relay": what it adds over direct calls is the price of the stack, below which no proxy built on it
+  can go.
 - this process, the load generator: one aiohttp client session (a keep-alive pool) per target, on
-  uvloop. "direct" sends to the upstream, "proxy" to the proxy; everything else is identical.
+  uvloop. "direct" sends to the upstream, "proxy" to the proxy, "relay" to the bare relay; everything
+  else is identical.
 
 Every phase runs in rounds that alternate the two targets (direct-proxy, then proxy-direct, ...), so
 drift (CPU frequency, other load, heap growth) touches both equally. Both paths are warmed up first.
@@ -24,8 +29,9 @@ arrive coalesced in one read count a gap of 0). Proxy CPU comes from ``/proc/PID
 CPU (its meter polls the upstream's ``/metrics``) over the same wall time. Memory is VmRSS and
 VmHWM from ``/proc/PID/status``.
 
-All three processes share the machine's cores, so throughput at concurrency 64 is bounded by the
-CPU the load generator and upstream leave to the proxy; the CPU split is printed beside it.
+All the processes share the machine's cores (the relay idles while the proxy is measured, and the
+other way round), so throughput at concurrency 64 is bounded by the CPU the load generator and upstream
+leave to the proxy; the CPU split is printed beside it.
 
 Usage: ``python bench/overhead.py [--quick] [--json FILE]``. A benchmark, not a test: it prints
 figures with the targets beside them and exits 0 unless the setup itself fails.
@@ -63,6 +69,7 @@ from scer_proxy.serving import free_port
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "fast_upstream.py"
+RELAY_SCRIPT = HERE / "bare_relay.py"
 MODEL = "fast-model"
 GAP_DELAY_MS = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -398,11 +405,11 @@ class Report:
         self.line(f"{'':34}{'direct':>10}{'proxy':>10}{'added':>10}   {unit}")
 
     def compare(self, key: str, label: str, direct: dict[str, float], proxy: dict[str, float], stat: str,
-                target: float | None = None, note: str = "") -> None:
-        """One row: a percentile of direct and proxy, and the difference (proxy minus direct)."""
+                target: float | None = None, note: str = "", other: str = "proxy") -> None:
+        """One row: a percentile of direct and proxy (or ``other``), and the difference (it minus direct)."""
         d, p = direct[stat], proxy[stat]
         added = p - d
-        self.figures.setdefault(key, {"direct": direct, "proxy": proxy})
+        self.figures.setdefault(key, {"direct": direct, other: proxy})
         self.figures[key].setdefault("added", {})[stat] = added
         tail = note
         if target is not None:
@@ -428,52 +435,69 @@ async def warm_up(targets: Sequence[Target], plan: Plan) -> None:
         await closed_loop(partial(request_once, target, plain), 64, count=plan.warmup_requests)
 
 
-async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, proxy_pid: int,
+async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pids: dict[str, int],
                        upstream_pid: int, watch: LoadWatch) -> None:
+    """Latency at concurrency 1 and 64, and throughput at 64: direct, proxy and the bare relay in turn."""
     body = chat_body()
-    report.section("1. Non-streamed latency (ms; added = proxy minus direct, same percentile)")
+    report.section("1. Non-streamed latency (ms; added = proxy or relay minus direct, same percentile)")
     report.header("")
     runs = await alternate(targets, plan.c1_rounds,
                            lambda t: closed_loop(lambda: request_once(t, body), 1, count=plan.c1_requests))
-    d, p = merged(runs["direct"]), merged(runs["proxy"])
+    d, p, r = merged(runs["direct"]), merged(runs["proxy"]), merged(runs["relay"])
     report.compare("nonstream_c1", "c=1", summary(d.results), summary(p.results), "p50", TARGET_C1_P50_ADDED_MS)
     report.compare("nonstream_c1", "c=1", summary(d.results), summary(p.results), "p99", TARGET_C1_P99_ADDED_MS)
-    report.line(f"{'c=1 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})")
+    for stat in ("p50", "p99"):
+        report.compare("nonstream_c1_relay", "c=1 bare relay", summary(d.results), summary(r.results), stat,
+                       note="reference: the aiohttp stack alone", other="relay")
+    report.line(f"{'c=1 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
+                f"   relay {len(r.results)} ({r.errors})")
 
-    cpu: dict[str, dict[str, float]] = {t.name: {"client": 0.0, "upstream": 0.0, "proxy": 0.0} for t in targets}
+    parts = ("client", "upstream", "middle")
+    cpu: dict[str, dict[str, float]] = {t.name: dict.fromkeys(parts, 0.0) for t in targets}
 
     async def c64_round(target: Target) -> Run:
-        before = (self_cpu_s(), proc_cpu_s(upstream_pid), proc_cpu_s(proxy_pid))
+        middle = pids.get(target.name)
+        before = (self_cpu_s(), proc_cpu_s(upstream_pid), proc_cpu_s(middle) if middle else 0.0)
         run = await closed_loop(lambda: request_once(target, body), 64, seconds=plan.c64_seconds)
-        after = (self_cpu_s(), proc_cpu_s(upstream_pid), proc_cpu_s(proxy_pid))
-        for key, a, b in zip(("client", "upstream", "proxy"), before, after, strict=True):
+        after = (self_cpu_s(), proc_cpu_s(upstream_pid), proc_cpu_s(middle) if middle else 0.0)
+        for key, a, b in zip(parts, before, after, strict=True):
             cpu[target.name][key] += b - a
         return run
 
     runs = await alternate(targets, plan.c64_rounds, c64_round)
-    d, p = merged(runs["direct"]), merged(runs["proxy"])
+    d, p, r = merged(runs["direct"]), merged(runs["proxy"]), merged(runs["relay"])
     report.compare("nonstream_c64", "c=64", summary(d.results), summary(p.results), "p50")
     report.compare("nonstream_c64", "c=64", summary(d.results), summary(p.results), "p99")
-    report.line(f"{'c=64 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})")
+    for stat in ("p50", "p99"):
+        report.compare("nonstream_c64_relay", "c=64 bare relay", summary(d.results), summary(r.results), stat,
+                       note="reference", other="relay")
+    report.line(f"{'c=64 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
+                f"   relay {len(r.results)} ({r.errors})")
 
     watch.mark("nonstream", report)
 
     report.section("3. Throughput, non-streamed, concurrency 64 (requests/s)")
-    d_rps, p_rps = len(d.results) / d.elapsed_s, len(p.results) / p.elapsed_s
-    share = p_rps / d_rps
+    rps = {name: len(run.results) / run.elapsed_s for name, run in (("direct", d), ("proxy", p), ("relay", r))}
+    share = rps["proxy"] / rps["direct"]
     ok = share >= TARGET_THROUGHPUT_SHARE
     report.targets.append((f"throughput at c=64 {share:.0%} of direct >= {TARGET_THROUGHPUT_SHARE:.0%}", ok))
     report.line(f"{'':34}{'direct':>10}{'proxy':>10}{'share':>10}")
-    report.line(f"{'requests/s':34}{d_rps:10.0f}{p_rps:10.0f}{share:10.1%}   "
+    report.line(f"{'requests/s':34}{rps['direct']:10.0f}{rps['proxy']:10.0f}{share:10.1%}   "
                 f"target >= {TARGET_THROUGHPUT_SHARE:.0%}  {mark(ok)}")
-    for name, run in (("direct", d), ("proxy", p)):
+    relay_share = rps["relay"] / rps["direct"]
+    report.line(f"{'bare relay (reference)':34}{rps['direct']:10.0f}{rps['relay']:10.0f}{relay_share:10.1%}   "
+                f"the proxy reaches {rps['proxy'] / rps['relay']:.0%} of the bare relay")
+    for name, run in (("direct", d), ("proxy", p), ("relay", r)):
         split = cpu[name]
         per_req = {k: v / max(len(run.results), 1) * 1e6 for k, v in split.items()}
         report.line(f"CPU per request, {name:6} (us): client {per_req['client']:6.0f}  upstream "
-                    f"{per_req['upstream']:6.0f}  proxy {per_req['proxy']:6.0f}  "
+                    f"{per_req['upstream']:6.0f}  {'proxy' if name != 'relay' else 'relay'} {per_req['middle']:6.0f}  "
                     f"(CPU busy {sum(split.values()) / run.elapsed_s:.2f} of {os.cpu_count()} cores)")
-    report.figures["throughput_c64"] = {"direct_rps": d_rps, "proxy_rps": p_rps, "share": share,
-                                        "cpu_s": cpu, "elapsed_s": {"direct": d.elapsed_s, "proxy": p.elapsed_s}}
+    report.figures["throughput_c64"] = {
+        "direct_rps": rps["direct"], "proxy_rps": rps["proxy"], "relay_rps": rps["relay"], "share": share,
+        "relay_share": relay_share, "cpu_s": cpu,
+        "elapsed_s": {"direct": d.elapsed_s, "proxy": p.elapsed_s, "relay": r.elapsed_s},
+    }
 
 
 async def streamed(targets: Sequence[Target], plan: Plan, report: Report, watch: LoadWatch) -> None:
@@ -593,12 +617,16 @@ async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
     report = Report()
     up_port = args.upstream_port or free_port()
     px_port = args.proxy_port or free_port()
-    up_url, px_url = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{px_port}"
+    rl_port = free_port()
+    up_url, px_url, rl_url = (f"http://127.0.0.1:{port}" for port in (up_port, px_port, rl_port))
     limit = max(plan.many_streams, 64) + 16
     with children() as start:
         upstream = start("upstream", [sys.executable, str(UPSTREAM_SCRIPT), str(up_port)])
-        async with _session(limit) as direct_session, _session(limit) as proxy_session:
+        relay = start("relay", [sys.executable, str(RELAY_SCRIPT), str(rl_port), up_url])
+        async with _session(limit) as direct_session, _session(limit) as proxy_session, \
+                _session(limit) as relay_session:
             await wait_ready(direct_session, upstream, up_url + "/health")
+            await wait_ready(relay_session, relay, rl_url + "/health")
             prefix = shlex.split(args.proxy_cmd) if args.proxy_cmd else [sys.executable, "-m", "scer_proxy"]
             proxy = start("proxy", [*prefix, "serve", "--upstream", up_url,
                                     "--meter", "simulated", "--listen", f"127.0.0.1:{px_port}",
@@ -606,13 +634,16 @@ async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
             await wait_ready(proxy_session, proxy, px_url + "/scer/health")
             mem_before = proc_memory_kb(proxy.pid)
             targets = [Target("direct", up_url, direct_session), Target("proxy", px_url, proxy_session)]
+            relay_target = Target("relay", rl_url, relay_session)
             print(f"scer-proxy overhead benchmark ({'quick' if args.quick else 'full'}): upstream pid {upstream.pid} "
-                  f"{up_url}, proxy pid {proxy.pid} {px_url}, {os.cpu_count()} CPUs, Python "
+                  f"{up_url}, proxy pid {proxy.pid} {px_url}, bare relay pid {relay.pid} {rl_url}, "
+                  f"{os.cpu_count()} CPUs, Python "
                   f"{sys.version.split()[0]}, aiohttp {aiohttp.__version__}, uvloop {version('uvloop')}", flush=True)
             started = time.perf_counter()
-            await warm_up(targets, plan)
-            watch = LoadWatch([upstream.pid, proxy.pid])
-            await non_streamed(targets, plan, report, proxy.pid, upstream.pid, watch)
+            await warm_up([*targets, relay_target], plan)
+            watch = LoadWatch([upstream.pid, proxy.pid, relay.pid])
+            await non_streamed([*targets, relay_target], plan, report, {"proxy": proxy.pid, "relay": relay.pid},
+                               upstream.pid, watch)
             await streamed(targets, plan, report, watch)
             await stream_cpu(targets, plan, report, proxy.pid, watch)
             await many_streams(targets, plan, report, watch)

@@ -9,10 +9,10 @@ settles the request, the record is replaced by its final figure (``settled: true
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import secrets
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -29,7 +29,12 @@ _TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
 
 
 def new_request_id() -> str:
-    return "scer-" + uuid.uuid4().hex
+    """``scer-`` and 32 hex digits: the Unix time in milliseconds (12 digits), then 80 random bits.
+
+    Time first, as in a UUIDv7: ids made together sort together, so the ledger's index on them grows at
+    its right-hand edge instead of touching a random page of it for every record (fewer pages written a
+    flush, and fewer read back once the index outgrows SQLite's page cache)."""
+    return f"scer-{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
 
 
 class Accounting:

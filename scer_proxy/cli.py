@@ -65,9 +65,12 @@ async def _serve(config: Config) -> int:
     import structlog
 
     log = structlog.get_logger("scer_proxy")
+    from scer_proxy.serving import tune_gc_for_serving
+
     runner, url = await start_proxy(config)
+    frozen, young_threshold = tune_gc_for_serving()
     log.info("listening", url=url, upstreams=[u.url for u in config.upstreams], meter=config.meter.kind,
-             version=__version__)
+             version=__version__, gc_frozen_objects=frozen, gc_young_threshold=young_threshold)
     try:
         await _wait_for_signal()
     finally:

@@ -40,11 +40,12 @@ HOP_BY_HOP = frozenset(
 
 def _forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
-    connection = headers.getall("Connection", ())
-    if not connection:
-        return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP)
-    named = {t.strip().lower() for v in connection for t in v.split(",")}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in HOP_BY_HOP and k.lower() not in named)
+    out = CIMultiDict(headers)  # a copy in C; removing the few present names is cheaper than filtering in Python
+    named = {t.strip() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    for name in (*HOP_BY_HOP, *named):
+        if name and name in out:
+            del out[name]
+    return out
 
 
 def error_response(status: int, message: str, type_: str, *, param: str | None = None,
@@ -83,6 +84,15 @@ class ProxyHandler:
         self.config = config
         self.upstreams = upstreams
         self.accounting = accounting
+        self._routes: dict[str, UpstreamConfig | None] = {}  # model -> upstream, so globs match once a model
+
+    def _upstream_for(self, model: str) -> UpstreamConfig | None:
+        routes = self._routes
+        if model not in routes:
+            if len(routes) >= 4096:  # any client can name any model: keep the map bounded
+                routes.clear()
+            routes[model] = self.config.upstream_for(model)
+        return routes[model]
 
     # -- entry ----------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -96,7 +106,7 @@ class ProxyHandler:
             if not isinstance(model, str) or not model:
                 # Not something we can route or meter: forward it untouched and return the answer.
                 return await self._passthrough(request, body=body, upstream=self.config.upstreams[0])
-            upstream = self.config.upstream_for(model)
+            upstream = self._upstream_for(model)
             if upstream is None:
                 raise ProxyError(404, f"No upstream serves the model '{model}'.", "invalid_request_error",
                                  "model_not_found")
@@ -108,9 +118,11 @@ class ProxyHandler:
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.config.server.max_body_bytes
-        if request.content_length is not None and request.content_length > limit:
-            raise ProxyError(413, f"Request body of {request.content_length} bytes is over the limit of {limit}.",
-                             "invalid_request_error", "request_too_large")
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise ProxyError(413, f"Request body of {request.content_length} bytes is over the limit of {limit}.",
+                                 "invalid_request_error", "request_too_large")
+            return await request.read()  # the parser stops at Content-Length, so the limit holds
         chunks = []
         size = 0
         async for chunk in request.content.iter_chunked(65536):

@@ -61,6 +61,12 @@ def content_text(content: Any) -> str:
     return ""
 
 
+@functools.lru_cache(maxsize=256)
+def _count_role(role: str) -> int:
+    """Roles repeat on every message ("system", "user", "assistant"): counted once each."""
+    return count_text(role)
+
+
 def count_chat_messages(messages: Iterable[Any]) -> int:
     """Prompt tokens of a chat request, by the OpenAI cookbook's cl100k formula."""
     total = TOKENS_REPLY_PRIMING
@@ -74,7 +80,7 @@ def count_chat_messages(messages: Iterable[Any]) -> int:
             elif key == "name":
                 total += TOKENS_PER_NAME + count_text(str(value))
             elif key == "role":
-                total += count_text(str(value))
+                total += _count_role(str(value))
     return total
 
 

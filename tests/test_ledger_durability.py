@@ -7,6 +7,7 @@ kill -9 after a burst: only records finished within the last flush interval may 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
@@ -99,6 +100,10 @@ async def test_sigterm_drains_in_flight_requests_and_flushes(stack: tuple[str, s
     answered = [r[0] for r in [*warm, *results] if r is not None]
     assert len(answered) == 19, "every in-flight request is drained, not cut"
     assert set(answered) <= stored_ids(db)
+    # The serve command tuned the collector once its start-up was done (and said so).
+    lines = [json.loads(line) for line in (db.parent / "proxy.log").read_text().splitlines() if line.startswith("{")]
+    listening = next(line for line in lines if line.get("event") == "listening")
+    assert listening["gc_young_threshold"] == 10_000 and listening["gc_frozen_objects"] > 1000
 
 
 async def test_kill_9_loses_at_most_the_last_flush_interval(stack: tuple[str, subprocess.Popen[bytes], Path]) -> None:
