@@ -152,9 +152,13 @@ def create_app(
     app.cleanup_ctx.append(grid_ctx)
     app.cleanup_ctx.append(meter_ctx)
 
+    proxy_handler: ProxyHandler | None = None  # one for the app's life (it keeps the model -> upstream routes)
+
     async def v1(request: web.Request) -> web.StreamResponse:
-        handler = ProxyHandler(config, upstreams, request.app[ACCOUNTING])
-        return await handler.handle(request)
+        nonlocal proxy_handler
+        if proxy_handler is None:  # accounting exists once the meters have started
+            proxy_handler = ProxyHandler(config, upstreams, request.app[ACCOUNTING])
+        return await proxy_handler.handle(request)
 
     app.router.add_route("*", "/v1/{tail:.*}", v1)
     app.router.add_route("*", "/v1", v1)

@@ -85,6 +85,23 @@ def test_no_upstream_for_the_model_is_404(fake_upstream: str, start_proxy: Calla
         _healthy(proxy, client)
 
 
+def test_routing_by_model_is_remembered_within_a_bound(fake_upstream: str) -> None:
+    # Any client can name any model: the handler remembers each model's upstream, in a map kept bounded.
+    from scer_proxy.proxy import ProxyHandler
+
+    config = dataclasses.replace(proxy_config(fake_upstream, meter={"kind": "auto"}), upstreams=(
+        UpstreamConfig(name="llama", url=fake_upstream, models=("llama-*",)),
+        UpstreamConfig(name="rest", url=fake_upstream, models=("qwen-*", "mistral")),
+    ))
+    handler = ProxyHandler(config, upstreams=None, accounting=None)  # type: ignore[arg-type]
+    for i in range(10_000):
+        for model, expected in ((f"llama-{i}", "llama"), (f"qwen-{i}", "rest"), (f"gpt-{i}", None), ("mistral", "rest")):
+            upstream = handler._upstream_for(model)
+            assert (upstream.name if upstream is not None else None) == expected, model
+        assert len(handler._routes) <= 4096
+    assert handler._upstream_for("llama-0") is config.upstreams[0]
+
+
 def test_malformed_body_is_forwarded_untouched(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
