@@ -28,7 +28,7 @@ from scer_proxy.proxy import ProxyHandler
 from scer_proxy.ratings_book import RatingsBook
 from scer_proxy.serving import preload_tokenizer
 from scer_proxy.upstreams import Upstreams
-from scer_proxy.web import labels, scer_routes
+from scer_proxy.web import dashboard, labels, scer_routes
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
 
 log = structlog.get_logger("scer_proxy.app")
@@ -164,6 +164,7 @@ def create_app(
     app.router.add_route("*", "/v1", v1)
     scer_routes.add_routes(app)
     labels.add_routes(app)
+    dashboard.add_routes(app)
     return app
 
 
@@ -192,9 +193,9 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def _admin_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With ``server.admin_token`` set (only then is this middleware installed), ``/scer/*`` and ``/metrics``
-    need the bearer token; ``/v1/*`` never."""
+    need the bearer token (but the dashboard page, which carries no data); ``/v1/*`` never."""
     token = request.app[CONFIG].server.admin_token
-    if token and (request.path.startswith("/scer") or request.path == "/metrics"):
+    if token and (request.path.startswith("/scer") or request.path == "/metrics") and not dashboard.is_public(request):
         given = request.headers.get("Authorization", "")
         expected = "Bearer " + token
         if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):

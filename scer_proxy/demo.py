@@ -108,7 +108,8 @@ async def run_demo(args: argparse.Namespace) -> int:
         print(f"\ngrid {grid['intensity_g_per_kwh']} gCO2e/kWh ({grid['source']}, {grid['as_of']}); "
               f"energy source: {summary['meter']['kind']}; idle energy not attributed: "
               f"{summary['idle_energy_j']:.3g} J")
-        print(f"\nsummary    {proxy_url}/scer/summary")
+        print(f"\ndashboard  {proxy_url}/scer/")
+        print(f"summary    {proxy_url}/scer/summary")
         print(f"requests   {proxy_url}/scer/requests?limit=10")
         if not args.once:
             print("\nThe proxy and the simulator keep running; point an OpenAI client at "

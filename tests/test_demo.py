@@ -22,3 +22,4 @@ def test_demo_once_prints_the_summary_table() -> None:
     assert float(numbers[3]) > 0  # Wh measured from the simulator's counter
     assert "energy source: simulated" in out.stdout
     assert "/scer/summary" in out.stdout
+    assert re.search(r"^dashboard\s+http://\S+/scer/$", out.stdout, re.MULTILINE)  # the page, left on screen

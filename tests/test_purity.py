@@ -9,7 +9,7 @@ import pytest
 
 PURE = ["scer_proxy.attribution", "scer_proxy.carbon", "scer_proxy.openai_wire", "scer_proxy.records",
         "scer_proxy.summary", "scer_proxy.config", "scer_proxy.rating", "scer_proxy.fitting", "scer_proxy.label",
-        "scer_proxy.manifest"]
+        "scer_proxy.manifest", "scer_proxy.promql"]
 FORBIDDEN = ["aiohttp", "httpx", "pynvml", "sqlite3", "socket", "asyncio", "requests"]
 
 

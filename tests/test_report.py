@@ -56,7 +56,7 @@ def test_report_formats_from_the_database(db: Path, capsys: pytest.CaptureFixtur
 
 def test_report_bad_usage_is_one_line_exit_2(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in (["--db", str(tmp_path / "absent.db")], ["--db", str(db), "--since", "yesterday"],
-                 ["--prometheus", "http://127.0.0.1:9090"]):
+                 ["--prometheus", "prometheus:9090"]):
         assert main_report(parse(argv)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("scer-proxy report: ")

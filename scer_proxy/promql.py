@@ -1,0 +1,187 @@
+"""``scer-proxy report --prometheus`` (pure): the PromQL queries it sends and the summary built from their answers.
+
+Prometheus scrapes each proxy's ``GET /metrics`` (``scer_proxy.web.scer_routes``): ``scer_requests_total``
+``{model, status}``, ``scer_tokens_total{model, kind}``, ``scer_energy_joules_total{model, source}``,
+``scer_carbon_grams_total{model, part}``, ``scer_idle_energy_joules`` and ``scer_meter_healthy{upstream}``.
+Every query sums across all scraped proxies (``sum by (model)``); with a window the counters are read as
+``increase(metric[window])``. The summary has the keys of ``/scer/summary``; what the metrics do not carry
+(grade, category, tenants, metered and settled counts, the meter's details, the grid) is null or absent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+REQUESTS = "scer_requests_total"
+TOKENS = "scer_tokens_total"
+ENERGY = "scer_energy_joules_total"
+CARBON = "scer_carbon_grams_total"
+IDLE = "scer_idle_energy_joules"
+HEALTHY = "scer_meter_healthy"
+COUNTERS = (REQUESTS, TOKENS, ENERGY, CARBON)
+
+# One vector sample: its labels and its value.
+Sample = tuple[dict[str, str], float]
+
+_UNITS_MS = (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000), ("ms", 1))
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+class PrometheusError(Exception):
+    """Prometheus answered something other than a successful instant vector."""
+
+
+def check_url(url: str) -> str:
+    """The base URL (path prefix kept, trailing ``/`` dropped); ValueError for anything but an http(s) URL."""
+    try:
+        parts = urlsplit(url.strip())
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok, parts = False, urlsplit("")
+    if (parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.query
+            or parts.fragment or any(c.isspace() for c in url.strip())):
+        raise ValueError(f"expected an http(s) URL like http://prometheus:9090, got {url!r}")
+    return url.strip().rstrip("/")
+
+
+def duration(seconds: float) -> str:
+    """Seconds as a PromQL range duration in its largest whole unit: 5400 -> ``90m``, 604800 -> ``7d``."""
+    ms = round(seconds * 1000)
+    if not math.isfinite(seconds) or ms < 1:
+        raise ValueError(f"expected a window of at least 1 ms, got {seconds!r} s")
+    unit, size = next((u, s) for u, s in _UNITS_MS if ms % s == 0)
+    return f"{ms // size}{unit}"
+
+
+def string(value: str) -> str:
+    """A PromQL string literal: double-quoted, with backslash, quote and control characters escaped."""
+    return '"' + "".join(_ESCAPES.get(c, c) for c in value) + '"'
+
+
+def selector(metric: str, matchers: Mapping[str, tuple[str, str]]) -> str:
+    """``metric{label="value",...}`` from ``{label: (operator, value)}`` (operators ``=`` and ``!=``)."""
+    if not matchers:
+        return metric
+    return metric + "{" + ",".join(f"{k}{op}{string(v)}" for k, (op, v) in matchers.items()) + "}"
+
+
+def _sum(metric: str, by: tuple[str, ...], matchers: Mapping[str, tuple[str, str]], window: str | None) -> str:
+    inner = selector(metric, matchers)
+    if window is not None:
+        inner = f"increase({inner}[{window}])"
+    return f"sum by ({', '.join(by)}) ({inner})"
+
+
+def summary_queries(since_s: float | None, model: str | None = None, tenant: str | None = None) -> dict[str, str]:
+    """The queries behind one summary, by name: per-model counter sums (``increase`` over ``since_s`` when
+    given), the idle energy and the meters' health (both current values, as ``/scer/summary`` gives them)."""
+    window = None if since_s is None else duration(since_s)
+    only: dict[str, tuple[str, str]] = {}
+    if model is not None:
+        only["model"] = ("=", model)
+    if tenant is not None:
+        only["tenant"] = ("=", tenant)
+    return {
+        "requests": _sum(REQUESTS, ("model",), only, window),
+        "tokens": _sum(TOKENS, ("model", "kind"), only, window),
+        "energy": _sum(ENERGY, ("model",), {**only, "source": ("!=", "none")}, window),
+        "carbon": _sum(CARBON, ("model", "part"), only, window),
+        "idle": f"sum({IDLE})",
+        "healthy": f"min({HEALTHY})",
+    }
+
+
+def tenant_probe_queries() -> dict[str, str]:
+    """Per counter, a query that is non-empty only when its series carry a ``tenant`` label."""
+    return {metric: _sum(metric, ("model",), {"tenant": ("!=", "")}, None) for metric in COUNTERS}
+
+
+def vector(body: Any) -> list[Sample]:
+    """The samples of a decoded ``/api/v1/query`` answer; PrometheusError when it is not a successful vector."""
+    if not isinstance(body, dict):
+        raise PrometheusError("the answer is not a JSON object")
+    if body.get("status") != "success":
+        raise PrometheusError(f"{body.get('errorType') or 'error'}: {body.get('error') or 'no reason given'}")
+    data = body.get("data")
+    if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
+        kind = data.get("resultType") if isinstance(data, dict) else None
+        raise PrometheusError(f"expected an instant vector, got result type {kind!r}")
+    samples: list[Sample] = []
+    for item in data["result"]:
+        try:
+            labels, (_, text) = item["metric"], item["value"]
+            value = float(text)
+        except (KeyError, TypeError, ValueError):
+            raise PrometheusError(f"malformed sample {item!r:.200}") from None
+        if not isinstance(labels, dict) or not math.isfinite(value):
+            raise PrometheusError(f"malformed sample {item!r:.200}")
+        samples.append(({str(k): str(v) for k, v in labels.items()}, value))
+    return samples
+
+
+def _by(samples: list[Sample], *labels: str) -> dict[tuple[str, ...], float]:
+    out: dict[tuple[str, ...], float] = {}
+    for metric, value in samples:
+        key = tuple(metric.get(label, "") for label in labels)
+        out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def _totals(requests: float, prompt: float, completion: float, energy_j: float | None,
+            operational_g: float, embodied_g: float) -> dict[str, Any]:
+    """The keys of the summary's ``totals``; per 1,000 output tokens counts every completion token of the
+    group (the metrics have no endpoint label, so embeddings' input tokens are not units here)."""
+    metered = energy_j is not None
+    carbon_g = operational_g + embodied_g
+    completion_tokens = round(completion)
+    return {
+        "requests": round(requests),
+        "prompt_tokens": round(prompt),
+        "completion_tokens": completion_tokens,
+        "energy_j": energy_j,
+        "carbon_g": carbon_g if metered else None,
+        "carbon_operational_g": operational_g if metered else None,
+        "carbon_embodied_g": embodied_g if metered else None,
+        "energy_j_per_1k_output_tokens": (energy_j * 1000.0 / completion_tokens
+                                          if energy_j is not None and completion_tokens else None),
+        "sci": carbon_g * 1000.0 / completion_tokens if metered and completion_tokens else None,
+        "metered_requests": None,
+        "settled_requests": None,
+    }
+
+
+def build_summary(results: Mapping[str, list[Sample]], *, start: float | None, end: float) -> dict[str, Any]:
+    """The summary from the answers to ``summary_queries`` (by the same names). A model is listed when it has
+    at least one request in the window; its energy and carbon are null when none of its requests was metered."""
+    requests = _by(results["requests"], "model")
+    tokens = _by(results["tokens"], "model", "kind")
+    energy = _by(results["energy"], "model")
+    carbon = _by(results["carbon"], "model", "part")
+    names = sorted(m for (m,), n in requests.items() if round(n) > 0)
+
+    def figures(name: str) -> tuple[float, float, float, float | None, float, float]:
+        return (requests[(name,)], tokens.get((name, "prompt"), 0.0), tokens.get((name, "completion"), 0.0),
+                energy.get((name,)), carbon.get((name, "operational"), 0.0), carbon.get((name, "embodied"), 0.0))
+
+    per_model = {name: figures(name) for name in names}
+    metered = [f for f in per_model.values() if f[3] is not None]
+    totals = _totals(sum(f[0] for f in per_model.values()), sum(f[1] for f in per_model.values()),
+                     sum(f[2] for f in per_model.values()),
+                     sum(f[3] or 0.0 for f in metered) if metered else None,
+                     sum(f[4] for f in metered), sum(f[5] for f in metered))
+    # Per 1,000 output tokens of the metered models only, as the ledger counts them.
+    units = round(sum(f[2] for f in metered))
+    totals["energy_j_per_1k_output_tokens"] = totals["energy_j"] * 1000.0 / units if metered and units else None
+    totals["sci"] = totals["carbon_g"] * 1000.0 / units if metered and units else None
+    idle = results["idle"]
+    healthy = results["healthy"]
+    return {
+        "window": {"start": start, "end": end},
+        "totals": totals,
+        "idle_energy_j": sum(v for _, v in idle) if idle else None,
+        "models": [{"model": name, "category": None, "grade": None, **_totals(*per_model[name])} for name in names],
+        "meter": {"healthy": min(v for _, v in healthy) >= 1.0 if healthy else None},
+    }
