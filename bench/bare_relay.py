@@ -4,23 +4,23 @@ Run as its own process: ``python bench/bare_relay.py PORT UPSTREAM_URL``. The sa
 (an aiohttp server and one aiohttp client session with a keep-alive pool to the upstream, on uvloop, no
 access log) and the same HTTP handling (hop-by-hop headers dropped both ways, bodies not decompressed,
 streams relayed read by read), with nothing else: no body parsing, no token counting, no metering, no
-ledger, no added headers (and the same collector tuning as ``scer-proxy serve``). Whatever it costs over direct calls is the price of the stack itself, which no
+ledger, no added headers; served by the proxy's own ``serve_app`` with the collector tuning of
+``scer-proxy serve``. Whatever it costs over direct calls is the price of the stack itself, which no
 proxy built on it can go below; the proxy's figures are read against it.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
-import signal
+from collections.abc import AsyncIterator
 
 import aiohttp
 import uvloop
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from scer_proxy.serving import tune_gc_for_serving
+from scer_proxy.serving import serve_app, tune_gc_for_serving, wait_for_signal
 
 HOP_BY_HOP = ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
               "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
@@ -37,7 +37,7 @@ def forward_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def make_app(upstream_url: str) -> web.Application:
     app = web.Application()
 
-    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+    async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=2000, limit_per_host=2000, keepalive_timeout=60)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
                                          cookie_jar=aiohttp.DummyCookieJar(),
@@ -68,16 +68,11 @@ def make_app(upstream_url: str) -> web.Application:
 
 
 async def serve(host: str, port: int, upstream_url: str) -> None:
-    runner = web.AppRunner(make_app(upstream_url), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024, reuse_address=True).start()
-    tune_gc_for_serving()  # the process tuning the proxy's serve command does, so both stand on equal ground
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    # The proxy's own serving: the same server settings, then the same process tuning as `scer-proxy serve`.
+    runner, _url = await serve_app(make_app(upstream_url), host, port, shutdown_timeout=1.0)
+    tune_gc_for_serving()
     try:
-        await stop.wait()
+        await wait_for_signal()
     finally:
         await runner.cleanup()
 

@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import time
 
 import orjson
 import uvloop
 from aiohttp import web
+
+from scer_proxy.serving import wait_for_signal
 
 POWER_W = 300.0
 MODEL = "fast-model"
@@ -139,12 +140,8 @@ async def serve(host: str, port: int) -> None:
     runner = web.AppRunner(make_app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     await web.TCPSite(runner, host, port, backlog=4096, reuse_address=True).start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
-        await stop.wait()
+        await wait_for_signal()
     finally:
         await runner.cleanup()
 

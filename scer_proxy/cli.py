@@ -9,7 +9,6 @@ import argparse
 import asyncio
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any, NoReturn
@@ -19,6 +18,7 @@ from aiohttp import web
 from scer_proxy import __version__
 from scer_proxy.config import Config, ConfigError, load_config, parse_listen
 from scer_proxy.ledger import LedgerError
+from scer_proxy.serving import wait_for_signal
 
 
 class UsageError(Exception):
@@ -38,18 +38,6 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
-
-
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
 
 
 async def start_proxy(config: Config, host: str | None = None, port: int | None = None) -> tuple[web.AppRunner, str]:
@@ -72,7 +60,7 @@ async def _serve(config: Config) -> int:
     log.info("listening", url=url, upstreams=[u.url for u in config.upstreams], meter=config.meter.kind,
              version=__version__, gc_frozen_objects=frozen, gc_young_threshold=young_threshold)
     try:
-        await _wait_for_signal()
+        await wait_for_signal()
     finally:
         log.info("stopping", reason="signal")
         await runner.cleanup()
@@ -90,7 +78,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         host, port, profile=profile, time_scale=args.time_scale, seed=args.seed,
         metrics_period_ms=args.metrics_period_ms,
     ))
-    waiter = asyncio.create_task(_wait_for_signal())
+    waiter = asyncio.create_task(wait_for_signal())
     done, _pending = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     for pending in (task, waiter):
         pending.cancel()

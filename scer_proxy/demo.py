@@ -14,9 +14,9 @@ import openai
 from aiohttp import web
 from tqdm import tqdm
 
-from scer_proxy.cli import _wait_for_signal, start_proxy
+from scer_proxy.cli import start_proxy
 from scer_proxy.config import UpstreamConfig, load_config, parse_listen
-from scer_proxy.serving import serve_app
+from scer_proxy.serving import serve_app, wait_for_signal
 from scer_proxy.sim import create_sim_app, get_profile
 
 TOPICS = ["rivers", "glaciers", "solar power", "city trees", "the water cycle", "wind farms", "soil", "tides"]
@@ -114,7 +114,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         if not args.once:
             print("\nThe proxy and the simulator keep running; point an OpenAI client at "
                   f"{proxy_url}/v1. Ctrl-C to stop.")
-            await _wait_for_signal()
+            await wait_for_signal()
         return 0
     finally:
         await proxy_runner.cleanup()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import signal
 import socket
 
 from aiohttp import web
@@ -24,6 +25,19 @@ async def preload_tokenizer(_app: web.Application) -> None:
     ms, which the first request that counts tokens would otherwise spend blocking the event loop (and
     every request behind it)."""
     await asyncio.get_running_loop().run_in_executor(None, tokens.encoding)
+
+
+async def wait_for_signal() -> None:
+    """Return on SIGINT or SIGTERM (a server's main task waits here, then shuts down in order)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 # The collector's first threshold: allocations (less deallocations) of container objects between two young
