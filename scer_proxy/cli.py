@@ -18,7 +18,7 @@ from aiohttp import web
 from scer_proxy import __version__
 from scer_proxy.config import Config, ConfigError, load_config, parse_listen
 from scer_proxy.ledger import LedgerError
-from scer_proxy.serving import wait_for_signal
+from scer_proxy.serving import tune_gc_for_serving, wait_for_signal
 
 
 class UsageError(Exception):
@@ -53,8 +53,6 @@ async def _serve(config: Config) -> int:
     import structlog
 
     log = structlog.get_logger("scer_proxy")
-    from scer_proxy.serving import tune_gc_for_serving
-
     runner, url = await start_proxy(config)
     frozen, young_threshold = tune_gc_for_serving()
     log.info("listening", url=url, upstreams=[u.url for u in config.upstreams], meter=config.meter.kind,

@@ -80,7 +80,8 @@ def count_chat_messages(messages: Iterable[Any]) -> int:
             elif key == "name":
                 total += TOKENS_PER_NAME + count_text(str(value))
             elif key == "role":
-                total += _count_role(str(value))
+                role = str(value)  # any client can send any role: only short ones are remembered
+                total += _count_role(role) if len(role) <= 32 else count_text(role)
     return total
 
 

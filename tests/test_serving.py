@@ -41,3 +41,17 @@ def test_request_ids_are_unique_and_sort_in_creation_order() -> None:
     assert later > max(first), "an id made in a later millisecond sorts after every earlier one"
     ms = int(later[5:17], 16)
     assert abs(ms / 1000.0 - time.time()) < 5.0, "the first 12 hex digits are the Unix time in ms"
+
+
+def test_role_counts_are_remembered_only_for_short_roles() -> None:
+    from scer_proxy import tokens
+
+    tokens._count_role.cache_clear()
+    long_role = "narrator " * 50
+    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
+                {"role": long_role, "content": "x"}]
+    expected = (tokens.TOKENS_REPLY_PRIMING + 3 * tokens.TOKENS_PER_MESSAGE + 2 * tokens.count_text("user")
+                + tokens.count_text(long_role) + sum(tokens.count_text(m["content"]) for m in messages))
+    assert tokens.count_chat_messages(messages) == expected
+    info = tokens._count_role.cache_info()
+    assert (info.hits, info.misses, info.currsize) == (1, 1, 1), "one short role remembered, the long one not"
