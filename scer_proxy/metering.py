@@ -20,6 +20,7 @@ from scer_proxy.meters import Meter, MeterError, Reading
 from scer_proxy.meters.estimate import EstimateMeter
 
 log = structlog.get_logger("scer_proxy.meter")
+SETTLE_BATCH = 32  # settled records handed on between two turns of the event loop
 
 
 class UpstreamMeter:
@@ -126,8 +127,21 @@ class UpstreamMeter:
         self.last_value_change_s = reading.t_s
         result = self.timeline.reading(reading.t_s, reading.energy_j)
         if result is not None:
-            for share in result.settled:
-                self._on_settled(self.upstream, share)
+            await self._settle(result.settled)
+
+    async def _settle(self, shares: tuple[Share, ...]) -> None:
+        """Hand the settled shares on, yielding to the loop every ``SETTLE_BATCH`` of them: one reading can
+        settle hundreds of requests, and requests arriving meanwhile should not wait for all of them. A
+        cancellation (shutdown) while yielding still hands on the rest: they are not derivable again."""
+        for i, share in enumerate(shares):
+            if i and i % SETTLE_BATCH == 0:
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    for rest in shares[i:]:
+                        self._on_settled(self.upstream, rest)
+                    raise
+            self._on_settled(self.upstream, share)
 
     async def _run(self) -> None:
         while True:
