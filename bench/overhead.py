@@ -18,8 +18,9 @@ Four processes on one machine:
   uvloop. "direct" sends to the upstream, "proxy" to the proxy, "relay" to the bare relay; everything
   else is identical.
 
-Every phase runs in rounds that alternate the two targets (direct-proxy, then proxy-direct, ...), so
-drift (CPU frequency, other load, heap growth) touches both equally. Both paths are warmed up first.
+Every phase runs in rounds that alternate the targets' order (direct-proxy-relay, then relay-proxy-
+direct, ...; the streamed phases have no relay), so drift (CPU frequency, other load, heap growth)
+touches all alike. Every path is warmed up first.
 Latencies are ``time.perf_counter()`` from just before the request is sent to the last byte read (or
 the first body byte, for time to first token). Added latency is the proxy's percentile minus the
 direct one at the same percentile. The gap between chunks is measured from the client's read
