@@ -2,7 +2,7 @@
 
 Run as its own process: ``python bench/bare_relay.py PORT UPSTREAM_URL``. The same stack as the proxy
 (an aiohttp server and one aiohttp client session with a keep-alive pool to the upstream, on uvloop, no
-access log) and the same HTTP handling (hop-by-hop headers dropped both ways, bodies not decompressed,
+access log) and the same HTTP handling (the proxy's own ``forward_headers`` both ways, bodies not decompressed,
 streams relayed read by read), with nothing else: no body parsing, no token counting, no metering, no
 ledger, no added headers; served by the proxy's own ``serve_app`` with the collector tuning of
 ``scer-proxy serve``. Whatever it costs over direct calls is the price of the stack itself, which no
@@ -18,20 +18,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import uvloop
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
+from scer_proxy.proxy import forward_headers
 from scer_proxy.serving import serve_app, tune_gc_for_serving, wait_for_signal
-
-HOP_BY_HOP = ("Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
-              "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length")
-
-
-def forward_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    out = CIMultiDict(headers)
-    for name in HOP_BY_HOP:
-        if name in out:
-            del out[name]
-    return out
 
 
 def make_app(upstream_url: str) -> web.Application:

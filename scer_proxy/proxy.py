@@ -38,7 +38,7 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def _forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
     out = CIMultiDict(headers)  # a copy in C; removing the few present names is cheaper than filtering in Python
     named = {t.strip() for v in headers.getall("Connection", ()) for t in v.split(",")}
@@ -141,7 +141,7 @@ class ProxyHandler:
         try:
             return await session.request(
                 request.method, url, data=data,
-                headers=headers if headers is not None else _forward_headers(request.headers),
+                headers=headers if headers is not None else forward_headers(request.headers),
                 allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 timeout=self.upstreams.timeout(upstream.name),
             )
@@ -172,7 +172,7 @@ class ProxyHandler:
         data: Any = body if body is not None else (request.content if request.body_exists else None)
         resp = await self._send(request, upstream, data)
         try:
-            headers = _forward_headers(resp.headers)
+            headers = forward_headers(resp.headers)
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
             if resp.content_length is not None:
                 out.content_length = resp.content_length
@@ -197,7 +197,7 @@ class ProxyHandler:
         if stream and kind in ("chat", "completions") and not asked_usage:
             send_body = wire.with_usage_requested(parsed)
             injected = True
-        headers = _forward_headers(request.headers)
+        headers = forward_headers(request.headers)
         # The prompt's size places its prefill on the timeline. Short prompts are counted here (a few
         # microseconds); long ones start from a character estimate and are counted in a worker thread
         # while the request is on its way (tiktoken releases the GIL).
@@ -249,7 +249,7 @@ class ProxyHandler:
     async def _buffered(self, request: web.Request, resp: aiohttp.ClientResponse, record: Record, ex: Exchange,
                         parsed: dict[str, Any], upstream: UpstreamConfig) -> web.StreamResponse:
         raw = await self._read_upstream(resp, upstream)
-        headers = _forward_headers(resp.headers)
+        headers = forward_headers(resp.headers)
         usage = None
         completion_tokens = 0
         decoded = wire.decode_for_reading(raw, resp.headers.get("Content-Encoding", ""))
@@ -348,7 +348,7 @@ class _StreamRelay:
         self.rewrite = encoding in ("", "identity")
 
     async def run(self) -> web.StreamResponse:
-        headers = _forward_headers(self.resp.headers)
+        headers = forward_headers(self.resp.headers)
         headers["X-SCER-Request-Id"] = self.record.request_id
         headers["X-SCER-Model"] = self.record.model
         out = web.StreamResponse(status=self.resp.status, reason=self.resp.reason, headers=headers)

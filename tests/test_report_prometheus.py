@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import io
 import re
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,6 +28,7 @@ from scer_proxy import promql
 from scer_proxy.app import create_app
 from scer_proxy.config import UpstreamConfig
 from scer_proxy.report import add_report_arguments, main_report
+from scer_proxy.serving import free_port
 from scer_proxy.sim import create_sim_app
 from scer_proxy.sim.profiles import get_profile
 from tests.conftest import proxy_config
@@ -390,9 +390,7 @@ def test_a_failing_prometheus_is_one_line_exit_1(fleet: Fleet, capsys: pytest.Ca
 
 
 def test_unreachable_prometheus_is_one_line_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     code, out, err = report(["--prometheus", f"http://127.0.0.1:{port}", "--format", "json"], capsys)
     assert code == 1 and out == "" and err.count("\n") == 1
     assert err.startswith(f"scer-proxy report: Prometheus at http://127.0.0.1:{port}: unreachable")
