@@ -12,7 +12,8 @@ Over one window it loads the GPU with bursts of bf16 matrix products (torch; ``-
    sampled every ``--power-ms`` (10 ms) in a thread and integrated by the trapezoid rule.
 
 It prints the joules, their relative differences, the update period detected by the meter and the
-one seen by the 10 ms thread, and the latency of the NVML calls (they run on the proxy's event loop).
+one seen by the 10 ms thread, the latency of the NVML calls, and how late the event loop wakes a 1 ms
+sleeper meanwhile (the meter reads in its own thread, so its reads should not show there).
 With ``$OUT`` set, the figures go to ``$OUT/gpu_check.json``. Without a GPU it says so and exits 2.
 
 Usage: ``python bench/gpu_check.py [--gpu 0] [--bursts 3] [--burst-s 3] [--gap-s 2]``.
@@ -105,6 +106,15 @@ def latency_us(values: list[float]) -> dict[str, float] | None:
             "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6, "n": float(len(ordered))}
 
 
+async def loop_lag(lags: list[float], step_s: float = 0.001) -> None:
+    """How late the event loop wakes a 1 ms sleeper, over and over: what a blocking meter read costs
+    every request the proxy is relaying at that moment."""
+    while True:
+        start = time.perf_counter()
+        await asyncio.sleep(step_s)
+        lags.append(max(0.0, time.perf_counter() - start - step_s))
+
+
 def rel(a: float, b: float) -> float | None:
     return None if b == 0 else (a - b) / b
 
@@ -157,6 +167,8 @@ async def run_check(args: argparse.Namespace, pynvml: Any) -> dict[str, Any]:
         else:
             loader = threading.Thread(target=idle, args=(args.bursts * (args.burst_s + args.gap_s), done), daemon=True)
         sampler.start()
+        lags: list[float] = []
+        ticker = asyncio.create_task(loop_lag(lags))
         await asyncio.sleep(0.2)
         readings: list[Reading] = [await meter.read()]
         counter0 = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
@@ -171,6 +183,7 @@ async def run_check(args: argparse.Namespace, pynvml: Any) -> dict[str, Any]:
         readings.append(await meter.read())
         counter1 = int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle))
         t1 = time.monotonic()
+        ticker.cancel()
         await asyncio.sleep(2 * args.power_ms / 1000.0)
         sampler.stop_event.set()
         sampler.join(5)
@@ -204,6 +217,7 @@ async def run_check(args: argparse.Namespace, pynvml: Any) -> dict[str, Any]:
         "monotonic": all(b.energy_j >= a.energy_j for a, b in itertools.pairwise(readings)),
         "meter_reads": len(readings),
         "mean_power_w": counter_j / (t1 - t0) if t1 > t0 else None,
+        "loop_lag_us": latency_us(lags),
         "latency_us": {"meter_read": latency_us(read_latency), "energy_counter": latency_us(sampler.latency_s["energy"]),
                        "power_usage": latency_us(sampler.latency_s["power"]),
                        "power_instant": latency_us(sampler.latency_s["instant"])},

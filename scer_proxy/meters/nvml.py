@@ -45,10 +45,12 @@ NVML function and the device. After ``Uninitialized``,
 ``GpuIsLost`` or ``DriverNotLoaded`` the next read re-initialises NVML and re-resolves the handles
 (keeping offsets, so the cumulative figure stays monotonic).
 
-Event loop: NVML calls are synchronous C calls into the driver (an ioctl, typically tens of
-microseconds); ``read()`` makes one call per device (two while a stall is suspected) directly on the
-event loop rather than paying a thread hop for each. Opening polls the counter with ``await sleep``
-between calls, so it never blocks the loop for more than one call.
+Event loop: NVML calls are synchronous C calls into the driver, and reading the energy counter is
+not cheap: on an H100 (driver 580, in a virtual machine) ``nvmlDeviceGetTotalEnergyConsumption`` took
+5 ms at the median and 20 ms at p99 (``bench/gpu_check.py``), while ``nvmlDeviceGetPowerUsage`` took
+9 us. So every NVML call runs in the meter's own thread (one worker: calls stay in order, and a shutdown
+waits for a read still running), never on the event loop, which keeps relaying streams meanwhile.
+Opening polls the counter with ``await sleep`` between calls.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ import importlib
 import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -182,6 +185,7 @@ class NvmlMeter:
         self._mig_warned = False
         self.update_period_s: float | None = None
         self.resets = 0
+        self._thread: ThreadPoolExecutor | None = None  # where every NVML call runs (see the module's notes)
 
     # -- public ---------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -193,23 +197,29 @@ class NvmlMeter:
             raise NvmlError("the NVML meter is closed")
         if self._opened and self._handles_valid:
             return
+        if not await self._in_thread(self._open_devices):
+            return  # a re-initialisation after a lost GPU or driver: methods, offsets and period are kept
+        try:
+            self.update_period_s = await self._probe_period(self._devices[0])
+        except NvmlError as exc:  # the reads will report a lasting fault; the period stays unknown
+            log.warning("nvml_probe_failed", error=str(exc))
+
+    def _open_devices(self) -> bool:
+        """Initialise NVML and resolve the handles; the first time, inspect the devices (returns True)."""
         self._init()
         try:
             for device in self._devices:
                 device.handle = self._resolve(device.address)
             self._handles_valid = True
             if self._opened:
-                return  # a re-initialisation after a lost GPU or driver: keep methods and offsets
+                return False
             for device in self._devices:
                 self._inspect(device)
             self._opened = True
+            return True
         except MeterError:
             self._shutdown()
             raise
-        try:
-            self.update_period_s = await self._probe_period(self._devices[0])
-        except NvmlError as exc:  # the reads will report a lasting fault; the period stays unknown
-            log.warning("nvml_probe_failed", error=str(exc))
 
     def recommended_interval_s(self, configured_s: float) -> float:
         """The sampling interval to use: the configured one, but never below the update period."""
@@ -220,12 +230,7 @@ class NvmlMeter:
         if not (self._opened and self._handles_valid):
             await self.open()
         try:
-            t_s = self._clock()
-            for device in self._devices:
-                if device.method == ENERGY_COUNTER:
-                    self._read_counter(device, t_s)
-                else:
-                    self._read_power(device, t_s)
+            t_s = await self._in_thread(self._read_devices)
         except NvmlError as exc:
             if exc.code in (_ERROR_UNINITIALIZED, _ERROR_GPU_IS_LOST, _ERROR_DRIVER_NOT_LOADED):
                 self._handles_valid = False
@@ -233,6 +238,20 @@ class NvmlMeter:
             raise
         devices_j = {device.key: device.energy_j for device in self._devices}
         return Reading(t_s=t_s, energy_j=sum(devices_j.values()), devices_j=devices_j)
+
+    def _read_devices(self) -> float:
+        t_s = self._clock()
+        for device in self._devices:
+            if device.method == ENERGY_COUNTER:
+                self._read_counter(device, t_s)
+            else:
+                self._read_power(device, t_s)
+        return t_s
+
+    async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     def describe(self) -> dict[str, Any]:
         methods = {device.method for device in self._devices}
@@ -251,7 +270,14 @@ class NvmlMeter:
         """Shut NVML down (once); later reads raise :class:`MeterError`."""
         self._closed = True
         self._handles_valid = False
-        self._shutdown()
+        if self._thread is None:
+            self._shutdown()
+            return
+        try:
+            await self._in_thread(self._shutdown)  # after a read still running in the thread
+        finally:
+            self._thread.shutdown(wait=False)
+            self._thread = None
 
     # -- the one place where NVML errors are translated -----------------------------------------
     def _module(self) -> Any:
@@ -342,11 +368,11 @@ class NvmlMeter:
         """The interval between changes of the device's counter (or power), polled for a bounded time."""
         sample = self._counter_mj if device.method == ENERGY_COUNTER else self._power_mw
         start_s = self._clock()
-        last = sample(device)
+        last = await self._in_thread(sample, device)
         changes: list[float] = []
         while self._clock() - start_s < self._probe_timeout_s and len(changes) < 3:
             await self._sleep(self._probe_step_s)
-            value = sample(device)
+            value = await self._in_thread(sample, device)
             if value != last:
                 changes.append(self._clock())
                 last = value
