@@ -120,6 +120,8 @@ class _Split:
     decode_tokens: float
     busy_s: float
     steps: float | None  # decode steps in the interval, as the streams decoding all through it show
+    rate: float  # decode tokens a second per sequence, the rate non-streams are counted at
+    rate_seen: bool  # the streams showed it (else it is the rate learned from requests that ended)
 
 
 class Calibration:
@@ -188,10 +190,12 @@ class Timeline:
     prefill_weight: float | None = None
     idle: str = "amortize"
     max_defer_s: float = 2.0
-    token_interval_s: float = 0.02
+    token_interval_s: float = 0.02  # a prior, until the first request that shows it has ended
+    token_interval_learned: bool = False
     prefill_tokens_per_s: float = 10_000.0
     idle_power_w: float | None = None
     last_t_s: float | None = None
+    split_until_s: float | None = None  # the end of the last interval split (later ones may wait)
     last_energy_j: float | None = None
     last_power_w: float | None = None
     idle_j: float = 0.0
@@ -199,6 +203,8 @@ class Timeline:
     pending_idle_s: float = 0.0
     measured_j: float = 0.0
     j_per_decode_token: float | None = None
+    decode_rate_per_s: float = 0.0  # the per-sequence rate of the split that set j_per_decode_token
+    decode_rate_seen: bool = False  # ... and whether streams showed it
     j_per_prompt_token: float = 0.0
     busy_power_w: float | None = None
     calibration: Calibration = field(default_factory=Calibration)
@@ -252,18 +258,25 @@ class Timeline:
         if req.stream and req.first_token_s is not None:
             seen = req.completion_tokens
             if seen > 1 and req.end_s > req.first_token_s:
-                interval = (req.end_s - req.first_token_s) / (seen - 1)
-                self.token_interval_s += 0.2 * (interval - self.token_interval_s)
+                self._learn_token_interval((req.end_s - req.first_token_s) / (seen - 1))
         elif not req.stream and completion_tokens > 1 and req.end_s > req.decode_from:
             # Without streams the token rate can only be learned from whole non-streamed requests.
-            interval = (req.end_s - req.decode_from) / completion_tokens
-            self.token_interval_s += 0.2 * (interval - self.token_interval_s)
+            self._learn_token_interval((req.end_s - req.decode_from) / completion_tokens)
         req.completion_tokens = max(0, completion_tokens)
         if not req.pinned:
             req.prefill_hi = min(req.prefill_hi, req.end_s)
             req.prefill_lo = min(req.prefill_lo, req.prefill_hi)
             req.decode_from = min(req.decode_from, req.end_s)
             req.pinned = True
+
+    def _learn_token_interval(self, interval_s: float) -> None:
+        """A request's time per token, averaged in; the first one replaces the prior outright (a server
+        can be ten times faster or slower than the prior, and until streams show the rate, non-streamed
+        requests are split at this one)."""
+        if not self.token_interval_learned:
+            self.token_interval_s, self.token_interval_learned = interval_s, True
+        else:
+            self.token_interval_s += 0.2 * (interval_s - self.token_interval_s)
 
     def _queued(self) -> list[_Request]:
         return [r for r in self._requests.values() if not r.pinned]
@@ -376,7 +389,7 @@ class Timeline:
         total_p, total_d = sum(prefill.values()), sum(decode.values())
         steps = (sum(seen) / len(seen)) if seen else (0.0 if total_d <= 0 else None)
         if not active or (total_p <= 0 and total_d <= 0 and busy_s <= 0):
-            return _Split({}, {}, {}, energy_j, 0.0, 0.0, 0.0, steps)
+            return _Split({}, {}, {}, energy_j, 0.0, 0.0, 0.0, steps, rate, bool(seen))
         uncovered = max(0.0, dt - busy_s)
         idle_j = 0.0
         if uncovered > 0:
@@ -411,7 +424,7 @@ class Timeline:
             pj, dj = prefill_share.get(rid, 0.0), decode_share.get(rid, 0.0)
             hw = (busy_s * (pj + dj) / busy_j) if busy_j > 0 else 0.0
             parts[rid] = (pj, dj, hw)
-        return _Split(parts, decode, prefill, idle_j, total_p, total_d, busy_s, steps)
+        return _Split(parts, decode, prefill, idle_j, total_p, total_d, busy_s, steps, rate, bool(seen))
 
     # -- what the meter observes -------------------------------------------------------------
     def reading(self, t_s: float, energy_j: float) -> IntervalResult | None:
@@ -459,6 +472,7 @@ class Timeline:
 
     def _apply(self, iv: _Interval) -> IntervalResult:
         t0, t1, d_energy = iv.t0_s, iv.t1_s, iv.energy_j
+        self.split_until_s = t1
         dt = t1 - t0
         if d_energy <= 0 or dt <= 0:
             return IntervalResult(t0, t1, 0.0, 0.0, 0.0, 0.0, self._settle(t1))
@@ -510,6 +524,7 @@ class Timeline:
         decode_j = sum(d for _p, d, _h in split.parts.values())
         if split.decode_tokens > 0:
             self.j_per_decode_token = decode_j / split.decode_tokens
+            self.decode_rate_per_s, self.decode_rate_seen = split.rate, split.rate_seen
         if split.prefill_tokens > 0 and prefill_j > 0:
             self.j_per_prompt_token = prefill_j / split.prefill_tokens
         elif self.j_per_decode_token is not None:
@@ -530,8 +545,9 @@ class Timeline:
         """The part already split, plus the rest at the latest prices; O(1), never waits.
 
         The rest: the prompt tokens not yet credited at the latest joules per prompt token, and the
-        tokens not yet split (the request's token count less the decode tokens already split) at the
-        latest joules per decode token. Amortized idle energy still waiting is left to settlement.
+        tokens not yet split at the latest joules per decode token (the token count less the decode
+        tokens already split; for a non-stream while no stream shows the rate, its decode time since
+        the last split at the rate the price was set with). Amortized idle energy still waiting is left to settlement.
         """
         req = self._requests.get(rid)
         if req is None:
@@ -539,7 +555,17 @@ class Timeline:
         prefill_j, decode_j, hw_s = req.prefill_j, req.decode_j, req.hw_s
         if self.j_per_decode_token is not None:
             rest_prompt = max(0.0, req.prompt_tokens - req.prefill_credited)
-            rest_decode = max(0.0, req.completion_tokens - req.decode_units)
+            if req.stream or self.decode_rate_seen:
+                rest_decode = max(0.0, req.completion_tokens - req.decode_units)
+            else:
+                # No stream shows the rate: the splits counted this request's decode time at the rate
+                # learned from requests that ended, so its rest is counted the same way. Time x rate x
+                # price is the decode power per sequence whatever the rate, so a learned rate far from
+                # this batch's costs nothing here; pricing the token count would miss by that factor.
+                # (With streams beside it, the rate is seen, and the count corrects the earlier splits.)
+                since = max(req.decode_from, self.split_until_s if self.split_until_s is not None else req.start_s)
+                end = req.end_s if req.end_s is not None else now_s
+                rest_decode = max(0.0, end - since) * self.decode_rate_per_s
             pj = rest_prompt * self.j_per_prompt_token
             dj = rest_decode * self.j_per_decode_token
             prefill_j += pj

@@ -192,6 +192,55 @@ def test_estimate_prices_the_unsplit_tokens_and_settles_later() -> None:
     assert tl.estimate("a", 2.0) is None
 
 
+@pytest.mark.parametrize("true_interval_s", [0.002, 0.02, 0.2])
+def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(true_interval_s: float) -> None:
+    # No stream shows the token rate, and none has been learned yet (the prior is 20 ms a token): the
+    # split counts the request's decode time at that rate, so its unsplit tail must be counted the same
+    # way. Pricing its true token count instead was off by the prior's error (ten times here at 2 ms a
+    # token, as seen on an H100 before this was fixed).
+    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl.reading(0.0, 0.0)
+    tl.start("a", 0.0, 0, stream=False)
+    tl.reading(1.0, 300.0)  # 300 W while it runs
+    tl.finish("a", 1.5, 0, round(1.5 / true_interval_s))
+    estimate = tl.estimate("a", 1.5)
+    assert estimate is not None and not estimate.settled
+    assert estimate.energy_j == pytest.approx(450.0)  # 1.5 s at 300 W, whatever its token count
+    result = tl.reading(1.5, 450.0)
+    assert result is not None
+    (share,) = result.settled
+    assert share.energy_j == pytest.approx(450.0)
+
+
+@pytest.mark.parametrize("phase_s", [i * 0.005 for i in range(10)])
+def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(phase_s: float) -> None:
+    # 60 W idle, 300 W while busy; a 20-token warm-up request (1.5 ms a token), then an 84 ms request,
+    # under 100 ms counter readings at every phase. The warm-up's rate replaces the 20 ms prior: blended
+    # in, the rate stayed ten times too slow, the prompt took most of the busy energy by weight, and the
+    # decode price came out too low; the response-time figure missed by up to 36 % (seen over HTTP).
+    busy = ((1.0, 1.03), (1.5, 1.584))
+
+    def counter_j(t: float) -> float:
+        return 60.0 * t + sum(240.0 * max(0.0, min(t, hi) - lo) for lo, hi in busy)
+
+    tl = Timeline(prefill_weight=None, idle="separate")
+    events = [(phase_s + 0.05 * i, "read", "") for i in range(40)]
+    events += [(1.0, "start", "w"), (1.03, "finish", "w"), (1.5, "start", "a"), (1.584, "finish", "a")]
+    estimate = None
+    for t, kind, rid in sorted(events):
+        if kind == "read":
+            tl.reading(t, counter_j(t))
+        elif kind == "start":
+            tl.start(rid, t, 50 if rid == "w" else 37, stream=False)
+        else:
+            tl.finish(rid, t, 50 if rid == "w" else 37, 20 if rid == "w" else 60)
+            estimate = tl.estimate(rid, t) if rid == "a" else None
+    assert tl.token_interval_learned and tl.token_interval_s < 0.002
+    assert estimate is not None
+    truth_j = counter_j(1.584) - counter_j(1.5)
+    assert estimate.energy_j == pytest.approx(truth_j, rel=0.05)
+
+
 def test_counter_going_backwards_attributes_nothing_and_recovers() -> None:
     tl = Timeline(prefill_weight=0.0, idle="separate")
     tl.reading(0.0, 1000.0)
