@@ -85,8 +85,14 @@ def _prompt(rng: random.Random, tokens: int) -> str:
 
 async def _spawn(args: list[str], log: Path, ready_url: str, timeout_s: float = 30.0) -> asyncio.subprocess.Process:
     """Start ``python -m scer_proxy ARGS`` and wait until ``ready_url`` answers."""
+    return await spawn_python(["-m", "scer_proxy", *args], log, ready_url, timeout_s)
+
+
+async def spawn_python(argv: list[str], log: Path, ready_url: str,
+                       timeout_s: float = 30.0) -> asyncio.subprocess.Process:
+    """Start this Python with ``argv`` and wait until ``ready_url`` answers (below 500)."""
     with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "scer_proxy", *args,
+        proc = await asyncio.create_subprocess_exec(sys.executable, *argv,
                                                     stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -100,7 +106,7 @@ async def _spawn(args: list[str], log: Path, ready_url: str, timeout_s: float = 
             await asyncio.sleep(0.05)
     await _stop(proc)
     output = await asyncio.to_thread(log.read_text, errors="replace")
-    raise RuntimeError(f"scer-proxy {args[0]} did not start: {output[-2000:]}")
+    raise RuntimeError(f"{' '.join(argv[:3])} did not start: {output[-2000:]}")
 
 
 async def _stop(proc: asyncio.subprocess.Process) -> None:

@@ -1,0 +1,304 @@
+"""The proxy's metering end to end on a real GPU: per-request energy against the GPU's own counter.
+
+``bench/gpu_check.py`` checks the NVML meter by itself; this checks the serving path around it. Two
+processes, on a machine with an NVIDIA GPU:
+
+- ``bench/gpu_upstream.py``: an OpenAI-compatible engine with continuous batching whose tokens cost
+  real GPU work (8 GiB of bf16 weights read every decode step, prompts run as one batch);
+- ``scer-proxy serve --meter auto`` in front of it (the check fails unless auto chose NVML), with
+  ``attribution.idle = "separate"`` and an in-memory ledger.
+
+This process reads the GPU's energy counter (``nvmlDeviceGetTotalEnergyConsumption``) every 2 ms in a
+thread, as the reference, and sends requests with the official openai client.
+
+1. **Isolated requests**, one at a time with idle gaps, half streamed: the reference energy of each is
+   the counter's increase over the client's span (from just before sending to the last byte; the
+   counter is interpolated between its updates). The proxy's settled figure (``energy_gpu_j``, before
+   PUE) and its response-time figure (header or ``usage.scer``) are compared with it. With nothing else
+   running, all of the GPU's energy in that span is the request's, so this is a truth on real hardware.
+2. **Concurrent requests** (continuous batching, mixed sizes): no per-request truth exists, so it checks
+   conservation (attributed + idle against the energy the meter measured), the meter's measured energy
+   against the reference counter over the same span, and that every record settled with source
+   ``nvml``.
+
+Usage: ``python bench/gpu_serve_check.py [--json FILE]`` (about a minute; figures also to
+``$OUT/gpu_serve_check.json`` when ``OUT`` is set). ``--cpu`` dry-runs the same steps with no GPU: the
+upstream runs numpy and models a counter at ``/metrics``, the proxy meters it with ``--meter
+simulated`` and the reference reads it too (this checks the script, not a GPU). Exits 2 when no GPU
+answers NVML, 1 when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import bisect
+import contextlib
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+
+from scer_proxy.serving import free_port  # noqa: E402
+from scer_proxy.sim.accuracy import _prompt, _stop, spawn_python  # noqa: E402
+
+MODEL = "gpu-load-8b"
+UPSTREAM = Path(__file__).resolve().parent / "gpu_upstream.py"
+
+
+class Counter(threading.Thread):
+    """Reads a cumulative energy counter (joules) every ``step_s``; interpolates it between its updates."""
+
+    def __init__(self, read_j: Callable[[], float], step_s: float) -> None:
+        super().__init__(name="reference-counter", daemon=True)
+        self.read_j, self.step_s = read_j, step_s
+        self.times: list[float] = []  # monotonic time a new value was first seen
+        self.values: list[float] = []
+        self.stop_event = threading.Event()
+        self.reads = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            value = self.read_j()
+            now = time.monotonic()
+            self.reads += 1
+            if not self.values or value != self.values[-1]:
+                self.times.append(now)
+                self.values.append(value)
+            time.sleep(self.step_s)
+
+    def at(self, t: float) -> float:
+        i = bisect.bisect_right(self.times, t)
+        if i == 0:
+            return self.values[0]
+        if i == len(self.times):
+            return self.values[-1]
+        t0, t1, v0, v1 = self.times[i - 1], self.times[i], self.values[i - 1], self.values[i]
+        return v0 + (v1 - v0) * (t - t0) / (t1 - t0)
+
+    def update_period_ms(self) -> float | None:
+        gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
+        return statistics.median(gaps) * 1000.0 if gaps else None
+
+
+def nvml_reader(gpu: int) -> Callable[[], float]:
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(gpu)
+    return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1000.0
+
+
+def metrics_reader(url: str) -> Callable[[], float]:
+    client = httpx.Client(timeout=2.0)
+    pattern = re.compile(r"^DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\{[^}]*\} (\S+)$", re.M)
+
+    def read() -> float:
+        match = pattern.search(client.get(url).text)
+        assert match is not None, "the upstream's /metrics has no energy counter"
+        return float(match.group(1)) / 1000.0
+
+    return read
+
+
+@contextlib.asynccontextmanager
+async def stack(tmp: Path, *, cpu: bool) -> AsyncIterator[tuple[str, str]]:
+    up_url, px_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    config = (f'[meter]\nkind = "{"simulated" if cpu else "auto"}"\ninterval_ms = 50.0\n'
+              f'[storage]\npath = ":memory:"\n[attribution]\nidle = "separate"\n[server]\nlog_level = "warning"\n'
+              f'[[upstreams]]\nname = "gpu"\nurl = "{up_url}"\ngpus = [0]\n')
+    (tmp / "proxy.toml").write_text(config)
+    upstream = await spawn_python([str(UPSTREAM), up_url.rsplit(":", 1)[1], *(["--cpu"] if cpu else [])],
+                                    tmp / "upstream.log", f"{up_url}/health", timeout_s=120.0)
+    try:
+        proxy = await spawn_python(["-m", "scer_proxy", "serve", "--config", str(tmp / "proxy.toml"),
+                                      "--listen", px_url.removeprefix("http://")],
+                                     tmp / "proxy.log", f"{px_url}/scer/health")
+        try:
+            yield up_url, px_url
+        finally:
+            await _stop(proxy)
+    finally:
+        await _stop(upstream)
+
+
+async def one(client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_tokens: int,
+              stream: bool) -> dict[str, Any]:
+    messages: Any = [{"role": "user", "content": _prompt(random.Random(seed), prompt_tokens)}]
+    started = time.monotonic()
+    if stream:
+        async with client.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=messages, max_tokens=max_tokens, stream=True,
+            stream_options={"include_usage": True},
+        ) as resp:
+            rid = resp.headers["x-scer-request-id"]
+            header_j = None
+            async for chunk in await resp.parse():
+                if chunk.usage is not None:
+                    header_j = (chunk.usage.model_extra or {}).get("scer", {}).get("energy_j")
+    else:
+        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=messages,
+                                                                      max_tokens=max_tokens)
+        rid = raw.headers["x-scer-request-id"]
+        header_j = float(raw.headers["x-scer-energy-j"]) if "x-scer-energy-j" in raw.headers else None
+    return {"request_id": rid, "stream": stream, "prompt_tokens_asked": prompt_tokens, "max_tokens": max_tokens,
+            "start_s": started, "end_s": time.monotonic(), "header_j": header_j}
+
+
+async def settled(http: httpx.AsyncClient, px_url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = {r["request_id"]: r for r in (await http.get(f"{px_url}/scer/requests?limit=10000")).json()["data"]}
+        if all(records.get(rid, {}).get("settled") for rid in ids) or time.monotonic() > deadline:
+            return records
+        await asyncio.sleep(0.1)
+
+
+def rel(a: float | None, b: float) -> float | None:
+    return None if a is None or b == 0 else (a - b) / b
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    isolated_sizes = [(60, 150), (400, 400), (1500, 800)] if not args.cpu else [(30, 60), (80, 150), (150, 300)]
+    with tempfile.TemporaryDirectory(prefix="scer-gpu-serve-") as tmp_name:
+        tmp = Path(tmp_name)
+        async with stack(tmp, cpu=args.cpu) as (up_url, px_url):
+            counter = Counter(metrics_reader(up_url + "/metrics") if args.cpu else nvml_reader(args.gpu),
+                              0.005 if args.cpu else 0.002)
+            counter.start()
+            client = openai.AsyncOpenAI(base_url=f"{px_url}/v1", api_key="sk-gpu-check", max_retries=0, timeout=600)
+            async with httpx.AsyncClient(timeout=30) as http:
+                health = (await http.get(f"{px_url}/scer/health")).json()
+                meter = health["meter"]["upstreams"][0]
+                warm = await one(client, seed=0, prompt_tokens=50, max_tokens=20, stream=False)
+                await asyncio.sleep(args.gap_s)
+                # 1. isolated requests
+                isolated = []
+                for i, (prompt, out) in enumerate(isolated_sizes * 2):
+                    isolated.append(await one(client, seed=i + 1, prompt_tokens=prompt, max_tokens=out,
+                                              stream=i >= len(isolated_sizes)))
+                    await asyncio.sleep(args.gap_s)
+                # 2. concurrent requests
+                rng = random.Random(7)
+                gate = asyncio.Semaphore(args.concurrency)
+
+                async def gated(i: int) -> dict[str, Any]:
+                    async with gate:
+                        prompt = rng.randint(20, 1500 if not args.cpu else 150)
+                        return await one(client, seed=100 + i, prompt_tokens=prompt,
+                                         max_tokens=rng.randint(50, 600 if not args.cpu else 200), stream=i % 2 == 0)
+
+                window_start = time.monotonic()
+                concurrent = list(await asyncio.gather(*(gated(i) for i in range(args.requests))))
+                window_end = time.monotonic()
+                ids = [r["request_id"] for r in [warm, *isolated, *concurrent]]
+                records = await settled(http, px_url, ids)
+                summary = (await http.get(f"{px_url}/scer/summary")).json()
+                meter = summary["meter"]["upstreams"][0]  # read with the idle energy, at the same instant
+            await client.close()
+            counter.stop_event.set()
+            counter.join(5)
+
+    rows = []
+    for r in isolated:
+        record = records.get(r["request_id"], {})
+        truth_j = counter.at(r["end_s"]) - counter.at(r["start_s"])
+        settled_j = record.get("energy_gpu_j") if record.get("settled") else None
+        rows.append({"stream": r["stream"], "prompt_tokens": record.get("prompt_tokens"),
+                     "completion_tokens": record.get("completion_tokens"), "duration_s": r["end_s"] - r["start_s"],
+                     "reference_j": truth_j, "settled_j": settled_j, "header_j": r["header_j"],
+                     "settled_vs_reference": rel(settled_j, truth_j), "header_vs_reference": rel(r["header_j"], truth_j),
+                     "energy_source": record.get("energy_source")})
+    all_records = [records.get(rid, {}) for rid in ids]
+    attributed_j = sum(r.get("energy_gpu_j") or 0.0 for r in all_records)
+    pue = 1.0  # the default; energy_gpu_j is before PUE, and idle_energy_j is with it
+    measured_j = meter["measured_j"]
+    per_token = [r["energy_gpu_j"] / r["completion_tokens"] for r in (records[c["request_id"]] for c in concurrent)
+                 if r.get("energy_gpu_j") and r.get("completion_tokens")]
+    errors = [abs(x["settled_vs_reference"]) for x in rows if x["settled_vs_reference"] is not None]
+    return {
+        "meter_kind": meter["kind"],
+        "meter_note": meter.get("note"),
+        "meter_devices": meter.get("devices"),
+        "meter_update_period_ms": meter.get("update_period_ms"),
+        "meter_interval_ms": meter.get("interval_ms"),
+        "reference_update_period_ms": counter.update_period_ms(),
+        "isolated": rows,
+        "isolated_settled_abs_error_median": statistics.median(errors) if errors else None,
+        "isolated_settled_abs_error_max": max(errors) if errors else None,
+        "concurrent_requests": len(concurrent),
+        "concurrent_wall_s": window_end - window_start,
+        "concurrent_reference_j": counter.at(window_end) - counter.at(window_start),
+        "concurrent_attributed_j": sum(records[c["request_id"]].get("energy_gpu_j") or 0.0 for c in concurrent),
+        "concurrent_j_per_output_token": {"median": statistics.median(per_token), "min": min(per_token),
+                                          "max": max(per_token)} if per_token else None,
+        "all_settled": all(r.get("settled") for r in all_records),
+        "sources": sorted({str(r.get("energy_source")) for r in all_records}),
+        "attributed_j": attributed_j,
+        "idle_j": summary["idle_energy_j"] / pue,
+        "measured_j": measured_j,
+        "conservation_rel": abs(attributed_j + summary["idle_energy_j"] / pue - measured_j) / measured_j
+        if measured_j else None,
+        "counter_reads": counter.reads,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--gpu", type=int, default=0)
+    parser.add_argument("--cpu", action="store_true", help="dry run with no GPU (numpy upstream, modelled counter)")
+    parser.add_argument("--requests", type=int, default=48, help="requests of the concurrent phase")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--gap-s", type=float, default=1.0, help="idle time between isolated requests")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    args = parser.parse_args()
+    os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    if not args.cpu:
+        from scer_proxy.meters.nvml import nvml_available
+
+        if not nvml_available():
+            print("no NVIDIA GPU answers through NVML on this machine: nothing to check (--cpu dry-runs it)",
+                  file=sys.stderr)
+            return 2
+    figures = asyncio.run(run(args))
+    for row in figures["isolated"]:
+        print(f"isolated {'stream' if row['stream'] else 'plain '} prompt {row['prompt_tokens']:>5} "
+              f"out {row['completion_tokens']:>4} {row['duration_s']:6.2f} s  reference {row['reference_j']:9.2f} J  "
+              f"settled {row['settled_j'] or float('nan'):9.2f} J ({100 * (row['settled_vs_reference'] or 0):+6.2f} %)  "
+              f"header {row['header_j'] or float('nan'):9.2f} J ({100 * (row['header_vs_reference'] or 0):+6.2f} %)")
+    for key, value in figures.items():
+        if key != "isolated":
+            print(f"{key:36} {value:.6g}" if isinstance(value, float) else f"{key:36} {value}")
+    conservation, median = figures["conservation_rel"], figures["isolated_settled_abs_error_median"]
+    checks = {
+        "auto chose the GPU's own counter": args.cpu or figures["meter_kind"] == "nvml",
+        "every record settled": figures["all_settled"],
+        "conservation within 0.1 %": conservation is not None and conservation <= 1e-3,
+        "isolated settled median error <= 5 %": median is not None and median <= 0.05,
+    }
+    for name, ok in checks.items():
+        print(f"{'PASS' if ok else 'FAIL'}  {name}")
+    figures["checks"] = checks
+    for path in [args.json, Path(os.environ["OUT"]) / "gpu_serve_check.json" if os.environ.get("OUT") else None]:
+        if path is not None:
+            path.write_text(json.dumps(figures, indent=2))
+    return 0 if all(checks.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
