@@ -46,6 +46,7 @@ ML.ENERGY v3 (Llama-3.1-8B on one H100, vLLM): a decode token costs 0.1 to 0.45 
 while prefill runs near 30,000 tokens/s at about 650 W, roughly 0.02 J a token: about a tenth.
 """
 MIN_CALIBRATION_INTERVALS = 6
+FIRST_RATE_MIN_TOKENS = 16  # tokens a non-streamed request needs for its rate to replace the prior
 
 
 @dataclass
@@ -190,8 +191,8 @@ class Timeline:
     prefill_weight: float | None = None
     idle: str = "amortize"
     max_defer_s: float = 2.0
-    token_interval_s: float = 0.02  # a prior, until the first request that shows it has ended
-    token_interval_learned: bool = False
+    token_interval_s: float = 0.02  # a prior, until requests that show the rate have ended
+    token_interval_learned: bool = False  # a non-stream of FIRST_RATE_MIN_TOKENS replaced the prior
     prefill_tokens_per_s: float = 10_000.0
     idle_power_w: float | None = None
     last_t_s: float | None = None
@@ -258,10 +259,10 @@ class Timeline:
         if req.stream and req.first_token_s is not None:
             seen = req.completion_tokens
             if seen > 1 and req.end_s > req.first_token_s:
-                self._learn_token_interval((req.end_s - req.first_token_s) / (seen - 1))
+                self.token_interval_s += 0.2 * ((req.end_s - req.first_token_s) / (seen - 1) - self.token_interval_s)
         elif not req.stream and completion_tokens > 1 and req.end_s > req.decode_from:
             # Without streams the token rate can only be learned from whole non-streamed requests.
-            self._learn_token_interval((req.end_s - req.decode_from) / completion_tokens)
+            self._learn_token_interval((req.end_s - req.decode_from) / completion_tokens, completion_tokens)
         req.completion_tokens = max(0, completion_tokens)
         if not req.pinned:
             req.prefill_hi = min(req.prefill_hi, req.end_s)
@@ -269,11 +270,13 @@ class Timeline:
             req.decode_from = min(req.decode_from, req.end_s)
             req.pinned = True
 
-    def _learn_token_interval(self, interval_s: float) -> None:
-        """A request's time per token, averaged in; the first one replaces the prior outright (a server
-        can be ten times faster or slower than the prior, and until streams show the rate, non-streamed
-        requests are split at this one)."""
-        if not self.token_interval_learned:
+    def _learn_token_interval(self, interval_s: float, tokens: int) -> None:
+        """A non-streamed request's time per token, averaged in; the first of at least
+        ``FIRST_RATE_MIN_TOKENS`` tokens replaces the prior outright. Non-streams are split at this rate
+        while no stream shows it, and a server can be ten times faster or slower than the prior.
+        (Streams are averaged in only: the first ones to end in an opening burst are short, and this
+        interval also groups first tokens; pinning prefills on one short stream widened the tail.)"""
+        if not self.token_interval_learned and tokens >= FIRST_RATE_MIN_TOKENS:
             self.token_interval_s, self.token_interval_learned = interval_s, True
         else:
             self.token_interval_s += 0.2 * (interval_s - self.token_interval_s)

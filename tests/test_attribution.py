@@ -215,8 +215,8 @@ def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(t
 @pytest.mark.parametrize("phase_s", [i * 0.005 for i in range(10)])
 def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(phase_s: float) -> None:
     # 60 W idle, 300 W while busy; a 20-token warm-up request (1.5 ms a token), then an 84 ms request,
-    # under 100 ms counter readings at every phase. The warm-up's rate replaces the 20 ms prior: blended
-    # in, the rate stayed ten times too slow, the prompt took most of the busy energy by weight, and the
+    # under 100 ms counter readings at every phase. The warm-up's rate (20 tokens, at least
+    # FIRST_RATE_MIN_TOKENS) replaces the 20 ms prior: blended in, the rate stayed ten times too slow, the prompt took most of the busy energy by weight, and the
     # decode price came out too low; the response-time figure missed by up to 36 % (seen over HTTP).
     busy = ((1.0, 1.03), (1.5, 1.584))
 
@@ -239,6 +239,19 @@ def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(pha
     assert estimate is not None
     truth_j = counter_j(1.584) - counter_j(1.5)
     assert estimate.energy_j == pytest.approx(truth_j, rel=0.05)
+
+
+@pytest.mark.parametrize(("stream", "tokens", "replaces"), [(False, 20, True), (False, 4, False), (True, 100, False)])
+def test_which_requests_replace_the_token_rate_prior(stream: bool, tokens: int, replaces: bool) -> None:
+    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl.reading(0.0, 0.0)
+    tl.start("r", 0.0, 0, stream=stream)
+    for i in range(tokens if stream else 0):
+        tl.tokens("r", 0.002 * (i + 1))
+    tl.finish("r", 0.002 * (tokens + 1), 0, tokens)  # 2 ms a token, ten times faster than the prior
+    assert tl.token_interval_learned is replaces
+    blended = 0.02 + 0.2 * (0.002 - 0.02)
+    assert tl.token_interval_s == pytest.approx(0.002 if replaces else blended, rel=0.1)
 
 
 def test_counter_going_backwards_attributes_nothing_and_recovers() -> None:
