@@ -215,14 +215,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             counter.join(5)
 
     rows = []
+    window_s = min(0.4, 0.8 * args.gap_s)  # of the idle gap before and after each isolated request
     for r in isolated:
         record = records.get(r["request_id"], {})
         truth_j = counter.at(r["end_s"]) - counter.at(r["start_s"])
         settled_j = record.get("energy_gpu_j") if record.get("settled") else None
+        # The GPU does not drop to idle power the instant its work ends: the energy above idle in the
+        # window after the end (idle power taken from the window before the start) is shown apart.
+        idle_w = (counter.at(r["start_s"]) - counter.at(r["start_s"] - window_s)) / window_s
+        after_j = counter.at(r["end_s"] + window_s) - counter.at(r["end_s"]) - idle_w * window_s
         rows.append({"stream": r["stream"], "prompt_tokens": record.get("prompt_tokens"),
                      "completion_tokens": record.get("completion_tokens"), "duration_s": r["end_s"] - r["start_s"],
                      "reference_j": truth_j, "settled_j": settled_j, "header_j": r["header_j"],
                      "settled_vs_reference": rel(settled_j, truth_j), "header_vs_reference": rel(r["header_j"], truth_j),
+                     "idle_w": idle_w, "after_end_above_idle_j": after_j,
+                     "settled_vs_reference_and_after": rel(settled_j, truth_j + after_j),
                      "energy_source": record.get("energy_source")})
     all_records = [records.get(rid, {}) for rid in ids]
     attributed_j = sum(r.get("energy_gpu_j") or 0.0 for r in all_records)
@@ -280,7 +287,8 @@ def main() -> int:
         print(f"isolated {'stream' if row['stream'] else 'plain '} prompt {row['prompt_tokens']:>5} "
               f"out {row['completion_tokens']:>4} {row['duration_s']:6.2f} s  reference {row['reference_j']:9.2f} J  "
               f"settled {row['settled_j'] or float('nan'):9.2f} J ({100 * (row['settled_vs_reference'] or 0):+6.2f} %)  "
-              f"header {row['header_j'] or float('nan'):9.2f} J ({100 * (row['header_vs_reference'] or 0):+6.2f} %)")
+              f"header {row['header_j'] or float('nan'):9.2f} J ({100 * (row['header_vs_reference'] or 0):+6.2f} %)  "
+              f"after the end {row['after_end_above_idle_j']:6.2f} J above {row['idle_w']:5.1f} W idle")
     for key, value in figures.items():
         if key != "isolated":
             print(f"{key:36} {value:.6g}" if isinstance(value, float) else f"{key:36} {value}")
