@@ -259,7 +259,8 @@ class Timeline:
         if req.stream and req.first_token_s is not None:
             seen = req.completion_tokens
             if seen > 1 and req.end_s > req.first_token_s:
-                self.token_interval_s += 0.2 * ((req.end_s - req.first_token_s) / (seen - 1) - self.token_interval_s)
+                interval = (req.end_s - req.first_token_s) / (seen - 1)
+                self.token_interval_s += 0.2 * (interval - self.token_interval_s)
         elif not req.stream and completion_tokens > 1 and req.end_s > req.decode_from:
             # Without streams the token rate can only be learned from whole non-streamed requests.
             self._learn_token_interval((req.end_s - req.decode_from) / completion_tokens, completion_tokens)
@@ -550,7 +551,8 @@ class Timeline:
         The rest: the prompt tokens not yet credited at the latest joules per prompt token, and the
         tokens not yet split at the latest joules per decode token (the token count less the decode
         tokens already split; for a non-stream while no stream shows the rate, its decode time since
-        the last split at the rate the price was set with). Amortized idle energy still waiting is left to settlement.
+        the last split at the rate the price was set with). Amortized idle energy still waiting is left
+        to settlement.
         """
         req = self._requests.get(rid)
         if req is None:

@@ -46,9 +46,9 @@ NVML function and the device. After ``Uninitialized``,
 (keeping offsets, so the cumulative figure stays monotonic).
 
 Event loop: NVML calls are synchronous C calls into the driver, and reading the energy counter is
-not cheap: on an H100 (driver 580, in a virtual machine) ``nvmlDeviceGetTotalEnergyConsumption`` took
-5 ms at the median and 20 ms at p99 (``bench/gpu_check.py``), while ``nvmlDeviceGetPowerUsage`` took
-9 us. So every NVML call runs in the meter's own thread (one worker: calls stay in order, and a shutdown
+not cheap: on H100s (driver 580, in virtual machines) ``nvmlDeviceGetTotalEnergyConsumption`` took 3
+to 5 ms at the median and 14 to 24 ms at p99 (``bench/gpu_check.py``), ``nvmlDeviceGetPowerUsage`` 9 to
+15 us. So every NVML call runs in the meter's own thread (one worker: calls stay in order, and a shutdown
 waits for a read still running), never on the event loop, which keeps relaying streams meanwhile.
 Opening polls the counter with ``await sleep`` between calls.
 """
