@@ -20,7 +20,7 @@ import uvloop
 from aiohttp import web
 
 from scer_proxy.proxy import forward_headers
-from scer_proxy.serving import serve_app, tune_gc_for_serving, wait_for_signal
+from scer_proxy.serving import serve_until_signal, tune_gc_for_serving
 
 
 def make_app(upstream_url: str) -> web.Application:
@@ -58,12 +58,7 @@ def make_app(upstream_url: str) -> web.Application:
 
 async def serve(host: str, port: int, upstream_url: str) -> None:
     # The proxy's own serving: the same server settings, then the same process tuning as `scer-proxy serve`.
-    runner, _url = await serve_app(make_app(upstream_url), host, port, shutdown_timeout=1.0)
-    tune_gc_for_serving()
-    try:
-        await wait_for_signal()
-    finally:
-        await runner.cleanup()
+    await serve_until_signal(make_app(upstream_url), host, port, shutdown_timeout=1.0, on_started=tune_gc_for_serving)
 
 
 def main() -> None:

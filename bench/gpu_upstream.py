@@ -32,7 +32,7 @@ import uvloop
 from aiohttp import web
 
 from scer_proxy import tokens
-from scer_proxy.serving import wait_for_signal
+from scer_proxy.serving import serve_until_signal
 
 MODEL = "gpu-load-8b"
 TOKEN = " tok"
@@ -221,16 +221,6 @@ def make_app(weights: Weights, *, cpu: bool) -> web.Application:
     return app
 
 
-async def serve(host: str, port: int, weights: Weights, *, cpu: bool) -> None:
-    runner = web.AppRunner(make_app(weights, cpu=cpu), access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, reuse_address=True).start()
-    try:
-        await wait_for_signal()
-    finally:
-        await runner.cleanup()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("port", type=int)
@@ -243,7 +233,7 @@ def main() -> None:
                       layers=args.layers or (4 if args.cpu else 32))
     tokens.encoding()  # loaded before serving, as the proxy does
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve(args.host, args.port, weights, cpu=args.cpu))
+        uvloop.run(serve_until_signal(make_app(weights, cpu=args.cpu), args.host, args.port, shutdown_timeout=1.0))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import signal
 import socket
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -81,3 +82,15 @@ async def serve_app(
     bound_port = sockets[0][1] if sockets else port
     shown = f"[{host}]" if ":" in host else host
     return runner, f"http://{shown}:{bound_port}"
+
+
+async def serve_until_signal(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0,
+                             on_started: Callable[[], object] | None = None) -> None:
+    """Serve ``app`` (as :func:`serve_app`) until SIGINT or SIGTERM, then shut it down: a helper server's life."""
+    runner, _url = await serve_app(app, host, port, shutdown_timeout=shutdown_timeout)
+    if on_started is not None:
+        on_started()
+    try:
+        await wait_for_signal()
+    finally:
+        await runner.cleanup()
