@@ -3,7 +3,7 @@
 Three real processes: the engine-shaped upstream (numpy, with a modelled counter at ``/metrics``), the
 proxy metering it, and the check driving both with the openai client. The reference is the same counter
 read every 5 ms, so the proxy's figures must match it; the non-streamed requests' response-time figures
-once missed it by the error of the token-rate prior (4 to 10 times, on the H100 as here).
+once missed it by the error of the token-rate prior (5 to 11 times over, here).
 """
 
 from __future__ import annotations
