@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import math
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -93,13 +94,56 @@ async def test_joules_equal_the_engine_counter_delta(profile: str, by_uuid: bool
     assert fake.inits == fake.shutdowns == 1
 
 
-async def test_reads_run_in_the_meters_thread_while_the_loop_goes_on() -> None:
-    """On an H100 the energy counter call took 5 ms at the median and 20 ms at p99: a read must not hold
-    the event loop (and every stream it relays) for that long. Here the call blocks until the loop itself
-    releases it, which it could not do if the call ran on the loop's thread."""
+def _slow(fake: FakeNvml, seconds: float) -> Callable[[Any], int]:
+    """Make the fake's energy counter call take ``seconds`` (as on an H100 in a VM); returns the original."""
+    counter = fake.nvmlDeviceGetTotalEnergyConsumption
+
+    def slow_counter(handle: Any) -> int:
+        time.sleep(seconds)
+        return counter(handle)
+
+    fake.nvmlDeviceGetTotalEnergyConsumption = slow_counter  # type: ignore[method-assign]
+    return counter
+
+
+async def test_quick_reads_stay_on_the_loop_and_a_slow_one_moves_them_to_the_thread() -> None:
     clock, _engine, fake = setup()
     meter = meter_for(clock, fake)
+    await meter.read()
+    assert not meter.reads_in_thread and not meter.describe()["reads_in_thread"]  # a thread hop costs more
+    threads: list[int] = []
+    counter = _slow(fake, 0.002)
+    slow = fake.nvmlDeviceGetTotalEnergyConsumption
+
+    def recording(handle: Any) -> int:
+        threads.append(threading.get_ident())
+        return slow(handle)
+
+    fake.nvmlDeviceGetTotalEnergyConsumption = recording  # type: ignore[method-assign]
+    with capture_logs() as logs:
+        for _ in range(3):
+            clock.advance(0.1)
+            await meter.read()
+    assert meter.reads_in_thread and meter.describe()["reads_in_thread"]
+    main = threading.get_ident()
+    assert threads[0] == main and all(t != main for t in threads[1:])  # the slow one, then the thread
+    assert [e["event"] for e in logs if e["event"].startswith("nvml_reads")] == ["nvml_reads_moved_to_thread"]
+    fake.nvmlDeviceGetTotalEnergyConsumption = counter  # type: ignore[method-assign]
+    clock.advance(0.1)
+    await meter.read()
+    assert meter.reads_in_thread  # for good: a quick read does not bring them back
+    await meter.close()
+
+
+async def test_slow_reads_run_in_the_meters_thread_while_the_loop_goes_on() -> None:
+    """On an H100 the energy counter call took 3 to 5 ms at the median and 14 to 24 ms at p99: such a read
+    must not hold the event loop (and every stream it relays). Here the call blocks until the loop itself
+    releases it, which it could not do if the call ran on the loop's thread."""
+    clock, _engine, fake = setup()
+    _slow(fake, 0.001)  # slow from the start: the probe at open sees it
+    meter = meter_for(clock, fake)
     await meter.open()
+    assert meter.reads_in_thread
     counter = fake.nvmlDeviceGetTotalEnergyConsumption
     release = threading.Event()
     entered = asyncio.Event()

@@ -45,12 +45,14 @@ NVML function and the device. After ``Uninitialized``,
 ``GpuIsLost`` or ``DriverNotLoaded`` the next read re-initialises NVML and re-resolves the handles
 (keeping offsets, so the cumulative figure stays monotonic).
 
-Event loop: NVML calls are synchronous C calls into the driver, and reading the energy counter is
-not cheap: on H100s (driver 580, in virtual machines) ``nvmlDeviceGetTotalEnergyConsumption`` took 3
-to 5 ms at the median and 14 to 24 ms at p99 (``bench/gpu_check.py``), ``nvmlDeviceGetPowerUsage`` 9 to
-15 us. So every NVML call runs in the meter's own thread (one worker: calls stay in order, and a shutdown
-waits for a read still running), never on the event loop, which keeps relaying streams meanwhile.
-Opening polls the counter with ``await sleep`` between calls.
+Event loop: NVML calls are synchronous C calls into the driver, usually tens of microseconds, but not
+everywhere: on H100s (driver 580, in virtual machines) ``nvmlDeviceGetTotalEnergyConsumption`` took
+3 to 5 ms at the median and 14 to 24 ms at p99 (``bench/gpu_check.py``), ``nvmlDeviceGetPowerUsage``
+9 to 15 us. A thread hop costs about 0.4 ms of CPU a read on this project's machines. So reads run on
+the event loop while they are quick, and each is timed: the first one (or one of the period probe's
+calls at open) that takes longer than ``INLINE_MAX_S`` moves every later read to the meter's own
+thread, for good (one worker: calls stay in order, and a shutdown waits for a read still running).
+Opening and closing NVML always run in that thread. The probe polls with ``await sleep`` between calls.
 """
 
 from __future__ import annotations
@@ -87,6 +89,7 @@ _VALUE_MEMBERS = {0: "dVal", 1: "uiVal", 2: "ulVal", 3: "ullVal", 4: "sllVal", 5
 ENERGY_COUNTER = "energy_counter"
 POWER_INTEGRATION = "power_integration"
 STALL_MIN_POWER_W = 1.0
+INLINE_MAX_S = 0.0005  # a read that takes longer moves all later reads off the event loop
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -185,7 +188,8 @@ class NvmlMeter:
         self._mig_warned = False
         self.update_period_s: float | None = None
         self.resets = 0
-        self._thread: ThreadPoolExecutor | None = None  # where every NVML call runs (see the module's notes)
+        self._thread: ThreadPoolExecutor | None = None  # where slow NVML calls run (see the module's notes)
+        self.reads_in_thread = False
 
     # -- public ---------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -230,7 +234,10 @@ class NvmlMeter:
         if not (self._opened and self._handles_valid):
             await self.open()
         try:
-            t_s = await self._in_thread(self._read_devices)
+            if self.reads_in_thread:
+                t_s = await self._in_thread(self._read_devices)
+            else:
+                t_s = self._timed(self._read_devices)
         except NvmlError as exc:
             if exc.code in (_ERROR_UNINITIALIZED, _ERROR_GPU_IS_LOST, _ERROR_DRIVER_NOT_LOADED):
                 self._handles_valid = False
@@ -248,6 +255,19 @@ class NvmlMeter:
                 self._read_power(device, t_s)
         return t_s
 
+    def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
+        """Call ``function`` on the event loop; if it took longer than ``INLINE_MAX_S``, move later reads
+        to the meter's thread."""
+        started = time.perf_counter()
+        try:
+            return function(*args)
+        finally:
+            took_s = time.perf_counter() - started
+            if took_s > INLINE_MAX_S and not self.reads_in_thread:
+                self.reads_in_thread = True
+                log.info("nvml_reads_moved_to_thread", took_ms=round(took_s * 1000.0, 3),
+                         limit_ms=INLINE_MAX_S * 1000.0)
+
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
@@ -264,6 +284,7 @@ class NvmlMeter:
             "mig": any(device.mig for device in self._devices),
             "resets": self.resets,
             "stalled": any(device.stalled for device in self._devices),
+            "reads_in_thread": self.reads_in_thread,
         }
 
     async def close(self) -> None:
@@ -368,11 +389,11 @@ class NvmlMeter:
         """The interval between changes of the device's counter (or power), polled for a bounded time."""
         sample = self._counter_mj if device.method == ENERGY_COUNTER else self._power_mw
         start_s = self._clock()
-        last = await self._in_thread(sample, device)
+        last = self._timed(sample, device)
         changes: list[float] = []
         while self._clock() - start_s < self._probe_timeout_s and len(changes) < 3:
             await self._sleep(self._probe_step_s)
-            value = await self._in_thread(sample, device)
+            value = await self._in_thread(sample, device) if self.reads_in_thread else self._timed(sample, device)
             if value != last:
                 changes.append(self._clock())
                 last = value
