@@ -37,7 +37,6 @@ import contextlib
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,7 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from scer_proxy.meters.dcgm import parse_energy_mj  # noqa: E402
 from scer_proxy.serving import free_port  # noqa: E402
 from scer_proxy.sim.accuracy import _prompt, _stop, spawn_python  # noqa: E402
 
@@ -105,13 +105,13 @@ def nvml_reader(gpu: int) -> Callable[[], float]:
 
 
 def metrics_reader(url: str) -> Callable[[], float]:
+    """The DCGM-style counter at ``url``, parsed as the proxy's DCGM meter parses it (joules, all GPUs)."""
     client = httpx.Client(timeout=2.0)
-    pattern = re.compile(r"^DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\{[^}]*\} (\S+)$", re.M)
 
     def read() -> float:
-        match = pattern.search(client.get(url).text)
-        assert match is not None, "the upstream's /metrics has no energy counter"
-        return float(match.group(1)) / 1000.0
+        samples = parse_energy_mj(client.get(url).text)
+        assert samples, "the upstream's /metrics has no energy counter"
+        return sum(mj for mj, _labels in samples.values()) / 1000.0
 
     return read
 
@@ -183,8 +183,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             counter.start()
             client = openai.AsyncOpenAI(base_url=f"{px_url}/v1", api_key="sk-gpu-check", max_retries=0, timeout=600)
             async with httpx.AsyncClient(timeout=30) as http:
-                health = (await http.get(f"{px_url}/scer/health")).json()
-                meter = health["meter"]["upstreams"][0]
                 warm = await one(client, seed=0, prompt_tokens=50, max_tokens=20, stream=False)
                 await asyncio.sleep(args.gap_s)
                 # 1. isolated requests
