@@ -168,6 +168,7 @@ class NvmlMeter:
         probe_step_s: float = 0.002,
         probe_timeout_s: float = 0.3,
         stall_after_s: float | None = None,
+        inline_max_s: float = INLINE_MAX_S,
     ) -> None:
         """``gpus``: NVML indices or UUIDs; ``nvml``: the module to call (default ``pynvml``, imported
         on open); ``sleep``: awaited between probe polls (tests pass one that advances a fake clock)."""
@@ -181,6 +182,7 @@ class NvmlMeter:
         self._probe_step_s = probe_step_s
         self._probe_timeout_s = probe_timeout_s
         self._stall_after_s = stall_after_s
+        self._inline_max_s = inline_max_s
         self._initialised = False  # nvmlInit succeeded and is not yet matched by nvmlShutdown
         self._opened = False  # devices resolved and methods chosen (survives a re-initialisation)
         self._handles_valid = False
@@ -256,17 +258,17 @@ class NvmlMeter:
         return t_s
 
     def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
-        """Call ``function`` on the event loop; if it took longer than ``INLINE_MAX_S``, move later reads
-        to the meter's thread."""
+        """Call ``function`` on the event loop; if it took longer than ``inline_max_s`` (default
+        ``INLINE_MAX_S``), move later reads to the meter's thread."""
         started = time.perf_counter()
         try:
             return function(*args)
         finally:
             took_s = time.perf_counter() - started
-            if took_s > INLINE_MAX_S and not self.reads_in_thread:
+            if took_s > self._inline_max_s and not self.reads_in_thread:
                 self.reads_in_thread = True
                 log.info("nvml_reads_moved_to_thread", took_ms=round(took_s * 1000.0, 3),
-                         limit_ms=INLINE_MAX_S * 1000.0)
+                         limit_ms=self._inline_max_s * 1000.0)
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
