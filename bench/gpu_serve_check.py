@@ -55,7 +55,7 @@ import openai  # noqa: E402
 
 from scer_proxy.meters.dcgm import parse_energy_mj  # noqa: E402
 from scer_proxy.serving import free_port  # noqa: E402
-from scer_proxy.sim.accuracy import _prompt, _stop, spawn_python  # noqa: E402
+from scer_proxy.sim.accuracy import prompt_text, spawn_python, stop_process  # noqa: E402
 
 MODEL = "gpu-load-8b"
 UPSTREAM = Path(__file__).resolve().parent / "gpu_upstream.py"
@@ -132,14 +132,14 @@ async def stack(tmp: Path, *, cpu: bool) -> AsyncIterator[tuple[str, str]]:
         try:
             yield up_url, px_url
         finally:
-            await _stop(proxy)
+            await stop_process(proxy)
     finally:
-        await _stop(upstream)
+        await stop_process(upstream)
 
 
 async def one(client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_tokens: int,
               stream: bool) -> dict[str, Any]:
-    messages: Any = [{"role": "user", "content": _prompt(random.Random(seed), prompt_tokens)}]
+    messages: Any = [{"role": "user", "content": prompt_text(random.Random(seed), prompt_tokens)}]
     started = time.monotonic()
     if stream:
         async with client.chat.completions.with_streaming_response.create(

@@ -14,7 +14,6 @@ import re
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import replace
 from typing import Any
 
 from scer_proxy.attribution import Share
@@ -138,12 +137,12 @@ class Accounting:
             "grid_age_s": grid.age_s(ended_at),
         }
         if share is None:
-            done = replace(record, **changes, energy_source="none",
-                           grid_intensity_g_per_kwh=grid.intensity_g_per_kwh, grid_source=grid.source)
+            done = record.evolve(**changes, energy_source="none",
+                                 grid_intensity_g_per_kwh=grid.intensity_g_per_kwh, grid_source=grid.source)
         else:
             units = functional_units(record.endpoint, prompt_tokens, completion_tokens)
-            done = replace(record, **changes, **self._energy(record.upstream, share, units,
-                                                             grid.intensity_g_per_kwh, grid.source))
+            done = record.evolve(**changes, **self._energy(record.upstream, share, units,
+                                                           grid.intensity_g_per_kwh, grid.source))
             if not share.settled:
                 self._pending[done.request_id] = done
         self.ledger.put(done)
@@ -170,9 +169,9 @@ class Accounting:
         duration_s = (record.ended_at or record.started_at) - record.started_at
         # Settle with the intensity that applied when the request ended, not today's.
         intensity = record.grid_intensity_g_per_kwh if record.grid_intensity_g_per_kwh is not None else 0.0
-        self.ledger.put(replace(record, **self._energy(upstream, share, record.functional_units,
-                                                       intensity, record.grid_source),
-                                energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True)))
+        self.ledger.put(record.evolve(**self._energy(upstream, share, record.functional_units,
+                                                     intensity, record.grid_source),
+                                      energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True)))
 
     @property
     def pending(self) -> int:

@@ -9,6 +9,7 @@ tokens it was sent.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -283,6 +284,8 @@ class ProxyHandler:
         ex.closed = True
         done = self.accounting.close(record, prompt_tokens=prompt, completion_tokens=completion, token_source=source,
                                      status=status, http_status=http_status, flags=flags)
+        if not log.is_enabled_for(logging.INFO):  # its fields cost more than the call: skip both
+            return done
         now = time.monotonic()
         log.info(
             "request", request_id=done.request_id, endpoint=ex.kind, model=ex.model, upstream=ex.upstream,

@@ -5,8 +5,9 @@ Never prompt or completion text, never credentials: only ids, times, counts, ene
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields
 from decimal import Decimal
+from operator import attrgetter
 from typing import Any
 
 from scer_proxy.attribution import Share
@@ -15,8 +16,8 @@ from scer_proxy.carbon import Embodied, energy_with_pue_j, request_carbon
 
 @dataclass(slots=True)
 class Record:
-    """One request's record. Treated as a value: changes make a new record (``dataclasses.replace``),
-    never an update in place (slots rather than frozen: building one is about twice as fast)."""
+    """One request's record. Treated as a value: changes make a new record (:meth:`evolve`), never an
+    update in place (slots rather than frozen: building one is about twice as fast)."""
 
     request_id: str
     model: str
@@ -53,6 +54,17 @@ class Record:
     def functional_units(self) -> int:
         return functional_units(self.endpoint, self.prompt_tokens, self.completion_tokens)
 
+    def evolve(self, **changes: Any) -> Record:
+        """A copy with ``changes``: ``dataclasses.replace`` without its per-call walk over the fields'
+        metadata (a record is copied twice a request, at its end and at its settlement)."""
+        values = list(_ALL_FIELDS(self))
+        for name, value in changes.items():
+            index = _FIELD_INDEX.get(name)
+            if index is None:
+                raise TypeError(f"Record has no field {name!r}")
+            values[index] = value
+        return Record(*values)
+
     def with_energy(
         self,
         share: Share,
@@ -64,7 +76,7 @@ class Record:
         embodied: Embodied,
     ) -> Record:
         """The record with energy and carbon figures from an attribution share."""
-        return replace(self, **energy_fields(share, source=source, pue=pue, intensity_g_per_kwh=intensity_g_per_kwh,
+        return self.evolve(**energy_fields(share, source=source, pue=pue, intensity_g_per_kwh=intensity_g_per_kwh,
                                              grid_source=grid_source, embodied=embodied,
                                              units=self.functional_units))
 
@@ -98,16 +110,7 @@ class Record:
             "X-SCER-Energy-Source": self.energy_source,
             "X-SCER-Rating": self.rating,
         }
-        numbers = {
-            "X-SCER-Energy-J": self.energy_j,
-            "X-SCER-Carbon-gCO2e": self.carbon_g,
-            "X-SCER-Carbon-Operational-gCO2e": self.carbon_operational_g,
-            "X-SCER-Carbon-Embodied-gCO2e": self.carbon_embodied_g,
-            "X-SCER-Grid-Intensity": self.grid_intensity_g_per_kwh,
-            "X-SCER-SCI": self.sci,
-            "X-SCER-Energy-Uncertainty": self.energy_uncertainty_rel,
-        }
-        for name, value in numbers.items():
+        for name, value in zip(_NUMBER_HEADERS, _NUMBER_FIELDS(self), strict=True):
             if value is not None:
                 out[name] = format_number(value)
         return out
@@ -125,6 +128,23 @@ class Record:
         out["sci_per_request_g"] = self.carbon_g
         out["sci_per_1k_total_tokens"] = self.sci_per_1k_total_tokens
         return out
+
+
+_FIELD_NAMES = tuple(f.name for f in fields(Record))
+_FIELD_INDEX = {name: index for index, name in enumerate(_FIELD_NAMES)}
+_ALL_FIELDS = attrgetter(*_FIELD_NAMES)
+# The numeric headers, in the contract's order, and the fields they show.
+_NUMBER_HEADERS, _NUMBER_FIELD_NAMES = zip(
+    ("X-SCER-Energy-J", "energy_j"),
+    ("X-SCER-Carbon-gCO2e", "carbon_g"),
+    ("X-SCER-Carbon-Operational-gCO2e", "carbon_operational_g"),
+    ("X-SCER-Carbon-Embodied-gCO2e", "carbon_embodied_g"),
+    ("X-SCER-Grid-Intensity", "grid_intensity_g_per_kwh"),
+    ("X-SCER-SCI", "sci"),
+    ("X-SCER-Energy-Uncertainty", "energy_uncertainty_rel"),
+    strict=True,
+)
+_NUMBER_FIELDS = attrgetter(*_NUMBER_FIELD_NAMES)
 
 
 def functional_units(endpoint: str, prompt_tokens: int, completion_tokens: int) -> int:
@@ -167,7 +187,10 @@ def format_number(value: float) -> str:
     """A plain decimal with up to 9 significant digits, no exponent, no units."""
     text = f"{value:.9g}"
     if "e" in text:
-        text = format(Decimal(text), "f")
+        exponent = int(text[text.index("e") + 1:])
+        # Small figures (carbon in grams) are the usual case: 9 significant digits are 8 - exponent
+        # decimals, which float formatting gives without the detour through Decimal.
+        text = f"{value:.{8 - exponent}f}" if exponent < 0 else format(Decimal(text), "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text or "0"

@@ -2,17 +2,26 @@
 
 ``ThreadedServers`` runs one event loop in a background thread and serves any number of aiohttp
 applications from it, so that synchronous clients (the sync openai client, httpx) and asynchronous
-clients on the test's own loop can both reach them.
+clients on the test's own loop can both reach them. ``spawn_cli`` runs ``scer-proxy`` commands as
+the processes they are deployed as.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
 
 T = TypeVar("T")
 
@@ -86,3 +95,25 @@ class ThreadedServers:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+
+
+def spawn_cli(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """``python -m scer_proxy ARGS`` in its own process, stdout and stderr to ``log``."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "scer_proxy", *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 15.0) -> None:
+    """Until ``url`` answers below 500; fails with the process's log if it exits or never answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not ready: {log.read_text()}")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import random
+from decimal import Decimal
+
 import pytest
 
 from scer_proxy.attribution import Share
@@ -59,6 +63,33 @@ def test_record_applies_pue_and_uses_input_tokens_for_embeddings() -> None:
                                              (1.5e-9, "0.0000000015"), (0.0, "0"), (12.5, "12.5")])
 def test_numbers_are_plain_decimals(value: float, text: str) -> None:
     assert format_number(value) == text
+
+
+def test_numbers_have_nine_significant_digits_at_every_magnitude() -> None:
+    """Against the plain rule (9 significant digits through Decimal, trailing zeros dropped), including
+    values that round up to the next power of ten."""
+
+    def by_decimal(value: float) -> str:
+        text = format(Decimal(f"{value:.9g}"), "f")
+        return text.rstrip("0").rstrip(".") if "." in text else text
+
+    rng = random.Random(7)
+    values = [9.9999999996e-6, 9.999999994e-6, 1e-5, 5e-324, 1e-300, 123456789012.0, 1.7e308, 0.5]
+    values += [rng.random() * 10.0 ** rng.uniform(-30, 15) for _ in range(20_000)]
+    for value in values:
+        assert format_number(value) == by_decimal(value), value
+        assert format_number(-value) == by_decimal(-value), value
+
+
+def test_evolve_is_dataclasses_replace() -> None:
+    record = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="chat", stream=True,
+                    started_at=1.0, flags=("a",))
+    changes = {"ended_at": 2.5, "status": "ok", "completion_tokens": 7, "energy_j": 1.25, "flags": ("b",)}
+    assert record.evolve(**changes) == dataclasses.replace(record, **changes)
+    assert record.evolve() == record and record.evolve() is not record
+    assert record.status == "running"  # the original is untouched
+    with pytest.raises(TypeError, match="no field 'energy'"):
+        record.evolve(energy=1.0)
 
 
 def test_grid_table_and_override() -> None:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,42 +19,22 @@ import httpx
 import pytest
 
 from scer_proxy.serving import free_port
+from tests.servers import spawn_cli, wait_ready
 
-ROOT = Path(__file__).resolve().parents[1]
 FLUSH_INTERVAL_S = 0.2
 MARGIN_S = 0.3  # a flush transaction's own time, scheduling on a busy 2-core machine
-
-
-def spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "scer_proxy", *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()
-        try:
-            if httpx.get(url, timeout=1.0).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"{url} not ready: {log.read_text()}")
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     sim_port, proxy_port = free_port(), free_port()
-    sim = spawn(["simulate", "--listen", f"127.0.0.1:{sim_port}", "--time-scale", "20"], tmp_path / "sim.log")
+    sim = spawn_cli(["simulate", "--listen", f"127.0.0.1:{sim_port}", "--time-scale", "20"], tmp_path / "sim.log")
     db = tmp_path / "scer.db"
     proxy = None
     try:
         wait_ready(f"http://127.0.0.1:{sim_port}/v1/models", sim, tmp_path / "sim.log")
-        proxy = spawn(["serve", "--upstream", f"http://127.0.0.1:{sim_port}", "--meter", "simulated",
-                       "--db", str(db), "--listen", f"127.0.0.1:{proxy_port}"], tmp_path / "proxy.log")
+        proxy = spawn_cli(["serve", "--upstream", f"http://127.0.0.1:{sim_port}", "--meter", "simulated",
+                           "--db", str(db), "--listen", f"127.0.0.1:{proxy_port}"], tmp_path / "proxy.log")
         wait_ready(f"http://127.0.0.1:{proxy_port}/scer/health", proxy, tmp_path / "proxy.log")
         yield f"http://127.0.0.1:{proxy_port}", proxy, db
     finally:

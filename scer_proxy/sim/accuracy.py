@@ -78,8 +78,9 @@ class AccuracyReport:
         }
 
 
-def _prompt(rng: random.Random, tokens: int) -> str:
-    # Each word with its leading space is one cl100k token; the chat framing adds a few more.
+def prompt_text(rng: random.Random, tokens: int) -> str:
+    """Random words, ``tokens`` cl100k tokens long: each word with its leading space is one token (the
+    chat framing adds a few more)."""
     return "".join(" " + rng.choice(WORDS) for _ in range(max(1, tokens)))
 
 
@@ -104,12 +105,13 @@ async def spawn_python(argv: list[str], log: Path, ready_url: str,
                 if (await http.get(ready_url)).status_code < 500:
                     return proc
             await asyncio.sleep(0.05)
-    await _stop(proc)
+    await stop_process(proc)
     output = await asyncio.to_thread(log.read_text, errors="replace")
     raise RuntimeError(f"{' '.join(argv[:3])} did not start: {output[-2000:]}")
 
 
-async def _stop(proc: asyncio.subprocess.Process) -> None:
+async def stop_process(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM, then SIGKILL after 30 s; returns once the process has exited."""
     if proc.returncode is None:
         proc.terminate()
         try:
@@ -145,9 +147,9 @@ async def _stack(profile_name: str, *, idle: str, time_scale: float, metrics_per
             try:
                 yield sim_url, proxy_url
             finally:
-                await _stop(proxy)
+                await stop_process(proxy)
         finally:
-            await _stop(sim)
+            await stop_process(sim)
 
 
 async def run_accuracy(
@@ -184,7 +186,7 @@ async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url:
 
     async def one(i: int, prompt_tokens: int, output_tokens: int, stream: bool) -> None:
         messages: list[ChatCompletionMessageParam] = [
-            {"role": "user", "content": _prompt(random.Random(i), prompt_tokens)}]
+            {"role": "user", "content": prompt_text(random.Random(i), prompt_tokens)}]
         async with gate:
             extra = {"ignore_eos": True}
             if stream:
