@@ -77,8 +77,8 @@ class Record:
     ) -> Record:
         """The record with energy and carbon figures from an attribution share."""
         return self.evolve(**energy_fields(share, source=source, pue=pue, intensity_g_per_kwh=intensity_g_per_kwh,
-                                             grid_source=grid_source, embodied=embodied,
-                                             units=self.functional_units))
+                                           grid_source=grid_source, embodied=embodied,
+                                           units=self.functional_units))
 
     def scer(self) -> dict[str, Any]:
         """The ``usage.scer`` object (and ``: scer`` comment) of the contract."""
