@@ -34,7 +34,11 @@ All the processes share the machine's cores (the relay idles while the proxy is 
 other way round), so throughput at concurrency 64 is bounded by the CPU the load generator and upstream
 leave to the proxy; the CPU split is printed beside it.
 
-Usage: ``python bench/overhead.py [--quick] [--json FILE]``. A benchmark, not a test: it prints
+A/B runs: ``--b-proxy-cmd CMD`` starts a second proxy from another command (another checkout, say
+``env PYTHONPATH=<worktree> python -m scer_proxy``) and measures it as "proxy B" beside the first in
+the non-streamed phases, in the same alternating rounds, so the two are compared under the same drift.
+
+Usage: ``python bench/overhead.py [--quick] [--json FILE] [--proxy-cmd CMD] [--b-proxy-cmd CMD]``. A benchmark, not a test: it prints
 figures with the targets beside them and exits 0 unless the setup itself fails.
 """
 
@@ -72,6 +76,7 @@ HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "fast_upstream.py"
 RELAY_SCRIPT = HERE / "bare_relay.py"
 MODEL = "fast-model"
+PROXY_B = "proxy-b"  # a second proxy beside the first (--b-proxy-cmd), for A/B runs in one process tree
 GAP_DELAY_MS = 5.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
@@ -450,8 +455,13 @@ async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pi
     for stat in ("p50", "p99"):
         report.compare("nonstream_c1_relay", "c=1 bare relay", summary(d.results), summary(r.results), stat,
                        note="reference: the aiohttp stack alone", other="relay")
+    b = merged(runs[PROXY_B]) if PROXY_B in runs else None
+    if b is not None:
+        for stat in ("p50", "p99"):
+            report.compare("nonstream_c1_b", "c=1 proxy B", summary(d.results), summary(b.results), stat,
+                           note="A/B: --b-proxy-cmd", other=PROXY_B)
     report.line(f"{'c=1 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
-                f"   relay {len(r.results)} ({r.errors})")
+                f"   relay {len(r.results)} ({r.errors})" + (f"   B {len(b.results)} ({b.errors})" if b else ""))
 
     parts = ("client", "upstream", "middle")
     cpu: dict[str, dict[str, float]] = {t.name: dict.fromkeys(parts, 0.0) for t in targets}
@@ -472,13 +482,19 @@ async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pi
     for stat in ("p50", "p99"):
         report.compare("nonstream_c64_relay", "c=64 bare relay", summary(d.results), summary(r.results), stat,
                        note="reference", other="relay")
+    b = merged(runs[PROXY_B]) if PROXY_B in runs else None
+    if b is not None:
+        for stat in ("p50", "p99"):
+            report.compare("nonstream_c64_b", "c=64 proxy B", summary(d.results), summary(b.results), stat,
+                           note="A/B", other=PROXY_B)
     report.line(f"{'c=64 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
-                f"   relay {len(r.results)} ({r.errors})")
+                f"   relay {len(r.results)} ({r.errors})" + (f"   B {len(b.results)} ({b.errors})" if b else ""))
 
     watch.mark("nonstream", report)
 
     report.section("3. Throughput, non-streamed, concurrency 64 (requests/s)")
-    rps = {name: len(run.results) / run.elapsed_s for name, run in (("direct", d), ("proxy", p), ("relay", r))}
+    measured = [("direct", d), ("proxy", p), ("relay", r), *([(PROXY_B, b)] if b is not None else [])]
+    rps = {name: len(run.results) / run.elapsed_s for name, run in measured}
     share = rps["proxy"] / rps["direct"]
     ok = share >= TARGET_THROUGHPUT_SHARE
     report.targets.append((f"throughput at c=64 {share:.0%} of direct >= {TARGET_THROUGHPUT_SHARE:.0%}", ok))
@@ -488,17 +504,21 @@ async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pi
     relay_share = rps["relay"] / rps["direct"]
     report.line(f"{'bare relay (reference)':34}{rps['direct']:10.0f}{rps['relay']:10.0f}{relay_share:10.1%}   "
                 f"the proxy reaches {rps['proxy'] / rps['relay']:.0%} of the bare relay")
-    for name, run in (("direct", d), ("proxy", p), ("relay", r)):
+    if b is not None:
+        report.line(f"{'proxy B (A/B)':34}{rps['direct']:10.0f}{rps[PROXY_B]:10.0f}"
+                    f"{rps[PROXY_B] / rps['direct']:10.1%}   B over A: {rps[PROXY_B] / rps['proxy']:.3f}")
+    for name, run in measured:
         split = cpu[name]
         per_req = {k: v / max(len(run.results), 1) * 1e6 for k, v in split.items()}
-        report.line(f"CPU per request, {name:6} (us): client {per_req['client']:6.0f}  upstream "
-                    f"{per_req['upstream']:6.0f}  {'proxy' if name != 'relay' else 'relay'} {per_req['middle']:6.0f}  "
+        report.line(f"CPU per request, {name:7} (us): client {per_req['client']:6.0f}  upstream "
+                    f"{per_req['upstream']:6.0f}  {'relay' if name == 'relay' else 'proxy'} {per_req['middle']:6.0f}  "
                     f"(CPU busy {sum(split.values()) / run.elapsed_s:.2f} of {os.cpu_count()} cores)")
     report.figures["throughput_c64"] = {
         "direct_rps": rps["direct"], "proxy_rps": rps["proxy"], "relay_rps": rps["relay"], "share": share,
-        "relay_share": relay_share, "cpu_s": cpu,
-        "elapsed_s": {"direct": d.elapsed_s, "proxy": p.elapsed_s, "relay": r.elapsed_s},
+        "relay_share": relay_share, "cpu_s": cpu, "elapsed_s": {name: run.elapsed_s for name, run in measured},
     }
+    if b is not None:
+        report.figures["throughput_c64"]["proxy_b_rps"] = rps[PROXY_B]
 
 
 async def streamed(targets: Sequence[Target], plan: Plan, report: Report, watch: LoadWatch) -> None:
@@ -608,6 +628,12 @@ def memory(report: Report, before: dict[str, int], after: dict[str, int]) -> Non
 
 
 # ---------------------------------------------------------------------------------------------------
+def serve_args(upstream_url: str, proxy_url: str) -> list[str]:
+    """The ``scer-proxy`` arguments of a proxy under test (after its command)."""
+    return ["serve", "--upstream", upstream_url, "--meter", "simulated", "--listen", proxy_url.removeprefix("http://"),
+            "--log-level", "warning"]
+
+
 def _session(limit: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=120)
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
@@ -625,26 +651,30 @@ async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
         upstream = start("upstream", [sys.executable, str(UPSTREAM_SCRIPT), str(up_port)])
         relay = start("relay", [sys.executable, str(RELAY_SCRIPT), str(rl_port), up_url])
         async with _session(limit) as direct_session, _session(limit) as proxy_session, \
-                _session(limit) as relay_session:
+                _session(limit) as relay_session, _session(limit) as b_session:
             await wait_ready(direct_session, upstream, up_url + "/health")
             await wait_ready(relay_session, relay, rl_url + "/health")
             prefix = shlex.split(args.proxy_cmd) if args.proxy_cmd else [sys.executable, "-m", "scer_proxy"]
-            proxy = start("proxy", [*prefix, "serve", "--upstream", up_url,
-                                    "--meter", "simulated", "--listen", f"127.0.0.1:{px_port}",
-                                    "--log-level", "warning"])
+            proxy = start("proxy", [*prefix, *serve_args(up_url, px_url)])
             await wait_ready(proxy_session, proxy, px_url + "/scer/health")
             mem_before = proc_memory_kb(proxy.pid)
             targets = [Target("direct", up_url, direct_session), Target("proxy", px_url, proxy_session)]
-            relay_target = Target("relay", rl_url, relay_session)
+            references = [Target("relay", rl_url, relay_session)]
+            pids = {"proxy": proxy.pid, "relay": relay.pid}
+            if args.b_proxy_cmd:
+                b_url = f"http://127.0.0.1:{free_port()}"
+                proxy_b = start(PROXY_B, [*shlex.split(args.b_proxy_cmd), *serve_args(up_url, b_url)])
+                await wait_ready(b_session, proxy_b, b_url + "/scer/health")
+                references.append(Target(PROXY_B, b_url, b_session))
+                pids[PROXY_B] = proxy_b.pid
             print(f"scer-proxy overhead benchmark ({'quick' if args.quick else 'full'}): upstream pid {upstream.pid} "
                   f"{up_url}, proxy pid {proxy.pid} {px_url}, bare relay pid {relay.pid} {rl_url}, "
                   f"{os.cpu_count()} CPUs, Python "
                   f"{sys.version.split()[0]}, aiohttp {aiohttp.__version__}, uvloop {version('uvloop')}", flush=True)
             started = time.perf_counter()
-            await warm_up([*targets, relay_target], plan)
-            watch = LoadWatch([upstream.pid, proxy.pid, relay.pid])
-            await non_streamed([*targets, relay_target], plan, report, {"proxy": proxy.pid, "relay": relay.pid},
-                               upstream.pid, watch)
+            await warm_up([*targets, *references], plan)
+            watch = LoadWatch([upstream.pid, *pids.values()])
+            await non_streamed([*targets, *references], plan, report, pids, upstream.pid, watch)
             await streamed(targets, plan, report, watch)
             await stream_cpu(targets, plan, report, proxy.pid, watch)
             await many_streams(targets, plan, report, watch)
@@ -670,6 +700,8 @@ def main() -> int:
     parser.add_argument("--proxy-port", type=int, default=0, help="port of the proxy (default: free)")
     parser.add_argument("--proxy-cmd", default="", help="command that stands for 'scer-proxy' (A/B runs of a "
                         "patched proxy); default: this Python with -m scer_proxy")
+    parser.add_argument("--b-proxy-cmd", default="", help="a second 'scer-proxy' command, run beside the first "
+                        "as 'proxy B' in the non-streamed phases: A and B measured side by side in one run")
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the child processes are stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

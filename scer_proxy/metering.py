@@ -20,7 +20,7 @@ from scer_proxy.meters import Meter, MeterError, Reading
 from scer_proxy.meters.estimate import EstimateMeter
 
 log = structlog.get_logger("scer_proxy.meter")
-SETTLE_BATCH = 32  # settled records handed on between two turns of the event loop
+SETTLE_BATCH = 8  # settled records handed on between two turns of the event loop (about 0.1 ms of work)
 
 
 class UpstreamMeter:
