@@ -280,6 +280,27 @@ def test_calibration_recovers_known_coefficients() -> None:
     assert solution == pytest.approx(list(truth), rel=1e-6)
 
 
+def test_calibration_solved_at_every_interval_equals_the_full_enumeration() -> None:
+    """The warm start from the last solution's free coefficients gives the same optimum as trying every
+    subset, interval after interval, while the optimum's free set grows and shrinks."""
+    rng = random.Random(11)
+    checked = boundary = 0
+    for _ in range(40):
+        calibration = Calibration(window=rng.choice([16, 64, 512]))
+        truth = [rng.choice([0.0, rng.random()]) for _ in range(4)]
+        noise = rng.choice([0.01, 1.0, 10.0])
+        for _ in range(60):
+            x = (rng.random() * 100 * (rng.random() < 0.7), rng.random() * 30, rng.random() * 100,
+                 rng.random() * 0.05)
+            calibration.add(x, sum(t * v for t, v in zip(truth, x, strict=True)) + rng.gauss(0, noise))
+            calibration.intervals_with_prefill = max(calibration.intervals_with_prefill, 100)
+            expected = calibration._by_enumeration()
+            assert calibration.solve() == expected
+            checked += 1
+            boundary += expected is not None and 0.0 in expected
+    assert checked == 2400 and boundary > 200  # many optima on the boundary, where the free set changes
+
+
 def test_calibration_never_goes_negative() -> None:
     calibration = Calibration()
     for i in range(50):
