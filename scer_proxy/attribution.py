@@ -49,7 +49,7 @@ MIN_CALIBRATION_INTERVALS = 6
 FIRST_RATE_MIN_TOKENS = 16  # tokens a non-streamed request needs for its rate to replace the prior
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     rid: str
     start_s: float
@@ -70,7 +70,7 @@ class _Request:
     hw_s: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Share:
     """Energy and hardware time attributed to one request (so far, or final when ``settled``)."""
 
