@@ -38,8 +38,9 @@ A/B runs: ``--b-proxy-cmd CMD`` starts a second proxy from another command (anot
 ``env PYTHONPATH=<worktree> python -m scer_proxy``) and measures it as "proxy B" beside the first in
 the non-streamed phases, in the same alternating rounds, so the two are compared under the same drift.
 
-Usage: ``python bench/overhead.py [--quick] [--json FILE] [--proxy-cmd CMD] [--b-proxy-cmd CMD]``. A benchmark, not a test: it prints
-figures with the targets beside them and exits 0 unless the setup itself fails.
+Usage: ``python bench/overhead.py [--quick] [--json FILE] [--proxy-cmd CMD] [--b-proxy-cmd CMD]``.
+A benchmark, not a test: it prints figures with the targets beside them and exits 0 unless the setup
+itself fails.
 """
 
 from __future__ import annotations
