@@ -177,14 +177,9 @@ class Calibration:
         """The least squares with only ``subset`` free, when it is the non-negative optimum (the KKT
         conditions: no free coefficient below zero, and no fixed one whose increase would lower the
         residual); else None."""
-        if not subset:
+        full = self._feasible(subset) if subset else None
+        if full is None:
             return None
-        coef = solve_linear([[self.xtx[i][j] for j in subset] for i in subset], [self.xty[i] for i in subset])
-        if coef is None or any(c < 0 for c in coef):
-            return None
-        full = [0.0] * 4
-        for i, c in zip(subset, coef, strict=True):
-            full[i] = c
         for j in range(4):
             if j not in subset:
                 # Half the gradient of the residual along coefficient j: X'X b - X'y.
@@ -198,18 +193,25 @@ class Calibration:
         best: tuple[float, list[float]] | None = None
         for size in range(1, 5):
             for subset in itertools.combinations(range(4), size):
-                coef = solve_linear([[self.xtx[i][j] for j in subset] for i in subset], [self.xty[i] for i in subset])
-                if coef is None or any(c < 0 for c in coef):
+                full = self._feasible(subset)
+                if full is None:
                     continue
-                full = [0.0] * 4
-                for i, c in zip(subset, coef, strict=True):
-                    full[i] = c
                 # Residual sum of squares up to the constant y'y: b'X'Xb - 2 b'X'y.
                 quad = sum(full[i] * self.xtx[i][j] * full[j] for i in range(4) for j in range(4))
                 rss = quad - 2 * sum(full[i] * self.xty[i] for i in range(4))
                 if best is None or rss < best[0]:
                     best = (rss, full)
         return best[1] if best is not None else None
+
+    def _feasible(self, subset: tuple[int, ...]) -> list[float] | None:
+        """The least squares with only ``subset`` free, as all four coefficients, when none is negative."""
+        coef = solve_linear([[self.xtx[i][j] for j in subset] for i in subset], [self.xty[i] for i in subset])
+        if coef is None or any(c < 0 for c in coef):
+            return None
+        full = [0.0] * 4
+        for i, c in zip(subset, coef, strict=True):
+            full[i] = c
+        return full
 
 
 @dataclass

@@ -14,7 +14,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.servers import ROOT
 
 
 def test_the_wheel_carries_every_file_and_runs_outside_the_source_tree(tmp_path: Path) -> None:
