@@ -12,10 +12,14 @@ This process reads the GPU's energy counter (``nvmlDeviceGetTotalEnergyConsumpti
 thread, as the reference, and sends requests with the official openai client.
 
 1. **Isolated requests**, one at a time with idle gaps, half streamed: the reference energy of each is
-   the counter's increase over the client's span (from just before sending to the last byte; the
-   counter is interpolated between its updates). The proxy's settled figure (``energy_gpu_j``, before
-   PUE) and its response-time figure (header or ``usage.scer``) are compared with it. With nothing else
-   running, all of the GPU's energy in that span is the request's, so this is a truth on real hardware.
+   the counter's increase over the request's span at the proxy (its record's ``started_at`` to
+   ``ended_at``, taken to this process's monotonic clock; the counter is interpolated between its
+   updates). The proxy's settled figure (``energy_gpu_j``, before PUE) and its response-time figure
+   (header or ``usage.scer``) are compared with it. With nothing else running, all of the GPU's energy
+   in that span is the request's, so this is a truth on real hardware. (The client's span is longer
+   by the client's and the proxy's own work at each end, with the GPU idle: its figure is reported
+   too, ``reference_client_span_j``, but a loaded machine stretches those ends, so it is not the
+   truth the proxy is held to.)
 2. **Concurrent requests** (continuous batching, mixed sizes): no per-request truth exists, so it checks
    conservation (attributed + idle against the energy the meter measured), the meter's measured energy
    against the reference counter over the same span, and that every record settled with source
@@ -24,8 +28,9 @@ thread, as the reference, and sends requests with the official openai client.
 Usage: ``python bench/gpu_serve_check.py [--json FILE]`` (about a minute; figures also to
 ``$OUT/gpu_serve_check.json`` when ``OUT`` is set). ``--cpu`` dry-runs the same steps with no GPU: the
 upstream runs numpy and models a counter at ``/metrics``, the proxy meters it with ``--meter
-simulated`` and the reference reads it too (this checks the script, not a GPU). Exits 2 when no GPU
-answers NVML, 1 when a check fails.
+simulated``. The reference is then the model itself, exact at any instant (``/metrics/model``); the
+thread still reads ``/metrics`` every 5 ms, and its figures are reported beside (``polled_reference_j``)
+(this checks the script, not a GPU). Exits 2 when no GPU answers NVML, 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import argparse
 import asyncio
 import bisect
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -62,7 +68,11 @@ UPSTREAM = Path(__file__).resolve().parent / "gpu_upstream.py"
 
 
 class Counter(threading.Thread):
-    """Reads a cumulative energy counter (joules) every ``step_s``; interpolates it between its updates."""
+    """Reads a cumulative energy counter (joules) every ``step_s``; interpolates it between its updates.
+
+    A value is stamped at the middle of the read that first saw it (a read takes ms: NVML's 3 to 5, an
+    HTTP scrape's 1 or more), not at its end, which put the counter's curve late by that much.
+    """
 
     def __init__(self, read_j: Callable[[], float], step_s: float) -> None:
         super().__init__(name="reference-counter", daemon=True)
@@ -74,8 +84,9 @@ class Counter(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
+            before = time.monotonic()
             value = self.read_j()
-            now = time.monotonic()
+            now = (before + time.monotonic()) / 2.0
             self.reads += 1
             if not self.values or value != self.values[-1]:
                 self.times.append(now)
@@ -94,6 +105,22 @@ class Counter(threading.Thread):
     def update_period_ms(self) -> float | None:
         gaps = [b - a for a, b in zip(self.times, self.times[1:], strict=False)]
         return statistics.median(gaps) * 1000.0 if gaps else None
+
+
+class ModelCounter:
+    """The --cpu upstream's modelled counter, from ``/metrics/model``: joules at any instant, exactly."""
+
+    def __init__(self, model: dict[str, Any]) -> None:
+        self.idle_w, self.busy_w, self.started_s = model["idle_w"], model["busy_w"], model["started_s"]
+        spans = sorted((float(a), float(b)) for a, b in model["busy_spans_s"])
+        self.starts = [a for a, _b in spans]
+        self.ends = [b for _a, b in spans]
+        self.busy_before = list(itertools.accumulate((b - a for a, b in spans), initial=0.0))
+
+    def at(self, t: float) -> float:
+        i = bisect.bisect_right(self.starts, t)  # the steps begun by t; the last may be running at t
+        busy_s = self.busy_before[i - 1] + min(t, self.ends[i - 1]) - self.starts[i - 1] if i else 0.0
+        return self.idle_w * (t - self.started_s) + (self.busy_w - self.idle_w) * busy_s
 
 
 def nvml_reader(gpu: int) -> Callable[[], float]:
@@ -140,6 +167,7 @@ async def stack(tmp: Path, *, cpu: bool) -> AsyncIterator[tuple[str, str]]:
 async def one(client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_tokens: int,
               stream: bool) -> dict[str, Any]:
     messages: Any = [{"role": "user", "content": prompt_text(random.Random(seed), prompt_tokens)}]
+    wall_offset_s = time.time() - time.monotonic()  # to take the proxy's record times to this clock
     started = time.monotonic()
     if stream:
         async with client.chat.completions.with_streaming_response.create(
@@ -157,7 +185,7 @@ async def one(client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_
         rid = raw.headers["x-scer-request-id"]
         header_j = float(raw.headers["x-scer-energy-j"]) if "x-scer-energy-j" in raw.headers else None
     return {"request_id": rid, "stream": stream, "prompt_tokens_asked": prompt_tokens, "max_tokens": max_tokens,
-            "start_s": started, "end_s": time.monotonic(), "header_j": header_j}
+            "start_s": started, "end_s": time.monotonic(), "header_j": header_j, "wall_offset_s": wall_offset_s}
 
 
 async def settled(http: httpx.AsyncClient, px_url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
@@ -208,23 +236,31 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 records = await settled(http, px_url, ids)
                 summary = (await http.get(f"{px_url}/scer/summary")).json()
                 meter = summary["meter"]["upstreams"][0]  # read with the idle energy, at the same instant
+                model = (await http.get(f"{up_url}/metrics/model")).json() if args.cpu else None
             await client.close()
             counter.stop_event.set()
             counter.join(5)
+    reference: Counter | ModelCounter = ModelCounter(model) if model is not None else counter
 
     rows = []
     window_s = min(0.4, 0.8 * args.gap_s)  # of the idle gap before and after each isolated request
     for r in isolated:
         record = records.get(r["request_id"], {})
-        truth_j = counter.at(r["end_s"]) - counter.at(r["start_s"])
+        # The request's span at the proxy, on this clock (the wall clock's offset taken as it was sent).
+        start_s = record["started_at"] - r["wall_offset_s"] if record.get("started_at") else r["start_s"]
+        end_s = record["ended_at"] - r["wall_offset_s"] if record.get("ended_at") else r["end_s"]
+        truth_j = reference.at(end_s) - reference.at(start_s)
         settled_j = record.get("energy_gpu_j") if record.get("settled") else None
         # The GPU does not drop to idle power the instant its work ends: the energy above idle in the
         # window after the end (idle power taken from the window before the start) is shown apart.
-        idle_w = (counter.at(r["start_s"]) - counter.at(r["start_s"] - window_s)) / window_s
-        after_j = counter.at(r["end_s"] + window_s) - counter.at(r["end_s"]) - idle_w * window_s
+        idle_w = (reference.at(start_s) - reference.at(start_s - window_s)) / window_s
+        after_j = reference.at(end_s + window_s) - reference.at(end_s) - idle_w * window_s
         rows.append({"stream": r["stream"], "prompt_tokens": record.get("prompt_tokens"),
-                     "completion_tokens": record.get("completion_tokens"), "duration_s": r["end_s"] - r["start_s"],
+                     "completion_tokens": record.get("completion_tokens"), "duration_s": end_s - start_s,
+                     "client_duration_s": r["end_s"] - r["start_s"],
                      "reference_j": truth_j, "settled_j": settled_j, "header_j": r["header_j"],
+                     "reference_client_span_j": reference.at(r["end_s"]) - reference.at(r["start_s"]),
+                     "polled_reference_j": counter.at(end_s) - counter.at(start_s) if model is not None else None,
                      "settled_vs_reference": rel(settled_j, truth_j), "header_vs_reference": rel(r["header_j"], truth_j),
                      "idle_w": idle_w, "after_end_above_idle_j": after_j,
                      "settled_vs_reference_and_after": rel(settled_j, truth_j + after_j),
@@ -242,13 +278,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "meter_devices": meter.get("devices"),
         "meter_update_period_ms": meter.get("update_period_ms"),
         "meter_interval_ms": meter.get("interval_ms"),
+        "reference": "the upstream's counter model" if model is not None else "the NVML counter, read every 2 ms",
         "reference_update_period_ms": counter.update_period_ms(),
         "isolated": rows,
         "isolated_settled_abs_error_median": statistics.median(errors) if errors else None,
         "isolated_settled_abs_error_max": max(errors) if errors else None,
         "concurrent_requests": len(concurrent),
         "concurrent_wall_s": window_end - window_start,
-        "concurrent_reference_j": counter.at(window_end) - counter.at(window_start),
+        "concurrent_reference_j": reference.at(window_end) - reference.at(window_start),
         "concurrent_attributed_j": sum(records[c["request_id"]].get("energy_gpu_j") or 0.0 for c in concurrent),
         "concurrent_j_per_output_token": {"median": statistics.median(per_token), "min": min(per_token),
                                           "max": max(per_token)} if per_token else None,
@@ -283,7 +320,8 @@ def main() -> int:
     figures = asyncio.run(run(args))
     for row in figures["isolated"]:
         print(f"isolated {'stream' if row['stream'] else 'plain '} prompt {row['prompt_tokens']:>5} "
-              f"out {row['completion_tokens']:>4} {row['duration_s']:6.2f} s  reference {row['reference_j']:9.2f} J  "
+              f"out {row['completion_tokens']:>4} {row['duration_s']:6.2f} s  reference {row['reference_j']:9.2f} J "
+              f"(client span {row['client_duration_s']:5.2f} s {row['reference_client_span_j']:9.2f} J)  "
               f"settled {row['settled_j'] or float('nan'):9.2f} J ({100 * (row['settled_vs_reference'] or 0):+6.2f} %)  "
               f"header {row['header_j'] or float('nan'):9.2f} J ({100 * (row['header_vs_reference'] or 0):+6.2f} %)  "
               f"after the end {row['after_end_above_idle_j']:6.2f} J above {row['idle_w']:5.1f} W idle")

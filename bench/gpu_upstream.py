@@ -14,7 +14,9 @@ A request ends after ``max_tokens`` tokens (there is no end-of-sequence token: `
 - ``GET /health``: 200. ``GET /v1/models``: the one model.
 - ``--cpu``: the same engine in numpy on the CPU with small matrices, and a modelled DCGM-style energy
   counter at ``/metrics`` (60 W idle, 300 W while a step runs), so the check can be dry-run on a machine
-  with no GPU (the proxy then meters with ``--meter simulated``).
+  with no GPU (the proxy then meters with ``--meter simulated``). ``GET /metrics/model`` gives the
+  model itself (the powers, the start and every busy span, in ``time.monotonic`` seconds), from which
+  the check computes the counter exactly at any past instant.
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.wake = asyncio.Event()
         self.busy_s = 0.0  # for the --cpu counter
+        self.busy_spans: list[tuple[float, float]] = []  # (start, end) of every step, for /metrics/model
         self._lock = threading.Lock()
         self._busy_since: float | None = None
 
@@ -108,13 +111,21 @@ class Engine:
         with self._lock:
             return self.busy_s + (time.monotonic() - self._busy_since if self._busy_since is not None else 0.0)
 
+    def busy_history(self) -> list[tuple[float, float]]:
+        """Every step's (start, end), the one running to now included."""
+        with self._lock:
+            running = [(self._busy_since, time.monotonic())] if self._busy_since is not None else []
+            return [*self.busy_spans, *running]
+
     def _timed(self, rows: int) -> None:
         with self._lock:
             self._busy_since = time.monotonic()
         self.weights.run(rows)
         with self._lock:
             assert self._busy_since is not None
-            self.busy_s += time.monotonic() - self._busy_since
+            now = time.monotonic()
+            self.busy_s += now - self._busy_since
+            self.busy_spans.append((self._busy_since, now))
             self._busy_since = None
 
     async def run(self) -> None:
@@ -191,6 +202,14 @@ async def metrics(request: web.Request) -> web.Response:
         content_type="text/plain")
 
 
+async def metrics_model(request: web.Request) -> web.Response:
+    """The --cpu counter's model: its value at t is idle_w * (t - started_s) plus (busy_w - idle_w) times
+    the busy seconds before t (joules; times in this machine's ``time.monotonic`` seconds)."""
+    engine: Engine = request.app["engine"]
+    return web.Response(body=orjson.dumps({"idle_w": IDLE_W, "busy_w": BUSY_W, "started_s": request.app["started"],
+                                           "busy_spans_s": engine.busy_history()}), content_type="application/json")
+
+
 async def models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]})
 
@@ -218,6 +237,7 @@ def make_app(weights: Weights, *, cpu: bool) -> web.Application:
     app.router.add_get("/health", health)
     if cpu:
         app.router.add_get("/metrics", metrics)
+        app.router.add_get("/metrics/model", metrics_model)
     return app
 
 

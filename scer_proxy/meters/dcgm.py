@@ -71,8 +71,18 @@ class DcgmMeter:
         self.device_names: list[str] = []
 
     async def read(self) -> Reading:
+        """One scrape, stamped at the middle of its round trip.
+
+        The exporter takes its value somewhere between the request and the response; the time after the
+        response is late by however long the event loop took to come back to this task. Against the
+        ``bench/gpu_serve_check.py --cpu`` counter, whose value at every instant is known, under load:
+        stamped at the end, |error| p99 5.1 ms (max 15.7 ms, mean +0.68 ms); at the middle, p99 2.6 ms
+        (max 7.5 ms, mean 0.00 ms). A late stamp moves the last milliseconds of a request's work past
+        its end, to idle.
+        """
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
+        sent_s = self._clock()
         try:
             async with self._session.get(self.url) as resp:
                 if resp.status != 200:
@@ -80,7 +90,7 @@ class DcgmMeter:
                 text = await resp.text()
         except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError) as exc:
             raise MeterError(f"cannot read {self.url}: {exc.__class__.__name__}: {exc}") from exc
-        t_s = self._clock()
+        t_s = (sent_s + self._clock()) / 2.0
         samples = parse_energy_mj(text)
         devices = select_devices(samples, self._gpus)
         if not devices:
