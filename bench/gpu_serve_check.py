@@ -71,7 +71,7 @@ class Counter(threading.Thread):
     """Reads a cumulative energy counter (joules) every ``step_s``; interpolates it between its updates.
 
     A value is stamped at the middle of the read that first saw it (a read takes ms: NVML's 3 to 5, an
-    HTTP scrape's 1 or more), not at its end, which put the counter's curve late by that much.
+    HTTP scrape's 1 or more), not at its end, which put the counter's curve late by about half a read.
     """
 
     def __init__(self, read_j: Callable[[], float], step_s: float) -> None:
