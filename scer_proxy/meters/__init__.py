@@ -16,7 +16,7 @@ class MeterError(RuntimeError):
 
 @dataclass(frozen=True)
 class Reading:
-    t_s: float  # monotonic seconds when the value was read
+    t_s: float  # monotonic seconds the value stands for (a scrape's: the middle of its round trip)
     energy_j: float  # cumulative joules, summed over the devices
     devices_j: dict[str, float] = field(default_factory=dict)
 
