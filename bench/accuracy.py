@@ -23,11 +23,14 @@ import json
 import logging
 import math
 import sys
+from pathlib import Path
 
 import structlog
 
-from scer_proxy.sim.accuracy import run_accuracy
-from scer_proxy.sim.replay import Workload, percentile, replay
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.harness.accuracy import run_accuracy
+from bench.harness.replay import Workload, percentile, replay
 
 QUANTILES = (0.5, 0.75, 0.9, 0.95, 0.99, 1.0)
 

@@ -19,8 +19,8 @@ import aiohttp
 import uvloop
 from aiohttp import web
 
-from scer_proxy.proxy import forward_headers
-from scer_proxy.serving import serve_until_signal, tune_gc_for_serving
+from scer_proxy.proxy.handler import forward_headers
+from scer_proxy.proxy.serving import serve_until_signal, tune_gc_for_serving
 
 
 def make_app(upstream_url: str) -> web.Application:

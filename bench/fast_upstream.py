@@ -25,7 +25,7 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from scer_proxy.serving import wait_for_signal
+from scer_proxy.proxy.serving import wait_for_signal
 
 POWER_W = 300.0
 MODEL = "fast-model"

@@ -59,9 +59,9 @@ if str(ROOT) not in sys.path:
 import httpx  # noqa: E402
 import openai  # noqa: E402
 
+from bench.harness.accuracy import prompt_text, spawn_python, stop_process  # noqa: E402
 from scer_proxy.meters.dcgm import parse_energy_mj  # noqa: E402
-from scer_proxy.serving import free_port  # noqa: E402
-from scer_proxy.sim.accuracy import prompt_text, spawn_python, stop_process  # noqa: E402
+from scer_proxy.proxy.serving import free_port  # noqa: E402
 
 MODEL = "gpu-load-8b"
 UPSTREAM = Path(__file__).resolve().parent / "gpu_upstream.py"

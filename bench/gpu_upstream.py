@@ -33,8 +33,8 @@ import orjson
 import uvloop
 from aiohttp import web
 
-from scer_proxy import tokens
-from scer_proxy.serving import serve_until_signal
+from scer_proxy.proxy.serving import serve_until_signal
+from scer_proxy.wire import tokens
 
 MODEL = "gpu-load-8b"
 TOKEN = " tok"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scer_proxy.ledger import SqliteLedger
-from scer_proxy.records import Record
+from scer_proxy.carbon.records import Record
+from scer_proxy.ledger.sqlite import SqliteLedger
 
 MODELS = ("llama-3.1-8b", "llama-3.1-70b", "qwen-2.5-7b")
 

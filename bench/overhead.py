@@ -71,7 +71,7 @@ import aiohttp
 import orjson
 import uvloop
 
-from scer_proxy.serving import free_port
+from scer_proxy.proxy.serving import free_port
 
 HERE = Path(__file__).resolve().parent
 UPSTREAM_SCRIPT = HERE / "fast_upstream.py"

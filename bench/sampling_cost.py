@@ -41,13 +41,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scer_proxy.attribution import Timeline  # noqa: E402
-from scer_proxy.metering import UpstreamMeter  # noqa: E402
+from scer_proxy.attribution.timeline import Timeline  # noqa: E402
 from scer_proxy.meters import Meter  # noqa: E402
 from scer_proxy.meters.dcgm import DcgmMeter  # noqa: E402
 from scer_proxy.meters.nvml import NvmlMeter  # noqa: E402
 from scer_proxy.meters.rapl import RaplMeter, rapl_available  # noqa: E402
-from scer_proxy.serving import free_port  # noqa: E402
+from scer_proxy.meters.sampler import UpstreamMeter  # noqa: E402
+from scer_proxy.proxy.serving import free_port  # noqa: E402
 from scer_proxy.sim import Engine, get_profile  # noqa: E402
 
 TARGET_PERCENT = 1.0

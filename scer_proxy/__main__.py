@@ -1,3 +1,3 @@
-from scer_proxy.cli import main
+from scer_proxy.cli.main import main
 
 raise SystemExit(main())

@@ -12,24 +12,24 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from scer_proxy import openai_wire as wire
-from scer_proxy.accounting import Accounting
-from scer_proxy.attribution import Timeline
+from scer_proxy.attribution.timeline import Timeline
 from scer_proxy.config import Config, UpstreamConfig
-from scer_proxy.grid_providers import build_grid_source
-from scer_proxy.ledger import SqliteLedger
-from scer_proxy.metering import UpstreamMeter
+from scer_proxy.grid.providers import build_grid_source
+from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.meters import Meter
 from scer_proxy.meters.dcgm import ENERGY_METRIC, DcgmMeter
 from scer_proxy.meters.estimate import EstimateMeter
 from scer_proxy.meters.nvml import NvmlMeter, nvml_available
 from scer_proxy.meters.rapl import RaplMeter, rapl_available
-from scer_proxy.proxy import ProxyHandler
-from scer_proxy.ratings_book import RatingsBook
-from scer_proxy.serving import preload_tokenizer
-from scer_proxy.upstreams import Upstreams
+from scer_proxy.meters.sampler import UpstreamMeter
+from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.handler import ProxyHandler
+from scer_proxy.proxy.serving import preload_tokenizer
+from scer_proxy.proxy.upstreams import Upstreams
+from scer_proxy.scer.book import RatingsBook
 from scer_proxy.web import dashboard, labels, scer_routes
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
+from scer_proxy.wire import openai as wire
 
 log = structlog.get_logger("scer_proxy.app")
 

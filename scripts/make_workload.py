@@ -21,7 +21,7 @@ import math
 import random
 import sys
 
-from scer_proxy.tokens import count_chat_messages
+from scer_proxy.wire.tokens import count_chat_messages
 
 TOPICS = ["rivers", "glaciers", "solar panels", "bread baking", "chess openings", "the Roman empire",
           "sleep", "electric cars", "coral reefs", "jazz", "volcanoes", "tax forms", "bicycles", "tea",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from scer_proxy.serving import free_port
+from scer_proxy.proxy.serving import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK_DIR = Path(os.environ.get("SCER_LLAMACPP_DIR", ROOT / "third_party" / "llamacpp"))

@@ -35,7 +35,7 @@ def test_the_wheel_carries_every_file_and_runs_outside_the_source_tree(tmp_path:
     assert {"scer_proxy/data/cl100k_base.tiktoken", "scer_proxy/data/mlenergy-v3-llm.csv",
             "scer_proxy/web/dashboard.html", "scer_proxy/workloads/standard-chat-v1.json"} <= shipped
     assert shipped - names == set(), "files of the package the wheel leaves out"
-    assert "scer-proxy = scer_proxy.cli:main" in entry_points
+    assert "scer-proxy = scer_proxy.cli.main:main" in entry_points
 
     # Installed on its own and run from an empty directory: the bundled tokenizer, profiles, grid table
     # and workload load from the installed files (the demo runs the simulator, the proxy and a workload).

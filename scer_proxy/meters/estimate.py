@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from scer_proxy.attribution import Share
-from scer_proxy.fitting import least_squares
+from scer_proxy.attribution.fitting import least_squares
+from scer_proxy.attribution.timeline import Share
 from scer_proxy.meters import MeterError, Reading
 
 GPU_PEAK_FLOPS = {"H100": 989e12, "B200": 2250e12}

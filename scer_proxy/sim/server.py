@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from scer_proxy.serving import preload_tokenizer
+from scer_proxy.proxy.serving import preload_tokenizer
 from scer_proxy.sim.driver import EngineDriver
 from scer_proxy.sim.engine import Engine, SeqStatus, Sequence
 from scer_proxy.sim.output import output_length, output_words, request_seed

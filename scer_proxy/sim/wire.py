@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from scer_proxy import tokens
+from scer_proxy.wire import tokens
 
 KINDS = ("chat", "completions")
 

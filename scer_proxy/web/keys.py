@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from scer_proxy.accounting import Accounting
 from scer_proxy.config import Config
-from scer_proxy.grid_providers import GridIntensitySource
-from scer_proxy.ledger import SqliteLedger
-from scer_proxy.metering import UpstreamMeter
-from scer_proxy.ratings_book import RatingsBook
-from scer_proxy.upstreams import Upstreams
+from scer_proxy.grid.providers import GridIntensitySource
+from scer_proxy.ledger.sqlite import SqliteLedger
+from scer_proxy.meters.sampler import UpstreamMeter
+from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.upstreams import Upstreams
+from scer_proxy.scer.book import RatingsBook
 
 CONFIG = web.AppKey("config", Config)
 LEDGER = web.AppKey("ledger", SqliteLedger)

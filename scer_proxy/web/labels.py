@@ -7,9 +7,9 @@ import time
 
 from aiohttp import web
 
-from scer_proxy import openai_wire as wire
-from scer_proxy.manifest import Label, inputs_from_totals, make_label
+from scer_proxy.scer.manifest import Label, inputs_from_totals, make_label
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METERS, RATINGS
+from scer_proxy.wire import openai as wire
 
 
 def hardware_text(devices: list[str]) -> str:

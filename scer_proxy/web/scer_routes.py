@@ -10,9 +10,9 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from scer_proxy import openai_wire as wire
-from scer_proxy.summary import parse_duration_s
+from scer_proxy.summary.build import parse_duration_s
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS
+from scer_proxy.wire import openai as wire
 
 
 def _json(data: Any, status: int = 200) -> web.Response:

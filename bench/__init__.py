@@ -1,0 +1,1 @@
+"""Benchmarks and checks that print figures (not shipped with the package)."""

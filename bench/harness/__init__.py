@@ -1,0 +1,1 @@
+"""Harnesses the benchmarks and tests share (not shipped): the deterministic replay and the HTTP accuracy run."""

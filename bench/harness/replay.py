@@ -1,0 +1,195 @@
+"""Replay: the attribution method against the simulator's truth in virtual time (pure, no I/O).
+
+The simulator's engine runs on a virtual clock; a closed-loop workload submits requests to it; the
+proxy's timeline observes exactly what the proxy would see over HTTP (a request's start, each
+streamed token as it is produced, the end; for non-streamed requests only start and end) and reads
+the DCGM-style counter, which refreshes every ``metrics_period_s``, every ``sample_interval_s``.
+With no event-loop jitter this measures the method itself; ``bench.harness.accuracy`` measures
+the whole proxy over HTTP.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from scer_proxy.attribution.timeline import Share, Timeline
+from scer_proxy.sim.engine import Engine, Sequence
+from scer_proxy.sim.profiles import get_profile
+
+
+@dataclass(frozen=True)
+class Workload:
+    requests: int = 200
+    concurrency: int = 32
+    prompt_tokens: tuple[int, int] = (20, 2000)
+    output_tokens: tuple[int, int] = (1, 1000)
+    stream_share: float = 0.5
+    seed: int = 1
+    idle_gap_s: float = 0.0  # pause between a client's requests (creates idle time; replay only)
+
+    def plan(self) -> list[tuple[int, int, bool]]:
+        """Each request's (prompt tokens, output tokens, streamed), drawn from ``seed``: the same plan for
+        the replay and the HTTP harness."""
+        rng = random.Random(self.seed)
+        return [(rng.randint(*self.prompt_tokens), rng.randint(*self.output_tokens), rng.random() < self.stream_share)
+                for _ in range(self.requests)]
+
+
+@dataclass
+class ReplayResult:
+    rid: str
+    stream: bool
+    prompt_tokens: int
+    completion_tokens: int
+    true_j: float
+    header_j: float
+    settled_j: float
+
+
+@dataclass
+class ReplayReport:
+    results: list[ReplayResult] = field(default_factory=list)
+    counter_j: float = 0.0
+    measured_j: float = 0.0
+    attributed_j: float = 0.0
+    idle_j: float = 0.0
+    max_interval_imbalance_rel: float = 0.0
+
+    def errors(self, which: str) -> list[float]:
+        return relative_errors(self.results, which)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def replay(
+    profile_name: str = "llama-3.1-8b-h100",
+    *,
+    workload: Workload = Workload(),
+    idle: str = "separate",
+    prefill_weight: float | None = None,
+    metrics_period_s: float = 0.1,
+    sample_interval_s: float = 0.025,
+    sample_phase_s: float = 0.0137,
+) -> ReplayReport:
+    """Run the workload on a virtual clock; returns the per-request figures and the balances."""
+    profile = get_profile(profile_name)
+    clock = _Clock()
+    engine = Engine(profile, clock=clock, metrics_period_s=metrics_period_s)
+    timeline = Timeline(idle=idle, prefill_weight=prefill_weight)
+    plan = workload.plan()
+    report = ReplayReport()
+    running: dict[str, tuple[Sequence, bool, int]] = {}  # rid -> (sequence, stream, tokens seen)
+    headers: dict[str, float] = {}
+    settled: dict[str, Share] = {}
+    next_index = 0
+    client_free_at = [0.0] * workload.concurrency
+    next_sample = sample_phase_s  # the proxy's reads are not in step with the counter's updates
+    last_published = None
+    first_counter = engine.published.energy_j
+
+    def submit(now: float) -> None:
+        nonlocal next_index
+        for slot, free_at in enumerate(client_free_at):
+            if next_index >= len(plan):
+                return
+            if free_at <= now and free_at >= 0:
+                prompt, output, stream = plan[next_index]
+                rid = f"r{next_index}"
+                next_index += 1
+                seq = engine.submit(rid, prompt, output)
+                running[rid] = (seq, stream, 0)
+                timeline.start(rid, now, prompt, stream=stream)
+                client_free_at[slot] = -1.0  # busy
+                slot_of[rid] = slot
+
+    def sample() -> None:
+        """The proxy reads the counter: a new published value closes an interval."""
+        nonlocal last_published
+        published = engine.published
+        if published is last_published:
+            return
+        last_published = published
+        result = timeline.reading(clock.t, published.energy_j)
+        if result is None:
+            return
+        for share in result.settled:
+            settled[share.rid] = share
+        imbalance = abs(result.energy_j - result.attributed_j - result.idle_j - result.carried_j)
+        if result.energy_j > 0:
+            report.max_interval_imbalance_rel = max(report.max_interval_imbalance_rel, imbalance / result.energy_j)
+
+    slot_of: dict[str, int] = {}
+    submit(0.0)
+    while running or next_index < len(plan):
+        candidates = [next_sample]
+        phase_end = engine.next_event_s()
+        if phase_end is not None:
+            candidates.append(phase_end)
+        candidates += [t for t in client_free_at if t > clock.t]
+        t_next = min(candidates)
+        clock.t = max(t_next, clock.t)
+        engine.sync()
+        # What the proxy sees at this instant: new tokens of streams, ends of requests.
+        for rid, (seq, stream, seen) in list(running.items()):
+            if stream and seq.completion_tokens > seen:
+                timeline.tokens(rid, clock.t, seq.completion_tokens - seen)
+                running[rid] = (seq, stream, seq.completion_tokens)
+            if seq.done:
+                timeline.finish(rid, clock.t, seq.prompt_tokens, seq.completion_tokens)
+                estimate = timeline.estimate(rid, clock.t)
+                headers[rid] = estimate.energy_j if estimate is not None else math.nan
+                del running[rid]
+                client_free_at[slot_of[rid]] = clock.t + workload.idle_gap_s
+        if clock.t >= next_sample:
+            sample()
+            next_sample += sample_interval_s
+        submit(clock.t)
+    # Let the counter publish past the end and settle everything.
+    for _ in range(int(4 * metrics_period_s / sample_interval_s) + 2):
+        clock.t = next_sample
+        engine.sync()
+        sample()
+        next_sample += sample_interval_s
+    for i in range(len(plan)):
+        rid = f"r{i}"
+        truth = engine.truth(rid)
+        assert truth is not None
+        final = settled.get(rid)
+        report.results.append(ReplayResult(
+            rid=rid, stream=plan[i][2], prompt_tokens=truth.prompt_tokens, completion_tokens=truth.completion_tokens,
+            true_j=truth.energy_j, header_j=headers.get(rid, math.nan),
+            settled_j=final.energy_j if final is not None else math.nan,
+        ))
+    report.counter_j = (last_published.energy_j if last_published else 0.0) - first_counter
+    report.measured_j = timeline.measured_j
+    report.attributed_j = sum(s.energy_j for s in settled.values())
+    report.idle_j = timeline.idle_j + timeline.pending_idle_j
+    return report
+
+
+def relative_errors(results: Iterable[Any], which: str) -> list[float]:
+    """|figure - truth| / truth per request for the ``header`` or ``settled`` figure (``<which>_j``);
+    a request without that figure (None or NaN) is left out."""
+    out = []
+    for r in results:
+        value = getattr(r, f"{which}_j")
+        if value is not None and not math.isnan(value) and r.true_j > 0:
+            out.append(abs(value - r.true_j) / r.true_j)
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return math.nan
+    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]

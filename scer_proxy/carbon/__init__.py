@@ -1,0 +1,1 @@
+"""Pure core: SCI arithmetic, the bundled grid table, embodied emissions, the per-request record."""

@@ -1,0 +1,1 @@
+"""The command line: one module a command, the only place with process-wide side effects."""

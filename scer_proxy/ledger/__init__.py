@@ -1,0 +1,1 @@
+"""Durable per-request records in SQLite (WAL, one writer, batched)."""

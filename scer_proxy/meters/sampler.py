@@ -1,0 +1,195 @@
+"""The meter runtime of one upstream: a sampler task feeding readings into its attribution timeline.
+
+The sampler reads the meter every ``interval_ms``; a failed read is counted and shown in health, and
+never stops requests from being served (their records are flagged ``meter_error`` until the meter
+answers again). When an interval settles requests, ``on_settled`` receives their final shares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from scer_proxy.attribution.timeline import Share, Timeline
+from scer_proxy.meters import Meter, MeterError, Reading
+from scer_proxy.meters.estimate import EstimateMeter
+
+log = structlog.get_logger("scer_proxy.meter")
+SETTLE_BATCH = 8  # settled records handed on between two turns of the event loop (about 0.1 ms of work)
+
+
+class UpstreamMeter:
+    def __init__(
+        self,
+        upstream: str,
+        meter: Meter | None,
+        timeline: Timeline,
+        *,
+        interval_s: float,
+        on_settled: Callable[[str, Share], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstream = upstream
+        self.meter = meter
+        self.timeline = timeline
+        self.interval_s = interval_s
+        self._on_settled = on_settled
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self.first_reading: Reading | None = None
+        self.last_reading: Reading | None = None
+        self.last_value_change_s: float | None = None
+        self.errors = 0
+        self.last_error: str | None = None
+        self.healthy = meter is not None
+        self.readings = 0
+        self.update_period_s: float | None = None
+
+    @property
+    def source(self) -> str:
+        return self.meter.source if self.meter is not None else "none"
+
+    # -- the proxy's side ---------------------------------------------------------------------
+    def start_request(self, rid: str, prompt_tokens: int, *, stream: bool) -> None:
+        self.timeline.start(rid, self._clock(), prompt_tokens, stream=stream)
+
+    def token_sink(self, rid: str) -> Callable[[int], None]:
+        """A callable for the stream relay: ``sink(n)`` records n tokens passing now (cheap, per chunk)."""
+        tokens, clock = self.timeline.tokens, self._clock
+
+        def sink(count: int) -> None:
+            tokens(rid, clock(), count)
+
+        return sink
+
+    def finish_request(
+        self, rid: str, prompt_tokens: int, completion_tokens: int, *, model: str
+    ) -> tuple[Share | None, float | None, tuple[str, ...]]:
+        """Mark the end; returns the response-time figure (the split part plus the rest at the latest
+        prices, or the estimate meter's figure), its relative uncertainty, and flags. None when there
+        is no figure: a missing counter is never a zero."""
+        now = self._clock()
+        req = self.timeline._requests.get(rid)
+        started = req.start_s if req is not None else now
+        if isinstance(self.meter, EstimateMeter):
+            concurrency = float(self.timeline.active)
+            self.timeline.forget(rid)
+            share, flags = self.meter.share(rid, model=model, prompt_tokens=prompt_tokens,
+                                            completion_tokens=completion_tokens, concurrency=concurrency,
+                                            duration_s=now - started)
+            return share, self.meter.model.uncertainty_rel, flags
+        self.timeline.finish(rid, now, prompt_tokens, completion_tokens)
+        if self.meter is None or self.timeline.last_t_s is None:
+            self.timeline.forget(rid)
+            return None, None, ()
+        return self.timeline.estimate(rid, now), self.uncertainty_rel(now - started, settled=False), ()
+
+    def uncertainty_rel(self, duration_s: float, *, settled: bool) -> float:
+        """A stated bound on the relative error of a measured figure (a heuristic, see the README).
+
+        Wider for requests shorter than the counter's update period, whose energy rests on a fraction of
+        one reading, and wider before settlement (the tail is priced, not yet measured).
+        """
+        period = self.update_period_s or self.interval_s
+        short = min(1.0, period / max(duration_s, 1e-6))
+        return (0.05 if settled else 0.10) + (0.25 if settled else 0.40) * short
+
+    # -- the sampler --------------------------------------------------------------------------
+    async def sample_once(self) -> None:
+        assert self.meter is not None
+        try:
+            reading = await self.meter.read()
+        except MeterError as exc:
+            self.errors += 1
+            self.healthy = False
+            if self.last_error != str(exc):
+                log.warning("meter_error", upstream=self.upstream, error=str(exc))
+            self.last_error = str(exc)
+            return
+        if not self.healthy and self.last_error is not None:
+            log.info("meter_recovered", upstream=self.upstream)
+        self.healthy = True
+        self.readings += 1
+        previous = self.last_reading
+        self.last_reading = reading
+        if self.first_reading is None:
+            self.first_reading = reading
+        if previous is not None and reading.energy_j == previous.energy_j:
+            return  # the counter has not updated since the last read: no new interval yet
+        if self.last_value_change_s is not None:
+            period = reading.t_s - self.last_value_change_s
+            self.update_period_s = period if self.update_period_s is None else min(self.update_period_s, period)
+        self.last_value_change_s = reading.t_s
+        result = self.timeline.reading(reading.t_s, reading.energy_j)
+        if result is not None:
+            await self._settle(result.settled)
+
+    async def _settle(self, shares: tuple[Share, ...]) -> None:
+        """Hand the settled shares on, yielding to the loop every ``SETTLE_BATCH`` of them: one reading can
+        settle hundreds of requests, and requests arriving meanwhile should not wait for all of them. A
+        cancellation (shutdown) while yielding still hands on the rest: they are not derivable again."""
+        for i, share in enumerate(shares):
+            if i and i % SETTLE_BATCH == 0:
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:
+                    for rest in shares[i:]:
+                        self._on_settled(self.upstream, rest)
+                    raise
+            self._on_settled(self.upstream, share)
+
+    async def _run(self) -> None:
+        while True:
+            started = self._clock()
+            await self.sample_once()
+            await asyncio.sleep(max(0.0, self.interval_s - (self._clock() - started)))
+
+    @property
+    def samples(self) -> bool:
+        """Whether this meter has a counter to sample (the estimate meter has none)."""
+        return self.meter is not None and not isinstance(self.meter, EstimateMeter)
+
+    def start(self) -> None:
+        if self.samples and self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"meter-{self.upstream}")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.meter is not None:
+            await self.meter.close()
+
+    def describe(self) -> dict[str, Any]:
+        age_ms = None
+        if self.last_reading is not None:
+            age_ms = (self._clock() - self.last_reading.t_s) * 1000.0
+        info = self.meter.describe() if self.meter is not None else {"kind": "none", "devices": []}
+        extra = {k: v for k, v in info.items() if k not in ("kind", "devices", "url")}
+        return {
+            **extra,
+            "upstream": self.upstream,
+            "kind": self.source,
+            "devices": info.get("devices", []),
+            "url": info.get("url"),
+            "update_period_ms": None if self.update_period_s is None else self.update_period_s * 1000.0,
+            "interval_ms": self.interval_s * 1000.0,
+            "last_reading_age_ms": age_ms,
+            "healthy": self.healthy,
+            "errors": self.errors,
+            "last_error": self.last_error,
+            "pending_requests": self.timeline.pending(),
+            "deferred_intervals": self.timeline.deferred_intervals,
+            "prefill_j_per_token": self.timeline.calibrated_prefill_j_per_token(),
+            # GPU energy before PUE since the first reading: split among intervals, and the raw counter.
+            "measured_j": self.timeline.measured_j,
+            "counter_j": (None if self.first_reading is None or self.last_reading is None
+                          else self.last_reading.energy_j - self.first_reading.energy_j),
+        }

@@ -1,0 +1,1 @@
+"""The data plane: the /v1/* handler, the stream relay, upstream routing, accounting, serving."""

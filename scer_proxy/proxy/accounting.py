@@ -1,0 +1,178 @@
+"""Accounting: from what the proxy observed of a request to its record in the ledger.
+
+One direction of flow: the handler opens a record, reports the first token and the end with the token
+counts; the upstream's meter runtime gives the response-time figure (settled part plus estimated
+tail); carbon is computed from it; the record goes to the ledger. When the meter's next reading
+settles the request, the record is replaced by its final figure (``settled: true``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from scer_proxy.attribution.timeline import Share
+from scer_proxy.carbon.records import Record, energy_fields, functional_units
+from scer_proxy.carbon.sci import Embodied
+from scer_proxy.config import Config
+from scer_proxy.grid.providers import GridIntensitySource
+from scer_proxy.ledger.sqlite import SqliteLedger
+from scer_proxy.meters.sampler import UpstreamMeter
+
+_TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
+
+
+def new_request_id() -> str:
+    """``scer-`` and 32 hex digits: the Unix time in milliseconds (12 digits), then 80 random bits.
+
+    Time first, as in a UUIDv7: ids made together sort together, so the ledger's index on them grows at
+    its right-hand edge instead of touching a random page of it for every record (fewer pages written a
+    flush, and fewer read back once the index outgrows SQLite's page cache)."""
+    return f"scer-{time.time_ns() // 1_000_000:012x}{os.urandom(10).hex()}"
+
+
+class Accounting:
+    def __init__(
+        self,
+        config: Config,
+        ledger: SqliteLedger,
+        meters: Mapping[str, UpstreamMeter],
+        grid: GridIntensitySource,
+        *,
+        tenant_salt: bytes | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rating_for: Callable[[str], str] = lambda model: "unrated",
+    ) -> None:
+        self.rating_for = rating_for
+        self.config = config
+        self.ledger = ledger
+        self.meters = meters
+        self.grid = grid
+        self._salt = tenant_salt if tenant_salt is not None else secrets.token_bytes(16)
+        self._wall = wall_clock
+        self._pending: dict[str, Record] = {}
+        self._embodied = {
+            u.name: Embodied(
+                gpu_kg=config.embodied.gpu_kg,
+                server_kg=config.embodied.server_kg,
+                gpus_per_server=config.embodied.gpus_per_server,
+                lifetime_years=config.embodied.lifetime_years,
+                gpus_used=max(1, len(u.gpus)),
+            )
+            for u in config.upstreams
+        }
+
+    def embodied_for(self, upstream: str) -> Embodied:
+        return self._embodied[upstream]
+
+    def tenant(self, headers: Mapping[str, str]) -> str:
+        """``X-SCER-Tenant`` when given (validated), else a salted hash of the API key, never the key."""
+        named = headers.get("X-SCER-Tenant", "").strip()
+        if named and _TENANT_HEADER.match(named):
+            return named
+        auth = headers.get("Authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else auth.strip()
+        if not key:
+            return "anonymous"
+        return "key-" + hashlib.sha256(self._salt + key.encode("utf-8", "replace")).hexdigest()[:16]
+
+    def open(
+        self, *, upstream: str, model: str, tenant: str, endpoint: str, stream: bool, prompt_estimate: int
+    ) -> Record:
+        record = Record(
+            request_id=new_request_id(),
+            model=model,
+            upstream=upstream,
+            tenant=tenant,
+            endpoint=endpoint,
+            stream=stream,
+            started_at=self._wall(),
+            rating=self.rating_for(model),
+        )
+        self.meters[upstream].start_request(record.request_id, prompt_estimate, stream=stream)
+        return record
+
+    def prompt_counted(self, record: Record, prompt_tokens: int) -> None:
+        """The exact prompt count arrived (counted off the request path): refine the timeline."""
+        self.meters[record.upstream].timeline.set_prompt(record.request_id, prompt_tokens)
+
+    def token_sink(self, record: Record) -> Callable[[int], None]:
+        """Where the stream relay reports the tokens it passes on (one call a chunk)."""
+        return self.meters[record.upstream].token_sink(record.request_id)
+
+    def close(
+        self,
+        record: Record,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        token_source: str,
+        status: str,
+        http_status: int | None,
+        flags: tuple[str, ...] = (),
+    ) -> Record:
+        """Finish a record with the response-time figures and put it in the ledger; never waits."""
+        meter = self.meters[record.upstream]
+        share, uncertainty, meter_flags = meter.finish_request(record.request_id, prompt_tokens, completion_tokens,
+                                                               model=record.model)
+        grid = self.grid.current()  # O(1), no I/O: the cached live value, else the table
+        flags = (*flags, *meter_flags, *grid.flags)
+        if not meter.healthy and meter.meter is not None:
+            flags = (*flags, "meter_error")
+        ended_at = self._wall()
+        changes: dict[str, Any] = {
+            "ended_at": ended_at,
+            "status": status,
+            "http_status": http_status,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "token_source": token_source,
+            "flags": flags,
+            "energy_uncertainty_rel": uncertainty,
+            "grid_age_s": grid.age_s(ended_at),
+        }
+        if share is None:
+            done = record.evolve(**changes, energy_source="none",
+                                 grid_intensity_g_per_kwh=grid.intensity_g_per_kwh, grid_source=grid.source)
+        else:
+            units = functional_units(record.endpoint, prompt_tokens, completion_tokens)
+            done = record.evolve(**changes, **self._energy(record.upstream, share, units,
+                                                           grid.intensity_g_per_kwh, grid.source))
+            if not share.settled:
+                self._pending[done.request_id] = done
+        self.ledger.put(done)
+        return done
+
+    def _energy(self, upstream: str, share: Share, units: int, intensity_g_per_kwh: float,
+                grid_source: str) -> dict[str, Any]:
+        return energy_fields(
+            share,
+            source=self.meters[upstream].source,
+            pue=self.config.carbon.pue,
+            intensity_g_per_kwh=intensity_g_per_kwh,
+            grid_source=grid_source,
+            embodied=self._embodied[upstream],
+            units=units,
+        )
+
+    def settled(self, upstream: str, share: Share) -> None:
+        """The meter's reading after a request's end has arrived: replace the record with the final figure."""
+        record = self._pending.pop(share.rid, None)
+        if record is None:
+            return
+        meter = self.meters[upstream]
+        duration_s = (record.ended_at or record.started_at) - record.started_at
+        # Settle with the intensity that applied when the request ended, not today's.
+        intensity = record.grid_intensity_g_per_kwh if record.grid_intensity_g_per_kwh is not None else 0.0
+        self.ledger.put(record.evolve(**self._energy(upstream, share, record.functional_units,
+                                                     intensity, record.grid_source),
+                                      energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True)))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)

@@ -1,0 +1,490 @@
+"""The ``/v1/*`` handler: forwards every request untouched and meters the ones that generate tokens.
+
+Non-streamed metered responses are read whole (they are small, and their headers must carry the
+figures); streams are relayed read by read as they arrive, with backpressure, and scanned for events
+on the way. A client that goes away cancels the upstream request at once, and its record keeps the
+tokens it was sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from scer_proxy.carbon.records import Record
+from scer_proxy.config import Config, UpstreamConfig
+from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.upstreams import Upstreams
+from scer_proxy.wire import openai as wire
+from scer_proxy.wire import tokens
+
+log = structlog.get_logger("scer_proxy.request")
+INLINE_COUNT_TOKENS = 512
+
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+    )
+)
+
+
+def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
+    out = CIMultiDict(headers)  # a copy in C; removing the few present names is cheaper than filtering in Python
+    named = {t.strip() for v in headers.getall("Connection", ()) for t in v.split(",")}
+    for name in (*HOP_BY_HOP, *named):
+        if name and name in out:
+            del out[name]
+    return out
+
+
+def error_response(status: int, message: str, type_: str, *, param: str | None = None,
+                   code: str | None = None) -> web.Response:
+    return web.Response(status=status, body=wire.error_body(message, type_, param=param, code=code),
+                        content_type="application/json")
+
+
+class ProxyError(Exception):
+    """An error the proxy itself answers, in the OpenAI error shape."""
+
+    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type_, self.code = status, message, type_, code
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.type_, code=self.code)
+
+
+@dataclass
+class Exchange:
+    """What the handler learned of one metered exchange, for the canonical log line."""
+
+    kind: str
+    model: str
+    upstream: str
+    stream: bool
+    started_s: float = field(default_factory=time.monotonic)
+    first_byte_s: float | None = None
+    chunks: int = 0
+    closed: bool = False
+
+
+class ProxyHandler:
+    def __init__(self, config: Config, upstreams: Upstreams, accounting: Accounting) -> None:
+        self.config = config
+        self.upstreams = upstreams
+        self.accounting = accounting
+        self._routes: dict[str, UpstreamConfig | None] = {}  # model -> upstream, so globs match once a model
+
+    def _upstream_for(self, model: str) -> UpstreamConfig | None:
+        routes = self._routes
+        if model not in routes:
+            if len(routes) >= 4096:  # any client can name any model: keep the map bounded
+                routes.clear()
+            routes[model] = self.config.upstream_for(model)
+        return routes[model]
+
+    # -- entry ----------------------------------------------------------------------------------
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        kind = wire.metered_kind(request.method, request.path)
+        try:
+            if kind is None:
+                return await self._passthrough(request)
+            body = await self._read_body(request)
+            parsed = wire.parse_json_object(body)
+            model = parsed.get("model") if parsed is not None else None
+            if not isinstance(model, str) or not model:
+                # Not something we can route or meter: forward it untouched and return the answer.
+                return await self._passthrough(request, body=body, upstream=self.config.upstreams[0])
+            upstream = self._upstream_for(model)
+            if upstream is None:
+                raise ProxyError(404, f"No upstream serves the model '{model}'.", "invalid_request_error",
+                                 "model_not_found")
+            assert parsed is not None
+            return await self._metered(request, kind, body, parsed, model, upstream)
+        except ProxyError as exc:
+            log.info("proxy_error", path=request.path, status=exc.status, code=exc.code)
+            return exc.response()
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        limit = self.config.server.max_body_bytes
+        if request.content_length is not None:
+            if request.content_length > limit:
+                raise ProxyError(413, f"Request body of {request.content_length} bytes is over the limit of {limit}.",
+                                 "invalid_request_error", "request_too_large")
+            return await request.read()  # the parser stops at Content-Length, so the limit holds
+        chunks = []
+        size = 0
+        async for chunk in request.content.iter_chunked(65536):
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(413, f"Request body is over the limit of {limit} bytes.",
+                                 "invalid_request_error", "request_too_large")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    # -- upstream calls ---------------------------------------------------------------------------
+    async def _send(self, request: web.Request, upstream: UpstreamConfig, data: Any,
+                    headers: CIMultiDict[str] | None = None) -> aiohttp.ClientResponse:
+        session = self.upstreams.session(upstream.name)
+        url = upstream.url + request.path_qs
+        try:
+            return await session.request(
+                request.method, url, data=data,
+                headers=headers if headers is not None else forward_headers(request.headers),
+                allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                timeout=self.upstreams.timeout(upstream.name),
+            )
+        except TimeoutError as exc:
+            raise ProxyError(504, f"Upstream '{upstream.name}' did not answer in time.", "upstream_error",
+                             "upstream_timeout") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise ProxyError(502, f"Upstream '{upstream.name}' refused the connection: {exc.os_error}.",
+                             "upstream_error", "upstream_unavailable") from exc
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"Upstream '{upstream.name}' failed: {exc.__class__.__name__}.",
+                             "upstream_error", "upstream_unavailable") from exc
+
+    async def _read_upstream(self, resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
+        try:
+            return await resp.read()
+        except TimeoutError as exc:
+            raise ProxyError(504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error",
+                             "upstream_timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise ProxyError(502, f"Upstream '{upstream.name}' broke off its response: {exc.__class__.__name__}.",
+                             "upstream_error", "upstream_unavailable") from exc
+
+    # -- unmetered -----------------------------------------------------------------------------------
+    async def _passthrough(self, request: web.Request, *, body: bytes | None = None,
+                           upstream: UpstreamConfig | None = None) -> web.StreamResponse:
+        upstream = upstream or self.config.upstreams[0]
+        data: Any = body if body is not None else (request.content if request.body_exists else None)
+        resp = await self._send(request, upstream, data)
+        try:
+            headers = forward_headers(resp.headers)
+            out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+            if resp.content_length is not None:
+                out.content_length = resp.content_length
+            await out.prepare(request)
+            async for data_chunk in resp.content.iter_any():
+                await out.write(data_chunk)
+            await out.write_eof()
+            return out
+        except (aiohttp.ClientError, TimeoutError):
+            resp.close()
+            raise ConnectionResetError("upstream broke off a pass-through response") from None
+        finally:
+            resp.release()
+
+    # -- metered ----------------------------------------------------------------------------------
+    async def _metered(self, request: web.Request, kind: str, body: bytes, parsed: dict[str, Any], model: str,
+                       upstream: UpstreamConfig) -> web.StreamResponse:
+        stream = wire.wants_stream(parsed)
+        asked_usage = wire.client_asked_usage(parsed)
+        injected = False
+        send_body = body
+        if stream and kind in ("chat", "completions") and not asked_usage:
+            send_body = wire.with_usage_requested(parsed)
+            injected = True
+        headers = forward_headers(request.headers)
+        # The prompt's size places its prefill on the timeline. Short prompts are counted here (a few
+        # microseconds); long ones start from a character estimate and are counted in a worker thread
+        # while the request is on its way (tiktoken releases the GIL).
+        estimate = tokens.estimate_prompt(kind, parsed)
+        exact = estimate < INLINE_COUNT_TOKENS
+        record = self.accounting.open(
+            upstream=upstream.name, model=model, tenant=self.accounting.tenant(request.headers), endpoint=kind,
+            stream=stream, prompt_estimate=tokens.count_prompt(kind, parsed) if exact else estimate,
+        )
+        if not exact:
+            counting = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, parsed)
+            counting.add_done_callback(lambda done: self._prompt_counted(record, done))
+        ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
+        # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
+        # that has ended, and no ledger record is lost.
+        try:
+            resp = await self._send(request, upstream, send_body, headers)
+            try:
+                ex.first_byte_s = time.monotonic()
+                content_type = resp.headers.get("Content-Type", "")
+                if resp.status == 200 and content_type.startswith("text/event-stream"):
+                    return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected,
+                                              upstream).run()
+                return await self._buffered(request, resp, record, ex, parsed, upstream)
+            finally:
+                resp.release()
+        except asyncio.CancelledError:
+            # The client went away while the upstream was still working: the upstream connection is closed
+            # with the cancelled task, which stops the generation.
+            if not ex.closed:
+                self._close(record, ex, parsed, status="cancelled", http_status=None, completion_tokens=0,
+                            usage=None, flags=("client_disconnected",))
+            raise
+        except ProxyError as exc:
+            if not ex.closed:
+                self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0,
+                            usage=None, flags=(exc.code,))
+            raise
+        except Exception:
+            if not ex.closed:
+                self._close(record, ex, parsed, status="error", http_status=None, completion_tokens=0, usage=None,
+                            flags=("proxy_failure",))
+            raise
+
+    def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            self.accounting.prompt_counted(record, done.result())
+
+    async def _buffered(self, request: web.Request, resp: aiohttp.ClientResponse, record: Record, ex: Exchange,
+                        parsed: dict[str, Any], upstream: UpstreamConfig) -> web.StreamResponse:
+        raw = await self._read_upstream(resp, upstream)
+        headers = forward_headers(resp.headers)
+        usage = None
+        completion_tokens = 0
+        decoded = wire.decode_for_reading(raw, resp.headers.get("Content-Encoding", ""))
+        answer = wire.parse_json_object(decoded) if decoded is not None else None
+        if answer is not None:
+            usage = wire.read_usage(answer.get("usage"))
+            if usage is None and resp.status < 400:
+                completion_tokens = await self._count_text(upstream, wire.response_text(ex.kind, answer))
+        ok = resp.status < 400
+        record = self._close(record, ex, parsed, status="ok" if ok else "upstream_error", http_status=resp.status,
+                             completion_tokens=completion_tokens, usage=usage)
+        if ok:
+            headers.update(record.headers())
+        else:
+            headers["X-SCER-Request-Id"] = record.request_id
+            headers["X-SCER-Model"] = record.model
+        return web.Response(status=resp.status, reason=resp.reason, body=raw, headers=headers)
+
+    async def _count_text(self, upstream: UpstreamConfig, text: str) -> int:
+        if not text:
+            return 0
+        counted = await self.upstreams.tokenize(upstream.name, text)
+        return counted if counted is not None else tokens.count_text(text)
+
+    def _close(self, record: Record, ex: Exchange, parsed: dict[str, Any], *, status: str, http_status: int | None,
+               completion_tokens: int, usage: wire.Usage | None, flags: tuple[str, ...] = ()) -> Record:
+        if usage is not None:
+            prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
+        else:
+            prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
+        ex.closed = True
+        done = self.accounting.close(record, prompt_tokens=prompt, completion_tokens=completion, token_source=source,
+                                     status=status, http_status=http_status, flags=flags)
+        if not log.is_enabled_for(logging.INFO):  # its fields cost more than the call: skip both
+            return done
+        now = time.monotonic()
+        log.info(
+            "request", request_id=done.request_id, endpoint=ex.kind, model=ex.model, upstream=ex.upstream,
+            tenant=done.tenant, stream=ex.stream, status=status, http_status=http_status,
+            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, token_source=source,
+            energy_j=done.energy_j, energy_source=done.energy_source, carbon_g=done.carbon_g,
+            duration_ms=round((now - ex.started_s) * 1000.0, 3),
+            ttfb_ms=None if ex.first_byte_s is None else round((ex.first_byte_s - ex.started_s) * 1000.0, 3),
+            chunks=ex.chunks, flags=list(done.flags) or None,
+        )
+        return done
+
+
+# Keys every chunk has; anything else on a usage-only chunk was moved there by the server.
+_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "system_fingerprint", "choices", "usage",
+                         "service_tier", "obfuscation"))
+
+
+def _finishes(chunk: dict[str, Any]) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
+
+
+def _is_done(event: bytes) -> bool:
+    if b"[DONE]" not in event:
+        return False
+    payload = wire.event_payload(event)
+    return payload is not None and payload.strip() == b"[DONE]"
+
+
+class _StreamRelay:
+    """Relays one SSE stream read by read, rewriting only the usage chunk and the end of the stream.
+
+    The final usage is the one on the last data event before ``[DONE]`` (or the end): some servers put a
+    running or placeholder usage on every chunk (vLLM's continuous usage stats, Ollama's zeros), so a
+    chunk that carries usage is held in a one-event slot until the next event shows whether it was the
+    last. When the proxy asked for usage on the client's behalf, the finish chunk is held too: servers
+    move keys of it (llama.cpp's ``timings``) onto the usage chunk, and they are moved back before the
+    usage chunk is dropped.
+    """
+
+    def __init__(self, handler: ProxyHandler, request: web.Request, resp: aiohttp.ClientResponse, record: Record,
+                 ex: Exchange, parsed: dict[str, Any], asked_usage: bool, injected: bool,
+                 upstream: UpstreamConfig) -> None:
+        self.h = handler
+        self.upstream = upstream
+        self.counted_completion: int | None = None
+        self.request = request
+        self.resp = resp
+        self.record = record
+        self.ex = ex
+        self.parsed = parsed
+        self.asked_usage = asked_usage
+        self.injected = injected
+        self.scanner = wire.SSEScanner()
+        self.text_parts: list[str] = []
+        self.closed: Record | None = None
+        self.figures_sent = False
+        self.last_usage: wire.Usage | None = None
+        self.held: tuple[bytes, dict[str, Any]] | None = None
+        self.on_tokens = handler.accounting.token_sink(record)
+        encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+        self.rewrite = encoding in ("", "identity")
+
+    async def run(self) -> web.StreamResponse:
+        headers = forward_headers(self.resp.headers)
+        headers["X-SCER-Request-Id"] = self.record.request_id
+        headers["X-SCER-Model"] = self.record.model
+        out = web.StreamResponse(status=self.resp.status, reason=self.resp.reason, headers=headers)
+        status = "ok"
+        flags: tuple[str, ...] = ()
+        try:
+            await out.prepare(self.request)
+            async for data in self.resp.content.iter_any():
+                if not self.rewrite:
+                    await out.write(data)
+                    continue
+                parts = []
+                for event in self.scanner.feed(data):
+                    if self.closed is None and self.last_usage is None and _is_done(event):
+                        # The stream ends without usage: count with the upstream's /tokenize where it has one.
+                        text = "".join(self.text_parts)
+                        self.counted_completion = await self.h._count_text(self.upstream, text)
+                    parts.append(self._event(event))
+                chunk = b"".join(parts)
+                if chunk:
+                    await out.write(chunk)
+            if self.rewrite:
+                tail = self.scanner.flush()
+                ending = (self._event(tail) if tail else b"") + self._release(final=True)
+                if not self.figures_sent:
+                    ending += wire.scer_comment(self._finish("ok", (), self.last_usage).scer())
+                if ending:
+                    await out.write(ending)
+            await out.write_eof()
+        except asyncio.CancelledError:
+            # The client went away: drop the upstream connection now so the server stops generating.
+            self.resp.close()
+            self._finish("cancelled", ("client_disconnected",))
+            raise
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            self.resp.close()
+            self._finish("cancelled", ("client_disconnected",))
+            return out
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.resp.close()
+            status, flags = "upstream_error", ("upstream_broke_stream", exc.__class__.__name__)
+            self._finish(status, flags)
+            return out
+        self._finish(status, flags, self.last_usage)
+        return out
+
+    def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
+        if self.closed is None:
+            completion = 0
+            if usage is None:
+                counted = self.counted_completion
+                completion = counted if counted is not None else tokens.count_text("".join(self.text_parts))
+            self.closed = self.h._close(self.record, self.ex, self.parsed, status=status,
+                                        http_status=self.resp.status, completion_tokens=completion, usage=usage,
+                                        flags=flags)
+            self.text_parts.clear()
+        return self.closed
+
+    def _event(self, event: bytes) -> bytes:
+        self.ex.chunks += 1
+        payload = wire.event_payload(event)
+        if payload is None:
+            return event
+        if payload.strip() == b"[DONE]":
+            out = self._release(final=True)
+            if not self.figures_sent:
+                self.figures_sent = True
+                out += wire.scer_comment(self._finish("ok", (), self.last_usage).scer(), like=event)
+            return out + event
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return self._release(final=False) + event
+        if not isinstance(chunk, dict):
+            return self._release(final=False) + event
+        text = wire.chunk_text(chunk)
+        if text:
+            self.on_tokens(1)
+            self.text_parts.append(text)
+        if self.ex.kind == "responses":
+            return self._responses_event(event, chunk)
+        usage = wire.read_usage(chunk.get("usage"))
+        if usage is not None:
+            self.last_usage = usage
+        out = b""
+        if self.held is not None:
+            held_event, held_chunk = self.held
+            if self.injected and usage is not None and not chunk.get("choices") and _finishes(held_chunk):
+                # The usage chunk the client did not ask for: move back what the server moved off the
+                # finish chunk, and drop the rest.
+                moved = {k: v for k, v in chunk.items() if k not in _CHUNK_KEYS and k not in held_chunk}
+                if moved:
+                    merged = {**held_chunk, **moved}
+                    self.held = (wire.data_event(merged, held_event), merged)
+                return b""
+            out = self._release(final=False)
+        if usage is not None or (self.injected and _finishes(chunk)):
+            self.held = (event, chunk)
+            return out
+        if self.injected and b'"usage"' in event:
+            return out + wire.strip_null_usage(event)
+        return out + event
+
+    def _release(self, *, final: bool) -> bytes:
+        """Send the held event: as the last one (with the figures) or as an ordinary one."""
+        if self.held is None:
+            return b""
+        event, chunk = self.held
+        self.held = None
+        has_usage = isinstance(chunk.get("usage"), dict)
+        if self.asked_usage:
+            if final and has_usage:
+                record = self._finish("ok", (), self.last_usage)
+                self.figures_sent = True
+                chunk["usage"] = {**chunk["usage"], "scer": record.scer()}
+                return wire.data_event(chunk, event)
+            return event
+        # The client did not ask for usage: it must not see any.
+        if "usage" in chunk:
+            if not chunk.get("choices"):
+                return b""
+            del chunk["usage"]
+            return wire.data_event(chunk, event)
+        return event
+
+    def _responses_event(self, event: bytes, chunk: dict[str, Any]) -> bytes:
+        if chunk.get("type") != "response.completed":
+            return event
+        response = chunk.get("response")
+        usage = wire.read_usage(response.get("usage")) if isinstance(response, dict) else None
+        if usage is None or not isinstance(response, dict):
+            return event
+        record = self._finish("ok", (), usage)
+        self.figures_sent = True
+        response["usage"] = {**response["usage"], "scer": record.scer()}
+        return wire.responses_completed_event(event, chunk)

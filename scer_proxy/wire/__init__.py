@@ -1,0 +1,1 @@
+"""Pure OpenAI wire helpers and token counting."""

@@ -1,0 +1,105 @@
+"""Configuration layering and validation; the command line's exit codes and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scer_proxy.cli.main import main
+from scer_proxy.config import ConfigError, load_config
+
+
+def test_defaults_match_the_contract() -> None:
+    config = load_config()
+    assert config.server.listen == "127.0.0.1:8080"
+    assert config.server.max_body_bytes == 16_777_216
+    assert config.upstreams[0].url == "http://127.0.0.1:8000"
+    assert config.upstreams[0].models == ("*",)
+    assert config.meter.kind == "auto" and config.meter.interval_ms == 100
+    assert config.attribution.prefill_weight == "auto" and config.attribution.idle == "amortize"
+    assert config.carbon.region == "USA" and config.carbon.pue == 1.0
+    assert config.embodied.gpu_kg == 164.0 and config.embodied.lifetime_years == 4.0
+    assert config.storage.path == "scer.db" and config.storage.retention_days == 90
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[server]\nlisten = "0.0.0.0:9000"\n[carbon]\nregion = "fra"\npue = 1.2\n'
+        '[[upstreams]]\nname = "a"\nurl = "http://10.0.0.1:8000/"\nmodels = ["llama-*"]\ngpus = [0, "GPU-1"]\n'
+        '[[upstreams]]\nname = "b"\nurl = "http://10.0.0.2:8000"\n'
+    )
+    env = {"SCER_CARBON_PUE": "1.4", "SCER_METER_INTERVAL_MS": "250", "HOME": "/x"}
+    config = load_config(path, environ=env, overrides={"carbon": {"pue": 1.5}})
+    assert config.server.port == 9000
+    assert config.carbon.region == "FRA"
+    assert config.carbon.pue == 1.5  # flags win over the environment
+    assert config.meter.interval_ms == 250.0  # the environment wins over the file
+    assert [u.name for u in config.upstreams] == ["a", "b"]
+    assert config.upstreams[0].url == "http://10.0.0.1:8000"
+    assert config.upstreams[0].gpus == (0, "GPU-1")
+    assert config.upstream_for("llama-3").name == "a"  # type: ignore[union-attr]
+    assert config.upstream_for("qwen").name == "b"  # type: ignore[union-attr]
+    assert load_config(path, upstream_url="http://h:1").upstreams[0].url == "http://h:1"
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "needle"),
+    [
+        ("[server]\nlisten = 'nope'\n", {}, "server.listen"),
+        ("[meter]\nkind = 'magic'\n", {}, "meter.kind"),
+        ("[meter]\nkind = 'dcgm'\n", {}, "meter.dcgm_url"),
+        ("[meter]\nintervals = 3\n", {}, "meter.intervals"),
+        ("[carbon]\npue = 'high'\n", {}, "carbon.pue"),
+        ("[carbon]\npue = 0.5\n", {}, "carbon.pue"),
+        ("[attribution]\nprefill_weight = 'lots'\n", {}, "attribution.prefill_weight"),
+        ("[wat]\nx = 1\n", {}, "wat"),
+        ("[[upstreams]]\nurl = 'ftp://x'\n", {}, "url"),
+        ("[[upstreams]]\nname='a'\n[[upstreams]]\nname='a'\n", {}, "upstreams.name"),
+        ("", {"SCER_METER_INTERVAL_MS": "fast"}, "meter.interval_ms"),
+        ("", {"SCER_NOPE_X": "1"}, "SCER_NOPE_X"),
+        ("[server\n", {}, "not valid TOML"),
+    ],
+)
+def test_bad_configuration_names_the_key(tmp_path: Path, toml: str, env: dict[str, str], needle: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, environ=env)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[carbon]\npue = 9\n")
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "carbon.pue" in err
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+    assert main(["serve", "--listen", "bad"]) == 2
+    assert "server.listen" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["frobnicate"], ["serve", "--bogus"], ["simulate", "--profile", "no-such"], ["simulate", "--time-scale", "0"],
+     ["demo", "--requests", "x"], []],
+)
+def test_cli_usage_errors_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("scer-proxy")
+
+
+def test_console_script_and_module_entry_points() -> None:
+    out = subprocess.run([sys.executable, "-m", "scer_proxy", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("scer-proxy ")
+    bad = subprocess.run([sys.executable, "-m", "scer_proxy", "serve", "--meter", "nope"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "meter.kind" in bad.stderr and "Traceback" not in bad.stderr
