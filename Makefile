@@ -25,6 +25,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check scer_proxy tests bench scripts
+	$(BIN)/ruff format --check scer_proxy tests bench scripts
 	$(BIN)/mypy scer_proxy
 
 ## llama.cpp's llama-server and a tiny generated model, for the integration tests (about 8 min, once).

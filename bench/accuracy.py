@@ -41,16 +41,21 @@ def _row(label: str, errors: list[float]) -> str:
 
 
 def _header() -> str:
-    return f"  {'relative error, %':<22}" + "".join(f"{'p' + str(int(q * 100)) if q < 1 else 'max':>8}"
-                                                   for q in QUANTILES)
+    return f"  {'relative error, %':<22}" + "".join(
+        f"{'p' + str(int(q * 100)) if q < 1 else 'max':>8}" for q in QUANTILES
+    )
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--time-scale", type=float, default=1.0, help="simulated seconds per real second (http)")
+    parser.add_argument(
+        "--time-scale", type=float, default=1.0, help="simulated seconds per real second (http)"
+    )
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
@@ -61,30 +66,47 @@ def main() -> int:
         for idle in policies:
             print(f"\n{profile}, idle = {idle}, {args.requests} requests, {args.concurrency} concurrent")
             print(_header())
-            rep = replay(profile, idle=idle, workload=Workload(requests=args.requests,
-                                                                    concurrency=args.concurrency))
+            rep = replay(
+                profile, idle=idle, workload=Workload(requests=args.requests, concurrency=args.concurrency)
+            )
             print(_row("replay settled", rep.errors("settled")))
             print(_row("replay header", rep.errors("header")))
             conservation = abs(rep.attributed_j + rep.idle_j - rep.measured_j) / rep.measured_j
-            figures: dict[str, object] = {"replay": {"settled": rep.errors("settled"), "header": rep.errors("header"),
-                                                     "conservation_rel": conservation}}
+            figures: dict[str, object] = {
+                "replay": {
+                    "settled": rep.errors("settled"),
+                    "header": rep.errors("header"),
+                    "conservation_rel": conservation,
+                }
+            }
             if not (args.quick and idle != "separate"):
-                http = asyncio.run(run_accuracy(
-                    profile, idle=idle, time_scale=args.time_scale,
-                    workload=Workload(requests=args.requests, concurrency=args.concurrency)))
+                http = asyncio.run(
+                    run_accuracy(
+                        profile,
+                        idle=idle,
+                        time_scale=args.time_scale,
+                        workload=Workload(requests=args.requests, concurrency=args.concurrency),
+                    )
+                )
                 print(_row("http settled", http.errors("settled")))
                 print(_row("http header", http.errors("header")))
                 summary = http.summary()
-                print(f"  http: attributed + idle vs measured: {summary['conservation_rel']:.1e} relative; "
-                      f"{summary['wall_s']:.1f} s wall at {args.time_scale:g}x")
+                print(
+                    f"  http: attributed + idle vs measured: {summary['conservation_rel']:.1e} relative; "
+                    f"{summary['wall_s']:.1f} s wall at {args.time_scale:g}x"
+                )
                 figures["http"] = summary
             print(f"  replay: attributed + idle vs measured: {conservation:.1e} relative")
             out[f"{profile}/{idle}"] = figures
-    print("\nTargets (energy issue): settled median <= 5 %, p95 <= 15 %; header median <= 10 %; "
-          "attributed + idle within 0.1 % of the counter.")
+    print(
+        "\nTargets (energy issue): settled median <= 5 %, p95 <= 15 %; header median <= 10 %; "
+        "attributed + idle within 0.1 % of the counter."
+    )
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+            json.dump(
+                out, fh, indent=1, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v
+            )
     return 0
 
 

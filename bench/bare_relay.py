@@ -28,22 +28,31 @@ def make_app(upstream_url: str) -> web.Application:
 
     async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         connector = aiohttp.TCPConnector(limit=2000, limit_per_host=2000, keepalive_timeout=60)
-        async with aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                         cookie_jar=aiohttp.DummyCookieJar(),
-                                         timeout=aiohttp.ClientTimeout(total=None, sock_read=600)) as session:
+        async with aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=600),
+        ) as session:
             app["session"] = session
             yield
 
     async def relay(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         session: aiohttp.ClientSession = request.app["session"]
-        async with session.request(request.method, upstream_url + request.path_qs, data=body,
-                                   headers=forward_headers(request.headers), allow_redirects=False,
-                                   skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
-                                   ) as resp:
+        async with session.request(
+            request.method,
+            upstream_url + request.path_qs,
+            data=body,
+            headers=forward_headers(request.headers),
+            allow_redirects=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        ) as resp:
             headers = forward_headers(resp.headers)
             if not resp.headers.get("Content-Type", "").startswith("text/event-stream"):
-                return web.Response(status=resp.status, reason=resp.reason, body=await resp.read(), headers=headers)
+                return web.Response(
+                    status=resp.status, reason=resp.reason, body=await resp.read(), headers=headers
+                )
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
             await out.prepare(request)
             async for data in resp.content.iter_any():
@@ -58,7 +67,9 @@ def make_app(upstream_url: str) -> web.Application:
 
 async def serve(host: str, port: int, upstream_url: str) -> None:
     # The proxy's own serving: the same server settings, then the same process tuning as `scer-proxy serve`.
-    await serve_until_signal(make_app(upstream_url), host, port, shutdown_timeout=1.0, on_started=tune_gc_for_serving)
+    await serve_until_signal(
+        make_app(upstream_url), host, port, shutdown_timeout=1.0, on_started=tune_gc_for_serving
+    )
 
 
 def main() -> None:

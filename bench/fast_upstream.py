@@ -33,19 +33,26 @@ CREATED = 1_700_000_000
 TOKEN = " tok"
 _START = time.monotonic()
 
-_COMPLETION = orjson.dumps({
-    "id": "chatcmpl-fast",
-    "object": "chat.completion",
-    "created": CREATED,
-    "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
-})
+_COMPLETION = orjson.dumps(
+    {
+        "id": "chatcmpl-fast",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": MODEL,
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hello there."}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16},
+    }
+)
 
 
 def _chunk(delta: dict[str, str], finish: str | None, with_usage: bool) -> bytes:
     body: dict[str, object] = {
-        "id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": CREATED, "model": MODEL,
+        "id": "chatcmpl-fast",
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": MODEL,
         "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
     }
     if with_usage:
@@ -67,10 +74,20 @@ _SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"
 
 
 def _usage_event(n: int) -> bytes:
-    return b"data: " + orjson.dumps({
-        "id": "chatcmpl-fast", "object": "chat.completion.chunk", "created": CREATED, "model": MODEL,
-        "choices": [], "usage": {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n},
-    }) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "chatcmpl-fast",
+                "object": "chat.completion.chunk",
+                "created": CREATED,
+                "model": MODEL,
+                "choices": [],
+                "usage": {"prompt_tokens": 12, "completion_tokens": n, "total_tokens": 12 + n},
+            }
+        )
+        + b"\n\n"
+    )
 
 
 def events_per_stream(chunks: int, include_usage: bool) -> int:

@@ -102,8 +102,12 @@ def latency_us(values: list[float]) -> dict[str, float] | None:
     if not values:
         return None
     ordered = sorted(values)
-    return {"mean": statistics.fmean(ordered) * 1e6, "p50": ordered[len(ordered) // 2] * 1e6,
-            "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6, "n": float(len(ordered))}
+    return {
+        "mean": statistics.fmean(ordered) * 1e6,
+        "p50": ordered[len(ordered) // 2] * 1e6,
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e6,
+        "n": float(len(ordered)),
+    }
 
 
 async def loop_lag(lags: list[float], step_s: float = 0.001) -> None:
@@ -119,8 +123,16 @@ def rel(a: float, b: float) -> float | None:
     return None if b == 0 else (a - b) / b
 
 
-def load(torch: Any, gpu: int, bursts: int, burst_s: float, gap_s: float, size: int, done: threading.Event,
-         log: list[tuple[str, float]]) -> None:
+def load(
+    torch: Any,
+    gpu: int,
+    bursts: int,
+    burst_s: float,
+    gap_s: float,
+    size: int,
+    done: threading.Event,
+    log: list[tuple[str, float]],
+) -> None:
     """Bursts of bf16 matmuls on the selected GPU, with idle gaps before, between and after."""
     device = f"cuda:{gpu}"  # CUDA_DEVICE_ORDER=PCI_BUS_ID makes CUDA's index NVML's
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -162,10 +174,16 @@ async def run_check(args: argparse.Namespace, pynvml: Any) -> dict[str, Any]:
         done = threading.Event()
         events: list[tuple[str, float]] = []
         if torch is not None:
-            loader = threading.Thread(target=load, name="load", daemon=True,
-                                      args=(torch, args.gpu, args.bursts, args.burst_s, args.gap_s, args.size, done, events))
+            loader = threading.Thread(
+                target=load,
+                name="load",
+                daemon=True,
+                args=(torch, args.gpu, args.bursts, args.burst_s, args.gap_s, args.size, done, events),
+            )
         else:
-            loader = threading.Thread(target=idle, args=(args.bursts * (args.burst_s + args.gap_s), done), daemon=True)
+            loader = threading.Thread(
+                target=idle, args=(args.bursts * (args.burst_s + args.gap_s), done), daemon=True
+            )
         sampler.start()
         lags: list[float] = []
         ticker = asyncio.create_task(loop_lag(lags))
@@ -218,9 +236,12 @@ async def run_check(args: argparse.Namespace, pynvml: Any) -> dict[str, Any]:
         "meter_reads": len(readings),
         "mean_power_w": counter_j / (t1 - t0) if t1 > t0 else None,
         "loop_lag_us": latency_us(lags),
-        "latency_us": {"meter_read": latency_us(read_latency), "energy_counter": latency_us(sampler.latency_s["energy"]),
-                       "power_usage": latency_us(sampler.latency_s["power"]),
-                       "power_instant": latency_us(sampler.latency_s["instant"])},
+        "latency_us": {
+            "meter_read": latency_us(read_latency),
+            "energy_counter": latency_us(sampler.latency_s["energy"]),
+            "power_usage": latency_us(sampler.latency_s["power"]),
+            "power_instant": latency_us(sampler.latency_s["instant"]),
+        },
         "resets": info["resets"],
         "stalled": info["stalled"],
         "load": "torch bf16 matmul" if torch is not None else "none (torch missing)",
@@ -237,8 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=8192, help="matrix side of the matmuls")
     parser.add_argument("--interval-ms", type=float, default=100.0, help="configured sampling interval")
     parser.add_argument("--power-ms", type=float, default=10.0, help="power sampling step of the reference")
-    parser.add_argument("--fake", action="store_true",
-                        help="dry run of this script over tests/fake_pynvml.py (an idle simulated H100), no GPU")
+    parser.add_argument(
+        "--fake",
+        action="store_true",
+        help="dry run of this script over tests/fake_pynvml.py (an idle simulated H100), no GPU",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")  # before torch initialises CUDA
     if args.fake:
@@ -251,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
 
         nvml = pynvml
     if not nvml_available(nvml):
-        print("no NVIDIA GPU answers through NVML on this machine (no driver or no device): nothing to check",
-              file=sys.stderr)
+        print(
+            "no NVIDIA GPU answers through NVML on this machine (no driver or no device): nothing to check",
+            file=sys.stderr,
+        )
         return 2
     figures = asyncio.run(run_check(args, nvml))
     for key, value in figures.items():

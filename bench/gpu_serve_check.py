@@ -146,16 +146,32 @@ def metrics_reader(url: str) -> Callable[[], float]:
 @contextlib.asynccontextmanager
 async def stack(tmp: Path, *, cpu: bool) -> AsyncIterator[tuple[str, str]]:
     up_url, px_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    config = (f'[meter]\nkind = "{"simulated" if cpu else "auto"}"\ninterval_ms = 50.0\n'
-              f'[storage]\npath = ":memory:"\n[attribution]\nidle = "separate"\n[server]\nlog_level = "warning"\n'
-              f'[[upstreams]]\nname = "gpu"\nurl = "{up_url}"\ngpus = [0]\n')
+    config = (
+        f'[meter]\nkind = "{"simulated" if cpu else "auto"}"\ninterval_ms = 50.0\n'
+        f'[storage]\npath = ":memory:"\n[attribution]\nidle = "separate"\n[server]\nlog_level = "warning"\n'
+        f'[[upstreams]]\nname = "gpu"\nurl = "{up_url}"\ngpus = [0]\n'
+    )
     (tmp / "proxy.toml").write_text(config)
-    upstream = await spawn_python([str(UPSTREAM), up_url.rsplit(":", 1)[1], *(["--cpu"] if cpu else [])],
-                                    tmp / "upstream.log", f"{up_url}/health", timeout_s=120.0)
+    upstream = await spawn_python(
+        [str(UPSTREAM), up_url.rsplit(":", 1)[1], *(["--cpu"] if cpu else [])],
+        tmp / "upstream.log",
+        f"{up_url}/health",
+        timeout_s=120.0,
+    )
     try:
-        proxy = await spawn_python(["-m", "scer_proxy", "serve", "--config", str(tmp / "proxy.toml"),
-                                      "--listen", px_url.removeprefix("http://")],
-                                     tmp / "proxy.log", f"{px_url}/scer/health")
+        proxy = await spawn_python(
+            [
+                "-m",
+                "scer_proxy",
+                "serve",
+                "--config",
+                str(tmp / "proxy.toml"),
+                "--listen",
+                px_url.removeprefix("http://"),
+            ],
+            tmp / "proxy.log",
+            f"{px_url}/scer/health",
+        )
         try:
             yield up_url, px_url
         finally:
@@ -164,14 +180,18 @@ async def stack(tmp: Path, *, cpu: bool) -> AsyncIterator[tuple[str, str]]:
         await stop_process(upstream)
 
 
-async def one(client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_tokens: int,
-              stream: bool) -> dict[str, Any]:
+async def one(
+    client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_tokens: int, stream: bool
+) -> dict[str, Any]:
     messages: Any = [{"role": "user", "content": prompt_text(random.Random(seed), prompt_tokens)}]
     wall_offset_s = time.time() - time.monotonic()  # to take the proxy's record times to this clock
     started = time.monotonic()
     if stream:
         async with client.chat.completions.with_streaming_response.create(
-            model=MODEL, messages=messages, max_tokens=max_tokens, stream=True,
+            model=MODEL,
+            messages=messages,
+            max_tokens=max_tokens,
+            stream=True,
             stream_options={"include_usage": True},
         ) as resp:
             rid = resp.headers["x-scer-request-id"]
@@ -180,18 +200,31 @@ async def one(client: openai.AsyncOpenAI, *, seed: int, prompt_tokens: int, max_
                 if chunk.usage is not None:
                     header_j = (chunk.usage.model_extra or {}).get("scer", {}).get("energy_j")
     else:
-        raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=messages,
-                                                                      max_tokens=max_tokens)
+        raw = await client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=max_tokens
+        )
         rid = raw.headers["x-scer-request-id"]
         header_j = float(raw.headers["x-scer-energy-j"]) if "x-scer-energy-j" in raw.headers else None
-    return {"request_id": rid, "stream": stream, "prompt_tokens_asked": prompt_tokens, "max_tokens": max_tokens,
-            "start_s": started, "end_s": time.monotonic(), "header_j": header_j, "wall_offset_s": wall_offset_s}
+    return {
+        "request_id": rid,
+        "stream": stream,
+        "prompt_tokens_asked": prompt_tokens,
+        "max_tokens": max_tokens,
+        "start_s": started,
+        "end_s": time.monotonic(),
+        "header_j": header_j,
+        "wall_offset_s": wall_offset_s,
+    }
 
 
-async def settled(http: httpx.AsyncClient, px_url: str, ids: list[str], timeout_s: float = 30.0) -> dict[str, Any]:
+async def settled(
+    http: httpx.AsyncClient, px_url: str, ids: list[str], timeout_s: float = 30.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
-        records = {r["request_id"]: r for r in (await http.get(f"{px_url}/scer/requests?limit=10000")).json()["data"]}
+        records = {
+            r["request_id"]: r for r in (await http.get(f"{px_url}/scer/requests?limit=10000")).json()["data"]
+        }
         if all(records.get(rid, {}).get("settled") for rid in ids) or time.monotonic() > deadline:
             return records
         await asyncio.sleep(0.1)
@@ -202,22 +235,35 @@ def rel(a: float | None, b: float) -> float | None:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    isolated_sizes = [(60, 150), (400, 400), (1500, 800)] if not args.cpu else [(30, 60), (80, 150), (150, 300)]
+    isolated_sizes = (
+        [(60, 150), (400, 400), (1500, 800)] if not args.cpu else [(30, 60), (80, 150), (150, 300)]
+    )
     with tempfile.TemporaryDirectory(prefix="scer-gpu-serve-") as tmp_name:
         tmp = Path(tmp_name)
         async with stack(tmp, cpu=args.cpu) as (up_url, px_url):
-            counter = Counter(metrics_reader(up_url + "/metrics") if args.cpu else nvml_reader(args.gpu),
-                              0.005 if args.cpu else 0.002)
+            counter = Counter(
+                metrics_reader(up_url + "/metrics") if args.cpu else nvml_reader(args.gpu),
+                0.005 if args.cpu else 0.002,
+            )
             counter.start()
-            client = openai.AsyncOpenAI(base_url=f"{px_url}/v1", api_key="sk-gpu-check", max_retries=0, timeout=600)
+            client = openai.AsyncOpenAI(
+                base_url=f"{px_url}/v1", api_key="sk-gpu-check", max_retries=0, timeout=600
+            )
             async with httpx.AsyncClient(timeout=30) as http:
                 warm = await one(client, seed=0, prompt_tokens=50, max_tokens=20, stream=False)
                 await asyncio.sleep(args.gap_s)
                 # 1. isolated requests
                 isolated = []
                 for i, (prompt, out) in enumerate(isolated_sizes * 2):
-                    isolated.append(await one(client, seed=i + 1, prompt_tokens=prompt, max_tokens=out,
-                                              stream=i >= len(isolated_sizes)))
+                    isolated.append(
+                        await one(
+                            client,
+                            seed=i + 1,
+                            prompt_tokens=prompt,
+                            max_tokens=out,
+                            stream=i >= len(isolated_sizes),
+                        )
+                    )
                     await asyncio.sleep(args.gap_s)
                 # 2. concurrent requests
                 rng = random.Random(7)
@@ -226,8 +272,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 async def gated(i: int) -> dict[str, Any]:
                     async with gate:
                         prompt = rng.randint(20, 1500 if not args.cpu else 150)
-                        return await one(client, seed=100 + i, prompt_tokens=prompt,
-                                         max_tokens=rng.randint(50, 600 if not args.cpu else 200), stream=i % 2 == 0)
+                        return await one(
+                            client,
+                            seed=100 + i,
+                            prompt_tokens=prompt,
+                            max_tokens=rng.randint(50, 600 if not args.cpu else 200),
+                            stream=i % 2 == 0,
+                        )
 
                 window_start = time.monotonic()
                 concurrent = list(await asyncio.gather(*(gated(i) for i in range(args.requests))))
@@ -255,22 +306,35 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         # window after the end (idle power taken from the window before the start) is shown apart.
         idle_w = (reference.at(start_s) - reference.at(start_s - window_s)) / window_s
         after_j = reference.at(end_s + window_s) - reference.at(end_s) - idle_w * window_s
-        rows.append({"stream": r["stream"], "prompt_tokens": record.get("prompt_tokens"),
-                     "completion_tokens": record.get("completion_tokens"), "duration_s": end_s - start_s,
-                     "client_duration_s": r["end_s"] - r["start_s"],
-                     "reference_j": truth_j, "settled_j": settled_j, "header_j": r["header_j"],
-                     "reference_client_span_j": reference.at(r["end_s"]) - reference.at(r["start_s"]),
-                     "polled_reference_j": counter.at(end_s) - counter.at(start_s) if model is not None else None,
-                     "settled_vs_reference": rel(settled_j, truth_j), "header_vs_reference": rel(r["header_j"], truth_j),
-                     "idle_w": idle_w, "after_end_above_idle_j": after_j,
-                     "settled_vs_reference_and_after": rel(settled_j, truth_j + after_j),
-                     "energy_source": record.get("energy_source")})
+        rows.append(
+            {
+                "stream": r["stream"],
+                "prompt_tokens": record.get("prompt_tokens"),
+                "completion_tokens": record.get("completion_tokens"),
+                "duration_s": end_s - start_s,
+                "client_duration_s": r["end_s"] - r["start_s"],
+                "reference_j": truth_j,
+                "settled_j": settled_j,
+                "header_j": r["header_j"],
+                "reference_client_span_j": reference.at(r["end_s"]) - reference.at(r["start_s"]),
+                "polled_reference_j": counter.at(end_s) - counter.at(start_s) if model is not None else None,
+                "settled_vs_reference": rel(settled_j, truth_j),
+                "header_vs_reference": rel(r["header_j"], truth_j),
+                "idle_w": idle_w,
+                "after_end_above_idle_j": after_j,
+                "settled_vs_reference_and_after": rel(settled_j, truth_j + after_j),
+                "energy_source": record.get("energy_source"),
+            }
+        )
     all_records = [records.get(rid, {}) for rid in ids]
     attributed_j = sum(r.get("energy_gpu_j") or 0.0 for r in all_records)
     pue = 1.0  # the default; energy_gpu_j is before PUE, and idle_energy_j is with it
     measured_j = meter["measured_j"]
-    per_token = [r["energy_gpu_j"] / r["completion_tokens"] for r in (records[c["request_id"]] for c in concurrent)
-                 if r.get("energy_gpu_j") and r.get("completion_tokens")]
+    per_token = [
+        r["energy_gpu_j"] / r["completion_tokens"]
+        for r in (records[c["request_id"]] for c in concurrent)
+        if r.get("energy_gpu_j") and r.get("completion_tokens")
+    ]
     errors = [abs(x["settled_vs_reference"]) for x in rows if x["settled_vs_reference"] is not None]
     return {
         "meter_kind": meter["kind"],
@@ -278,7 +342,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "meter_devices": meter.get("devices"),
         "meter_update_period_ms": meter.get("update_period_ms"),
         "meter_interval_ms": meter.get("interval_ms"),
-        "reference": "the upstream's counter model" if model is not None else "the NVML counter, read every 2 ms",
+        "reference": "the upstream's counter model"
+        if model is not None
+        else "the NVML counter, read every 2 ms",
         "reference_update_period_ms": counter.update_period_ms(),
         "isolated": rows,
         "isolated_settled_abs_error_median": statistics.median(errors) if errors else None,
@@ -286,16 +352,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "concurrent_requests": len(concurrent),
         "concurrent_wall_s": window_end - window_start,
         "concurrent_reference_j": reference.at(window_end) - reference.at(window_start),
-        "concurrent_attributed_j": sum(records[c["request_id"]].get("energy_gpu_j") or 0.0 for c in concurrent),
-        "concurrent_j_per_output_token": {"median": statistics.median(per_token), "min": min(per_token),
-                                          "max": max(per_token)} if per_token else None,
+        "concurrent_attributed_j": sum(
+            records[c["request_id"]].get("energy_gpu_j") or 0.0 for c in concurrent
+        ),
+        "concurrent_j_per_output_token": {
+            "median": statistics.median(per_token),
+            "min": min(per_token),
+            "max": max(per_token),
+        }
+        if per_token
+        else None,
         "all_settled": all(r.get("settled") for r in all_records),
         "sources": sorted({str(r.get("energy_source")) for r in all_records}),
         "attributed_j": attributed_j,
         "idle_j": summary["idle_energy_j"] / pue,
         "measured_j": measured_j,
         "conservation_rel": abs(attributed_j + summary["idle_energy_j"] / pue - measured_j) / measured_j
-        if measured_j else None,
+        if measured_j
+        else None,
         "counter_reads": counter.reads,
     }
 
@@ -303,7 +377,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--gpu", type=int, default=0)
-    parser.add_argument("--cpu", action="store_true", help="dry run with no GPU (numpy upstream, modelled counter)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="dry run with no GPU (numpy upstream, modelled counter)"
+    )
     parser.add_argument("--requests", type=int, default=48, help="requests of the concurrent phase")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--gap-s", type=float, default=1.0, help="idle time between isolated requests")
@@ -314,17 +390,21 @@ def main() -> int:
         from scer_proxy.meters.nvml import nvml_available
 
         if not nvml_available():
-            print("no NVIDIA GPU answers through NVML on this machine: nothing to check (--cpu dry-runs it)",
-                  file=sys.stderr)
+            print(
+                "no NVIDIA GPU answers through NVML on this machine: nothing to check (--cpu dry-runs it)",
+                file=sys.stderr,
+            )
             return 2
     figures = asyncio.run(run(args))
     for row in figures["isolated"]:
-        print(f"isolated {'stream' if row['stream'] else 'plain '} prompt {row['prompt_tokens']:>5} "
-              f"out {row['completion_tokens']:>4} {row['duration_s']:6.2f} s  reference {row['reference_j']:9.2f} J "
-              f"(client span {row['client_duration_s']:5.2f} s {row['reference_client_span_j']:9.2f} J)  "
-              f"settled {row['settled_j'] or float('nan'):9.2f} J ({100 * (row['settled_vs_reference'] or 0):+6.2f} %)  "
-              f"header {row['header_j'] or float('nan'):9.2f} J ({100 * (row['header_vs_reference'] or 0):+6.2f} %)  "
-              f"after the end {row['after_end_above_idle_j']:6.2f} J above {row['idle_w']:5.1f} W idle")
+        print(
+            f"isolated {'stream' if row['stream'] else 'plain '} prompt {row['prompt_tokens']:>5} "
+            f"out {row['completion_tokens']:>4} {row['duration_s']:6.2f} s  reference {row['reference_j']:9.2f} J "
+            f"(client span {row['client_duration_s']:5.2f} s {row['reference_client_span_j']:9.2f} J)  "
+            f"settled {row['settled_j'] or float('nan'):9.2f} J ({100 * (row['settled_vs_reference'] or 0):+6.2f} %)  "
+            f"header {row['header_j'] or float('nan'):9.2f} J ({100 * (row['header_vs_reference'] or 0):+6.2f} %)  "
+            f"after the end {row['after_end_above_idle_j']:6.2f} J above {row['idle_w']:5.1f} W idle"
+        )
     for key, value in figures.items():
         if key != "isolated":
             print(f"{key:36} {value:.6g}" if isinstance(value, float) else f"{key:36} {value}")
@@ -338,7 +418,10 @@ def main() -> int:
     for name, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'}  {name}")
     figures["checks"] = checks
-    for path in [args.json, Path(os.environ["OUT"]) / "gpu_serve_check.json" if os.environ.get("OUT") else None]:
+    for path in [
+        args.json,
+        Path(os.environ["OUT"]) / "gpu_serve_check.json" if os.environ.get("OUT") else None,
+    ]:
         if path is not None:
             path.write_text(json.dumps(figures, indent=2))
     return 0 if all(checks.values()) else 1

@@ -51,19 +51,27 @@ class Weights:
 
             rng = np.random.default_rng(0)
             self.np = np
-            self.layers = [(rng.standard_normal((dim, 4 * dim), dtype=np.float32) / dim ** 0.5,
-                            rng.standard_normal((4 * dim, dim), dtype=np.float32) / (4 * dim) ** 0.5)
-                           for _ in range(layers)]
+            self.layers = [
+                (
+                    rng.standard_normal((dim, 4 * dim), dtype=np.float32) / dim**0.5,
+                    rng.standard_normal((4 * dim, dim), dtype=np.float32) / (4 * dim) ** 0.5,
+                )
+                for _ in range(layers)
+            ]
         else:
             import torch
 
             self.torch = torch
             gen = torch.Generator(device="cuda").manual_seed(0)
             # Scaled so that activations keep their size through the layers (zeros would draw less power).
-            self.layers = [(torch.randn(dim, 4 * dim, device="cuda", dtype=torch.bfloat16, generator=gen) / dim ** 0.5,
-                            torch.randn(4 * dim, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
-                            / (4 * dim) ** 0.5)
-                           for _ in range(layers)]
+            self.layers = [
+                (
+                    torch.randn(dim, 4 * dim, device="cuda", dtype=torch.bfloat16, generator=gen) / dim**0.5,
+                    torch.randn(4 * dim, dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    / (4 * dim) ** 0.5,
+                )
+                for _ in range(layers)
+            ]
             torch.cuda.synchronize()
 
     def run(self, rows: int) -> None:
@@ -109,7 +117,9 @@ class Engine:
 
     def busy_seconds(self) -> float:
         with self._lock:
-            return self.busy_s + (time.monotonic() - self._busy_since if self._busy_since is not None else 0.0)
+            return self.busy_s + (
+                time.monotonic() - self._busy_since if self._busy_since is not None else 0.0
+            )
 
     def busy_history(self) -> list[tuple[float, float]]:
         """Every step's (start, end), the one running to now included."""
@@ -151,41 +161,79 @@ class Engine:
 
 
 def _chunk(delta: dict[str, str], finish: str | None) -> bytes:
-    return b"data: " + orjson.dumps({
-        "id": "chatcmpl-gpu", "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-    }) + b"\n\n"
+    return (
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "chatcmpl-gpu",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": MODEL,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+            }
+        )
+        + b"\n\n"
+    )
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     body = orjson.loads(await request.read())
     max_tokens = body.get("max_tokens")
-    seq = Sequence(prompt_tokens=max(1, tokens.count_prompt("chat", body)),
-                   max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16)
-    usage = {"prompt_tokens": seq.prompt_tokens, "completion_tokens": seq.max_tokens,
-             "total_tokens": seq.prompt_tokens + seq.max_tokens}
+    seq = Sequence(
+        prompt_tokens=max(1, tokens.count_prompt("chat", body)),
+        max_tokens=max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else 16,
+    )
+    usage = {
+        "prompt_tokens": seq.prompt_tokens,
+        "completion_tokens": seq.max_tokens,
+        "total_tokens": seq.prompt_tokens + seq.max_tokens,
+    }
     engine: Engine = request.app["engine"]
     engine.submit(seq)
     if not body.get("stream"):
         while await seq.out.get() is not None:
             pass
-        return web.json_response({
-            "id": "chatcmpl-gpu", "object": "chat.completion", "created": int(time.time()), "model": MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": TOKEN * seq.max_tokens},
-                         "finish_reason": "length"}],
-            "usage": usage,
-        }, dumps=lambda v: orjson.dumps(v).decode())
+        return web.json_response(
+            {
+                "id": "chatcmpl-gpu",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": MODEL,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": TOKEN * seq.max_tokens},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": usage,
+            },
+            dumps=lambda v: orjson.dumps(v).decode(),
+        )
     options = body.get("stream_options")
     include_usage = isinstance(options, dict) and options.get("include_usage") is True
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
     while (n := await seq.out.get()) is not None:
-        await resp.write(_chunk({"role": "assistant", "content": TOKEN} if n == 1 else {"content": TOKEN}, None))
+        await resp.write(
+            _chunk({"role": "assistant", "content": TOKEN} if n == 1 else {"content": TOKEN}, None)
+        )
     await resp.write(_chunk({}, "length"))
     if include_usage:
-        await resp.write(b"data: " + orjson.dumps({
-            "id": "chatcmpl-gpu", "object": "chat.completion.chunk", "created": int(time.time()), "model": MODEL,
-            "choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(
+            b"data: "
+            + orjson.dumps(
+                {
+                    "id": "chatcmpl-gpu",
+                    "object": "chat.completion.chunk",
+                    "created": int(time.time()),
+                    "model": MODEL,
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
+            + b"\n\n"
+        )
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
@@ -196,22 +244,36 @@ async def metrics(request: web.Request) -> web.Response:
     engine: Engine = request.app["engine"]
     busy = engine.busy_seconds()
     mj = ((time.monotonic() - request.app["started"]) * IDLE_W + busy * (BUSY_W - IDLE_W)) * 1000.0
-    return web.Response(text=(
-        "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n"
-        f'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{gpu="0",UUID="GPU-cpu-0",modelName="CPU stand-in"}} {mj:.0f}\n'),
-        content_type="text/plain")
+    return web.Response(
+        text=(
+            "# TYPE DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION counter\n"
+            f'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{{gpu="0",UUID="GPU-cpu-0",modelName="CPU stand-in"}} {mj:.0f}\n'
+        ),
+        content_type="text/plain",
+    )
 
 
 async def metrics_model(request: web.Request) -> web.Response:
     """The --cpu counter's model: its value at t is idle_w * (t - started_s) plus (busy_w - idle_w) times
     the busy seconds before t (joules; times in this machine's ``time.monotonic`` seconds)."""
     engine: Engine = request.app["engine"]
-    return web.Response(body=orjson.dumps({"idle_w": IDLE_W, "busy_w": BUSY_W, "started_s": request.app["started"],
-                                           "busy_spans_s": engine.busy_history()}), content_type="application/json")
+    return web.Response(
+        body=orjson.dumps(
+            {
+                "idle_w": IDLE_W,
+                "busy_w": BUSY_W,
+                "started_s": request.app["started"],
+                "busy_spans_s": engine.busy_history(),
+            }
+        ),
+        content_type="application/json",
+    )
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]})
+    return web.json_response(
+        {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "bench"}]}
+    )
 
 
 async def health(request: web.Request) -> web.Response:
@@ -245,15 +307,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("port", type=int)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--cpu", action="store_true", help="numpy on the CPU and a modelled counter (dry run)")
-    parser.add_argument("--dim", type=int, default=0, help="model width (default 4096 on the GPU, 512 on the CPU)")
+    parser.add_argument(
+        "--cpu", action="store_true", help="numpy on the CPU and a modelled counter (dry run)"
+    )
+    parser.add_argument(
+        "--dim", type=int, default=0, help="model width (default 4096 on the GPU, 512 on the CPU)"
+    )
     parser.add_argument("--layers", type=int, default=0, help="layers (default 32 on the GPU, 4 on the CPU)")
     args = parser.parse_args()
-    weights = Weights(cpu=args.cpu, dim=args.dim or (512 if args.cpu else 4096),
-                      layers=args.layers or (4 if args.cpu else 32))
+    weights = Weights(
+        cpu=args.cpu,
+        dim=args.dim or (512 if args.cpu else 4096),
+        layers=args.layers or (4 if args.cpu else 32),
+    )
     tokens.encoding()  # loaded before serving, as the proxy does
     with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(serve_until_signal(make_app(weights, cpu=args.cpu), args.host, args.port, shutdown_timeout=1.0))
+        uvloop.run(
+            serve_until_signal(make_app(weights, cpu=args.cpu), args.host, args.port, shutdown_timeout=1.0)
+        )
 
 
 if __name__ == "__main__":

@@ -116,12 +116,42 @@ class Plan:
     many_chunks: int
 
 
-FULL = Plan(warmup_requests=1500, c1_rounds=10, c1_requests=500, c64_rounds=6, c64_seconds=2.0,
-            ttft_c1_streams=150, ttft_c64_seconds=1.5, gap_c1_streams=8, gap_c64_streams=2, stream_rounds=6,
-            gap_chunks=32, cpu_streams=128, cpu_chunks=500, idle_seconds=2.0, many_streams=1000, many_chunks=32)
-QUICK = Plan(warmup_requests=300, c1_rounds=4, c1_requests=150, c64_rounds=2, c64_seconds=1.0,
-             ttft_c1_streams=50, ttft_c64_seconds=0.75, gap_c1_streams=3, gap_c64_streams=1, stream_rounds=2,
-             gap_chunks=32, cpu_streams=64, cpu_chunks=200, idle_seconds=1.0, many_streams=1000, many_chunks=32)
+FULL = Plan(
+    warmup_requests=1500,
+    c1_rounds=10,
+    c1_requests=500,
+    c64_rounds=6,
+    c64_seconds=2.0,
+    ttft_c1_streams=150,
+    ttft_c64_seconds=1.5,
+    gap_c1_streams=8,
+    gap_c64_streams=2,
+    stream_rounds=6,
+    gap_chunks=32,
+    cpu_streams=128,
+    cpu_chunks=500,
+    idle_seconds=2.0,
+    many_streams=1000,
+    many_chunks=32,
+)
+QUICK = Plan(
+    warmup_requests=300,
+    c1_rounds=4,
+    c1_requests=150,
+    c64_rounds=2,
+    c64_seconds=1.0,
+    ttft_c1_streams=50,
+    ttft_c64_seconds=0.75,
+    gap_c1_streams=3,
+    gap_c64_streams=1,
+    stream_rounds=2,
+    gap_chunks=32,
+    cpu_streams=64,
+    cpu_chunks=200,
+    idle_seconds=1.0,
+    many_streams=1000,
+    many_chunks=32,
+)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -167,9 +197,16 @@ def children() -> Iterator[Callable[[str, list[str]], Child]]:
         def start(name: str, argv: list[str]) -> Child:
             log_path = Path(scratch) / f"{name}.log"
             with log_path.open("wb") as log_file:
-                proc = subprocess.Popen(argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                        stderr=subprocess.STDOUT, start_new_session=True,
-                                        preexec_fn=_die_with_parent)
+                proc = subprocess.Popen(
+                    argv,
+                    cwd=scratch,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
             child = Child(name, proc, log_path)
             started.append(child)
             return child
@@ -257,10 +294,14 @@ class Target:
         return self.base_url + "/v1/chat/completions"
 
 
-def chat_body(*, stream: bool = False, max_tokens: int = 16, delay_ms: float = 0.0,
-              include_usage: bool = False) -> bytes:
-    body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}],
-                            "max_tokens": max_tokens}
+def chat_body(
+    *, stream: bool = False, max_tokens: int = 16, delay_ms: float = 0.0, include_usage: bool = False
+) -> bytes:
+    body: dict[str, Any] = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": max_tokens,
+    }
     if stream:
         body["stream"] = True
         if include_usage:
@@ -336,8 +377,13 @@ class Run:
     elapsed_s: float = 0.0
 
 
-async def closed_loop(call: Callable[[], Awaitable[T | None]], concurrency: int, *, count: int | None = None,
-                      seconds: float | None = None) -> Run:
+async def closed_loop(
+    call: Callable[[], Awaitable[T | None]],
+    concurrency: int,
+    *,
+    count: int | None = None,
+    seconds: float | None = None,
+) -> Run:
     """``concurrency`` workers each issue ``call`` back to back until ``count`` calls or ``seconds`` pass."""
     run = Run()
     issued = 0
@@ -359,12 +405,13 @@ async def closed_loop(call: Callable[[], Awaitable[T | None]], concurrency: int,
     return run
 
 
-async def alternate(targets: Sequence[Target], rounds: int, one_round: Callable[[Target], Awaitable[Run]]
-                    ) -> dict[str, list[Run]]:
+async def alternate(
+    targets: Sequence[Target], rounds: int, one_round: Callable[[Target], Awaitable[Run]]
+) -> dict[str, list[Run]]:
     """Rounds that alternate the targets' order (A B, B A, ...), so that drift touches both alike."""
     runs: dict[str, list[Run]] = {t.name: [] for t in targets}
     for i in range(rounds):
-        for target in (targets if i % 2 == 0 else list(reversed(targets))):
+        for target in targets if i % 2 == 0 else list(reversed(targets)):
             runs[target.name].append(await one_round(target))
     return runs
 
@@ -411,8 +458,17 @@ class Report:
     def header(self, unit: str) -> None:
         self.line(f"{'':34}{'direct':>10}{'proxy':>10}{'added':>10}   {unit}")
 
-    def compare(self, key: str, label: str, direct: dict[str, float], proxy: dict[str, float], stat: str,
-                target: float | None = None, note: str = "", other: str = "proxy") -> None:
+    def compare(
+        self,
+        key: str,
+        label: str,
+        direct: dict[str, float],
+        proxy: dict[str, float],
+        stat: str,
+        target: float | None = None,
+        note: str = "",
+        other: str = "proxy",
+    ) -> None:
         """One row: a percentile of direct and proxy (or ``other``), and the difference (it minus direct)."""
         d, p = direct[stat], proxy[stat]
         added = p - d
@@ -427,8 +483,12 @@ class Report:
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:
-    return {"n": float(len(values)), "p50": percentile(values, 50), "p99": percentile(values, 99),
-            "mean": sum(values) / len(values) if values else math.nan}
+    return {
+        "n": float(len(values)),
+        "p50": percentile(values, 50),
+        "p99": percentile(values, 99),
+        "mean": sum(values) / len(values) if values else math.nan,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -442,27 +502,56 @@ async def warm_up(targets: Sequence[Target], plan: Plan) -> None:
         await closed_loop(partial(request_once, target, plain), 64, count=plan.warmup_requests)
 
 
-async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pids: dict[str, int],
-                       upstream_pid: int, watch: LoadWatch) -> None:
+async def non_streamed(
+    targets: Sequence[Target],
+    plan: Plan,
+    report: Report,
+    pids: dict[str, int],
+    upstream_pid: int,
+    watch: LoadWatch,
+) -> None:
     """Latency at concurrency 1 and 64, and throughput at 64: direct, proxy and the bare relay in turn."""
     body = chat_body()
     report.section("1. Non-streamed latency (ms; added = proxy or relay minus direct, same percentile)")
     report.header("")
-    runs = await alternate(targets, plan.c1_rounds,
-                           lambda t: closed_loop(lambda: request_once(t, body), 1, count=plan.c1_requests))
+    runs = await alternate(
+        targets,
+        plan.c1_rounds,
+        lambda t: closed_loop(lambda: request_once(t, body), 1, count=plan.c1_requests),
+    )
     d, p, r = merged(runs["direct"]), merged(runs["proxy"]), merged(runs["relay"])
-    report.compare("nonstream_c1", "c=1", summary(d.results), summary(p.results), "p50", TARGET_C1_P50_ADDED_MS)
-    report.compare("nonstream_c1", "c=1", summary(d.results), summary(p.results), "p99", TARGET_C1_P99_ADDED_MS)
+    report.compare(
+        "nonstream_c1", "c=1", summary(d.results), summary(p.results), "p50", TARGET_C1_P50_ADDED_MS
+    )
+    report.compare(
+        "nonstream_c1", "c=1", summary(d.results), summary(p.results), "p99", TARGET_C1_P99_ADDED_MS
+    )
     for stat in ("p50", "p99"):
-        report.compare("nonstream_c1_relay", "c=1 bare relay", summary(d.results), summary(r.results), stat,
-                       note="reference: the aiohttp stack alone", other="relay")
+        report.compare(
+            "nonstream_c1_relay",
+            "c=1 bare relay",
+            summary(d.results),
+            summary(r.results),
+            stat,
+            note="reference: the aiohttp stack alone",
+            other="relay",
+        )
     b = merged(runs[PROXY_B]) if PROXY_B in runs else None
     if b is not None:
         for stat in ("p50", "p99"):
-            report.compare("nonstream_c1_b", "c=1 proxy B", summary(d.results), summary(b.results), stat,
-                           note="A/B: --b-proxy-cmd", other=PROXY_B)
-    report.line(f"{'c=1 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
-                f"   relay {len(r.results)} ({r.errors})" + (f"   B {len(b.results)} ({b.errors})" if b else ""))
+            report.compare(
+                "nonstream_c1_b",
+                "c=1 proxy B",
+                summary(d.results),
+                summary(b.results),
+                stat,
+                note="A/B: --b-proxy-cmd",
+                other=PROXY_B,
+            )
+    report.line(
+        f"{'c=1 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
+        f"   relay {len(r.results)} ({r.errors})" + (f"   B {len(b.results)} ({b.errors})" if b else "")
+    )
 
     parts = ("client", "upstream", "middle")
     cpu: dict[str, dict[str, float]] = {t.name: dict.fromkeys(parts, 0.0) for t in targets}
@@ -481,15 +570,31 @@ async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pi
     report.compare("nonstream_c64", "c=64", summary(d.results), summary(p.results), "p50")
     report.compare("nonstream_c64", "c=64", summary(d.results), summary(p.results), "p99")
     for stat in ("p50", "p99"):
-        report.compare("nonstream_c64_relay", "c=64 bare relay", summary(d.results), summary(r.results), stat,
-                       note="reference", other="relay")
+        report.compare(
+            "nonstream_c64_relay",
+            "c=64 bare relay",
+            summary(d.results),
+            summary(r.results),
+            stat,
+            note="reference",
+            other="relay",
+        )
     b = merged(runs[PROXY_B]) if PROXY_B in runs else None
     if b is not None:
         for stat in ("p50", "p99"):
-            report.compare("nonstream_c64_b", "c=64 proxy B", summary(d.results), summary(b.results), stat,
-                           note="A/B", other=PROXY_B)
-    report.line(f"{'c=64 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
-                f"   relay {len(r.results)} ({r.errors})" + (f"   B {len(b.results)} ({b.errors})" if b else ""))
+            report.compare(
+                "nonstream_c64_b",
+                "c=64 proxy B",
+                summary(d.results),
+                summary(b.results),
+                stat,
+                note="A/B",
+                other=PROXY_B,
+            )
+    report.line(
+        f"{'c=64 requests (errors)':34}{len(d.results):>6} ({d.errors}){len(p.results):>6} ({p.errors})"
+        f"   relay {len(r.results)} ({r.errors})" + (f"   B {len(b.results)} ({b.errors})" if b else "")
+    )
 
     watch.mark("nonstream", report)
 
@@ -500,59 +605,97 @@ async def non_streamed(targets: Sequence[Target], plan: Plan, report: Report, pi
     ok = share >= TARGET_THROUGHPUT_SHARE
     report.targets.append((f"throughput at c=64 {share:.0%} of direct >= {TARGET_THROUGHPUT_SHARE:.0%}", ok))
     report.line(f"{'':34}{'direct':>10}{'proxy':>10}{'share':>10}")
-    report.line(f"{'requests/s':34}{rps['direct']:10.0f}{rps['proxy']:10.0f}{share:10.1%}   "
-                f"target >= {TARGET_THROUGHPUT_SHARE:.0%}  {mark(ok)}")
+    report.line(
+        f"{'requests/s':34}{rps['direct']:10.0f}{rps['proxy']:10.0f}{share:10.1%}   "
+        f"target >= {TARGET_THROUGHPUT_SHARE:.0%}  {mark(ok)}"
+    )
     relay_share = rps["relay"] / rps["direct"]
-    report.line(f"{'bare relay (reference)':34}{rps['direct']:10.0f}{rps['relay']:10.0f}{relay_share:10.1%}   "
-                f"the proxy reaches {rps['proxy'] / rps['relay']:.0%} of the bare relay")
+    report.line(
+        f"{'bare relay (reference)':34}{rps['direct']:10.0f}{rps['relay']:10.0f}{relay_share:10.1%}   "
+        f"the proxy reaches {rps['proxy'] / rps['relay']:.0%} of the bare relay"
+    )
     if b is not None:
-        report.line(f"{'proxy B (A/B)':34}{rps['direct']:10.0f}{rps[PROXY_B]:10.0f}"
-                    f"{rps[PROXY_B] / rps['direct']:10.1%}   B over A: {rps[PROXY_B] / rps['proxy']:.3f}")
+        report.line(
+            f"{'proxy B (A/B)':34}{rps['direct']:10.0f}{rps[PROXY_B]:10.0f}"
+            f"{rps[PROXY_B] / rps['direct']:10.1%}   B over A: {rps[PROXY_B] / rps['proxy']:.3f}"
+        )
     for name, run in measured:
         split = cpu[name]
         per_req = {k: v / max(len(run.results), 1) * 1e6 for k, v in split.items()}
-        report.line(f"CPU per request, {name:7} (us): client {per_req['client']:6.0f}  upstream "
-                    f"{per_req['upstream']:6.0f}  {'relay' if name == 'relay' else 'proxy'} {per_req['middle']:6.0f}  "
-                    f"(CPU busy {sum(split.values()) / run.elapsed_s:.2f} of {os.cpu_count()} cores)")
+        report.line(
+            f"CPU per request, {name:7} (us): client {per_req['client']:6.0f}  upstream "
+            f"{per_req['upstream']:6.0f}  {'relay' if name == 'relay' else 'proxy'} {per_req['middle']:6.0f}  "
+            f"(CPU busy {sum(split.values()) / run.elapsed_s:.2f} of {os.cpu_count()} cores)"
+        )
     report.figures["throughput_c64"] = {
-        "direct_rps": rps["direct"], "proxy_rps": rps["proxy"], "relay_rps": rps["relay"], "share": share,
-        "relay_share": relay_share, "cpu_s": cpu, "elapsed_s": {name: run.elapsed_s for name, run in measured},
+        "direct_rps": rps["direct"],
+        "proxy_rps": rps["proxy"],
+        "relay_rps": rps["relay"],
+        "share": share,
+        "relay_share": relay_share,
+        "cpu_s": cpu,
+        "elapsed_s": {name: run.elapsed_s for name, run in measured},
     }
     if b is not None:
         report.figures["throughput_c64"]["proxy_b_rps"] = rps[PROXY_B]
 
 
 async def streamed(targets: Sequence[Target], plan: Plan, report: Report, watch: LoadWatch) -> None:
-    report.section(f"2. Streamed (client did not ask for usage; ms). TTFT: {16} chunks, no delay; "
-                   f"gap: {plan.gap_chunks} chunks, {GAP_DELAY_MS:g} ms apart")
+    report.section(
+        f"2. Streamed (client did not ask for usage; ms). TTFT: {16} chunks, no delay; "
+        f"gap: {plan.gap_chunks} chunks, {GAP_DELAY_MS:g} ms apart"
+    )
     report.header("")
     fast = chat_body(stream=True, max_tokens=16)
     slow = chat_body(stream=True, max_tokens=plan.gap_chunks, delay_ms=GAP_DELAY_MS)
     for concurrency in (1, 64):
         if concurrency == 1:
-            ttft_runs = await alternate(targets, plan.stream_rounds, lambda t: closed_loop(
-                lambda: stream_once(t, fast), 1, count=plan.ttft_c1_streams))
+            ttft_runs = await alternate(
+                targets,
+                plan.stream_rounds,
+                lambda t: closed_loop(lambda: stream_once(t, fast), 1, count=plan.ttft_c1_streams),
+            )
             gap_count = plan.gap_c1_streams
         else:
-            ttft_runs = await alternate(targets, plan.stream_rounds, lambda t: closed_loop(
-                lambda: stream_once(t, fast), 64, seconds=plan.ttft_c64_seconds))
+            ttft_runs = await alternate(
+                targets,
+                plan.stream_rounds,
+                lambda t: closed_loop(lambda: stream_once(t, fast), 64, seconds=plan.ttft_c64_seconds),
+            )
             gap_count = plan.gap_c64_streams * 64
-        gap_runs = await alternate(targets, plan.stream_rounds, partial(
-            _gap_round, body=slow, gap_events=plan.gap_chunks, concurrency=concurrency, count=gap_count))
+        gap_runs = await alternate(
+            targets,
+            plan.stream_rounds,
+            partial(
+                _gap_round, body=slow, gap_events=plan.gap_chunks, concurrency=concurrency, count=gap_count
+            ),
+        )
         ttft = {name: merged(runs) for name, runs in ttft_runs.items()}
         gaps = {name: merged(runs) for name, runs in gap_runs.items()}
         ttft_s = {name: summary([r.ttft_ms for r in run.results]) for name, run in ttft.items()}
         gap_s = {name: summary([g for r in run.results for g in r.gaps_ms]) for name, run in gaps.items()}
         for stat in ("p50", "p99"):
-            report.compare(f"stream_ttft_c{concurrency}", f"c={concurrency} TTFT", ttft_s["direct"], ttft_s["proxy"],
-                           stat)
+            report.compare(
+                f"stream_ttft_c{concurrency}",
+                f"c={concurrency} TTFT",
+                ttft_s["direct"],
+                ttft_s["proxy"],
+                stat,
+            )
         for stat in ("p50", "p99"):
-            report.compare(f"stream_gap_c{concurrency}", f"c={concurrency} chunk gap", gap_s["direct"],
-                           gap_s["proxy"], stat)
+            report.compare(
+                f"stream_gap_c{concurrency}",
+                f"c={concurrency} chunk gap",
+                gap_s["direct"],
+                gap_s["proxy"],
+                stat,
+            )
         errors = {name: ttft[name].errors + gaps[name].errors for name in ttft}
-        report.line(f"{f'c={concurrency} streams (errors)':34}"
-                    f"{len(ttft['direct'].results) + len(gaps['direct'].results):>6} ({errors['direct']})"
-                    f"{len(ttft['proxy'].results) + len(gaps['proxy'].results):>6} ({errors['proxy']})")
+        report.line(
+            f"{f'c={concurrency} streams (errors)':34}"
+            f"{len(ttft['direct'].results) + len(gaps['direct'].results):>6} ({errors['direct']})"
+            f"{len(ttft['proxy'].results) + len(gaps['proxy'].results):>6} ({errors['proxy']})"
+        )
     watch.mark("streamed", report)
 
 
@@ -560,10 +703,13 @@ async def _gap_round(target: Target, *, body: bytes, gap_events: int, concurrenc
     return await closed_loop(partial(stream_once, target, body, gap_events), concurrency, count=count)
 
 
-async def stream_cpu(targets: Sequence[Target], plan: Plan, report: Report, proxy_pid: int,
-                     watch: LoadWatch) -> None:
-    report.section(f"4. Proxy CPU per streamed chunk ({plan.cpu_streams} streams x {plan.cpu_chunks} chunks, "
-                   "64 at a time, no delay)")
+async def stream_cpu(
+    targets: Sequence[Target], plan: Plan, report: Report, proxy_pid: int, watch: LoadWatch
+) -> None:
+    report.section(
+        f"4. Proxy CPU per streamed chunk ({plan.cpu_streams} streams x {plan.cpu_chunks} chunks, "
+        "64 at a time, no delay)"
+    )
     idle_before = proc_cpu_s(proxy_pid)
     await asyncio.sleep(plan.idle_seconds)
     idle_rate = (proc_cpu_s(proxy_pid) - idle_before) / plan.idle_seconds
@@ -584,12 +730,18 @@ async def stream_cpu(targets: Sequence[Target], plan: Plan, report: Report, prox
         per_cpu_s = chunks / cpu if cpu > 0 else math.inf
         wall_direct = len(direct_run.results) * upstream_events / direct_run.elapsed_s
         wall_proxy = chunks / run.elapsed_s
-        report.line(f"{label:22}: {per_chunk_us:6.1f} us CPU/chunk = {per_cpu_s:8.0f} chunks per proxy CPU-second "
-                    f"({cpu:.2f} s CPU, {chunks} chunks, errors {run.errors}); client sees {wall_direct:6.0f} "
-                    f"chunks/s direct, {wall_proxy:6.0f} via proxy")
+        report.line(
+            f"{label:22}: {per_chunk_us:6.1f} us CPU/chunk = {per_cpu_s:8.0f} chunks per proxy CPU-second "
+            f"({cpu:.2f} s CPU, {chunks} chunks, errors {run.errors}); client sees {wall_direct:6.0f} "
+            f"chunks/s direct, {wall_proxy:6.0f} via proxy"
+        )
         figures["usage_asked" if asked else "usage_injected"] = {
-            "cpu_s": cpu, "chunks": chunks, "us_per_chunk": per_chunk_us, "chunks_per_cpu_s": per_cpu_s,
-            "errors": run.errors + direct_run.errors, "wall_chunks_per_s": {"direct": wall_direct, "proxy": wall_proxy},
+            "cpu_s": cpu,
+            "chunks": chunks,
+            "us_per_chunk": per_chunk_us,
+            "chunks_per_cpu_s": per_cpu_s,
+            "errors": run.errors + direct_run.errors,
+            "wall_chunks_per_s": {"direct": wall_direct, "proxy": wall_proxy},
         }
     report.line("reference (DESIGN.md): bare line-by-line relay ~24 us/chunk (42,000/s); goal >= 80,000/s")
     watch.mark("stream_cpu", report)
@@ -597,8 +749,10 @@ async def stream_cpu(targets: Sequence[Target], plan: Plan, report: Report, prox
 
 
 async def many_streams(targets: Sequence[Target], plan: Plan, report: Report, watch: LoadWatch) -> None:
-    report.section(f"6. {plan.many_streams} concurrent streams ({plan.many_chunks} chunks each, "
-                   f"{GAP_DELAY_MS:g} ms apart)")
+    report.section(
+        f"6. {plan.many_streams} concurrent streams ({plan.many_chunks} chunks each, "
+        f"{GAP_DELAY_MS:g} ms apart)"
+    )
     body = chat_body(stream=True, max_tokens=plan.many_chunks, delay_ms=GAP_DELAY_MS)
     figures: dict[str, Any] = {}
     for target in targets:
@@ -607,38 +761,61 @@ async def many_streams(targets: Sequence[Target], plan: Plan, report: Report, wa
         elapsed = time.perf_counter() - start
         errors = sum(1 for r in results if r is None or r.events < plan.many_chunks + 2)
         ttfts = [r.ttft_ms for r in results if r is not None]
-        figures[target.name] = {"errors": errors, "seconds": elapsed, "ttft_p50_ms": percentile(ttfts, 50),
-                                "ttft_p99_ms": percentile(ttfts, 99)}
+        figures[target.name] = {
+            "errors": errors,
+            "seconds": elapsed,
+            "ttft_p50_ms": percentile(ttfts, 50),
+            "ttft_p99_ms": percentile(ttfts, 99),
+        }
         tail = ""
         if target.name == "proxy":
             ok = errors == 0
-            report.targets.append((f"{plan.many_streams} concurrent streams through the proxy: {errors} errors", ok))
+            report.targets.append(
+                (f"{plan.many_streams} concurrent streams through the proxy: {errors} errors", ok)
+            )
             tail = f"   target 0 errors  {mark(ok)}"
-        report.line(f"{target.name:7} errors {errors:4}   total {elapsed:6.2f} s   TTFT p50 {percentile(ttfts, 50):7.1f}"
-                    f" ms  p99 {percentile(ttfts, 99):7.1f} ms{tail}")
+        report.line(
+            f"{target.name:7} errors {errors:4}   total {elapsed:6.2f} s   TTFT p50 {percentile(ttfts, 50):7.1f}"
+            f" ms  p99 {percentile(ttfts, 99):7.1f} ms{tail}"
+        )
     report.figures["many_streams"] = figures
     watch.mark("many_streams", report)
 
 
 def memory(report: Report, before: dict[str, int], after: dict[str, int]) -> None:
     report.section("5. Proxy memory (MiB)")
-    report.line(f"RSS after start-up {before['VmRSS'] / 1024:.1f}   RSS at the end {after['VmRSS'] / 1024:.1f}   "
-                f"peak (VmHWM) {after['VmHWM'] / 1024:.1f}")
-    report.figures["memory_kb"] = {"rss_before": before["VmRSS"], "rss_after": after["VmRSS"],
-                                   "peak_hwm": after["VmHWM"]}
+    report.line(
+        f"RSS after start-up {before['VmRSS'] / 1024:.1f}   RSS at the end {after['VmRSS'] / 1024:.1f}   "
+        f"peak (VmHWM) {after['VmHWM'] / 1024:.1f}"
+    )
+    report.figures["memory_kb"] = {
+        "rss_before": before["VmRSS"],
+        "rss_after": after["VmRSS"],
+        "peak_hwm": after["VmHWM"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------
 def serve_args(upstream_url: str, proxy_url: str) -> list[str]:
     """The ``scer-proxy`` arguments of a proxy under test (after its command)."""
-    return ["serve", "--upstream", upstream_url, "--meter", "simulated", "--listen", proxy_url.removeprefix("http://"),
-            "--log-level", "warning"]
+    return [
+        "serve",
+        "--upstream",
+        upstream_url,
+        "--meter",
+        "simulated",
+        "--listen",
+        proxy_url.removeprefix("http://"),
+        "--log-level",
+        "warning",
+    ]
 
 
 def _session(limit: int) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=120)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=120),
-                                 cookie_jar=aiohttp.DummyCookieJar())
+    return aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=120), cookie_jar=aiohttp.DummyCookieJar()
+    )
 
 
 async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
@@ -651,8 +828,12 @@ async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
     with children() as start:
         upstream = start("upstream", [sys.executable, str(UPSTREAM_SCRIPT), str(up_port)])
         relay = start("relay", [sys.executable, str(RELAY_SCRIPT), str(rl_port), up_url])
-        async with _session(limit) as direct_session, _session(limit) as proxy_session, \
-                _session(limit) as relay_session, _session(limit) as b_session:
+        async with (
+            _session(limit) as direct_session,
+            _session(limit) as proxy_session,
+            _session(limit) as relay_session,
+            _session(limit) as b_session,
+        ):
             await wait_ready(direct_session, upstream, up_url + "/health")
             await wait_ready(relay_session, relay, rl_url + "/health")
             prefix = shlex.split(args.proxy_cmd) if args.proxy_cmd else [sys.executable, "-m", "scer_proxy"]
@@ -668,10 +849,13 @@ async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
                 await wait_ready(b_session, proxy_b, b_url + "/scer/health")
                 references.append(Target(PROXY_B, b_url, b_session))
                 pids[PROXY_B] = proxy_b.pid
-            print(f"scer-proxy overhead benchmark ({'quick' if args.quick else 'full'}): upstream pid {upstream.pid} "
-                  f"{up_url}, proxy pid {proxy.pid} {px_url}, bare relay pid {relay.pid} {rl_url}, "
-                  f"{os.cpu_count()} CPUs, Python "
-                  f"{sys.version.split()[0]}, aiohttp {aiohttp.__version__}, uvloop {version('uvloop')}", flush=True)
+            print(
+                f"scer-proxy overhead benchmark ({'quick' if args.quick else 'full'}): upstream pid {upstream.pid} "
+                f"{up_url}, proxy pid {proxy.pid} {px_url}, bare relay pid {relay.pid} {rl_url}, "
+                f"{os.cpu_count()} CPUs, Python "
+                f"{sys.version.split()[0]}, aiohttp {aiohttp.__version__}, uvloop {version('uvloop')}",
+                flush=True,
+            )
             started = time.perf_counter()
             await warm_up([*targets, *references], plan)
             watch = LoadWatch([upstream.pid, *pids.values()])
@@ -682,9 +866,14 @@ async def run_bench(plan: Plan, args: argparse.Namespace) -> Report:
             memory(report, mem_before, proc_memory_kb(proxy.pid))
             if proxy.proc.poll() is not None:
                 raise BenchError(f"the proxy exited during the run:\n{proxy.log_tail()}")
-            report.figures["run"] = {"quick": args.quick, "seconds": time.perf_counter() - started,
-                                     "cpus": os.cpu_count(), "python": sys.version.split()[0],
-                                     "aiohttp": aiohttp.__version__, "other_load_cores": watch.noise}
+            report.figures["run"] = {
+                "quick": args.quick,
+                "seconds": time.perf_counter() - started,
+                "cpus": os.cpu_count(),
+                "python": sys.version.split()[0],
+                "aiohttp": aiohttp.__version__,
+                "other_load_cores": watch.noise,
+            }
     report.section("Targets")
     for text, ok in report.targets:
         report.line(f"{mark(ok)}  {text}")
@@ -697,12 +886,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Proxy overhead against direct calls to a fast upstream.")
     parser.add_argument("--quick", action="store_true", help="fewer requests: a smoke run of about 30 s")
     parser.add_argument("--json", metavar="FILE", type=Path, help="also write the figures as JSON")
-    parser.add_argument("--upstream-port", type=int, default=0, help="port of the fast upstream (default: free)")
+    parser.add_argument(
+        "--upstream-port", type=int, default=0, help="port of the fast upstream (default: free)"
+    )
     parser.add_argument("--proxy-port", type=int, default=0, help="port of the proxy (default: free)")
-    parser.add_argument("--proxy-cmd", default="", help="command that stands for 'scer-proxy' (A/B runs of a "
-                        "patched proxy); default: this Python with -m scer_proxy")
-    parser.add_argument("--b-proxy-cmd", default="", help="a second 'scer-proxy' command, run beside the first "
-                        "as 'proxy B' in the non-streamed phases: A and B measured side by side in one run")
+    parser.add_argument(
+        "--proxy-cmd",
+        default="",
+        help="command that stands for 'scer-proxy' (A/B runs of a "
+        "patched proxy); default: this Python with -m scer_proxy",
+    )
+    parser.add_argument(
+        "--b-proxy-cmd",
+        default="",
+        help="a second 'scer-proxy' command, run beside the first "
+        "as 'proxy B' in the non-streamed phases: A and B measured side by side in one run",
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C, so the child processes are stopped on the way out.
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -59,7 +59,9 @@ def simulator() -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen(
         [sys.executable, "-m", "scer_proxy", "simulate", "--listen", f"127.0.0.1:{port}"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 20
@@ -105,8 +107,9 @@ async def _idle(seconds: float, interval_s: float) -> Window:
 
 
 async def _sample(make_meter: Callable[[], Meter], seconds: float, interval_s: float) -> Window:
-    upstream = UpstreamMeter("bench", make_meter(), Timeline(), interval_s=interval_s,
-                             on_settled=lambda _name, _share: None)
+    upstream = UpstreamMeter(
+        "bench", make_meter(), Timeline(), interval_s=interval_s, on_settled=lambda _name, _share: None
+    )
     await upstream.sample_once()  # opening (NVML's period probe, the HTTP session) is not counted
     cpu0, wall0 = time.process_time(), time.perf_counter()
     upstream.start()
@@ -124,31 +127,49 @@ def measure(name: str, work: Callable[[], Awaitable[Window]]) -> dict[str, Any]:
         count, cpu_s, wall_s = loop.run_until_complete(work())
     finally:
         loop.close()
-    return {"phase": name, "wall_s": wall_s, "cpu_s": cpu_s, "percent_of_core": 100.0 * cpu_s / wall_s,
-            "reads": count, "reads_per_s": count / wall_s}
+    return {
+        "phase": name,
+        "wall_s": wall_s,
+        "cpu_s": cpu_s,
+        "percent_of_core": 100.0 * cpu_s / wall_s,
+        "reads": count,
+        "reads_per_s": count / wall_s,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each phase (default 20)")
-    parser.add_argument("--interval-ms", type=float, default=100.0, help="sampling interval (default 100 = 10 Hz)")
+    parser.add_argument(
+        "--interval-ms", type=float, default=100.0, help="sampling interval (default 100 = 10 Hz)"
+    )
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args(argv)
     seconds, interval_s = args.seconds, args.interval_ms / 1000.0
     from tests.fake_pynvml import FakeNvml
 
     results: list[dict[str, Any]] = []
-    print(f"sampling at {1 / interval_s:.1f} Hz for {seconds:.0f} s per phase; cpu = time.process_time() of this process")
+    print(
+        f"sampling at {1 / interval_s:.1f} Hz for {seconds:.0f} s per phase; cpu = time.process_time() of this process"
+    )
     with simulator() as sim_url:
         results.append(measure("idle loop (baseline)", lambda: _idle(seconds, interval_s)))
-        results.append(measure("dcgm (simulator /metrics over HTTP)", lambda: _sample(
-            lambda: DcgmMeter(sim_url + "/metrics", source="simulated"), seconds, interval_s)))
+        results.append(
+            measure(
+                "dcgm (simulator /metrics over HTTP)",
+                lambda: _sample(
+                    lambda: DcgmMeter(sim_url + "/metrics", source="simulated"), seconds, interval_s
+                ),
+            )
+        )
 
     def fake_nvml_meter() -> Meter:
         engine = Engine(get_profile("llama-3.1-8b-h100"), metrics_period_s=0.1)
         return NvmlMeter((0,), nvml=FakeNvml(engine))
 
-    results.append(measure("nvml (fake pynvml, python side)", lambda: _sample(fake_nvml_meter, seconds, interval_s)))
+    results.append(
+        measure("nvml (fake pynvml, python side)", lambda: _sample(fake_nvml_meter, seconds, interval_s))
+    )
     if rapl_available():
         results.append(measure("rapl (/sys/class/powercap)", lambda: _sample(RaplMeter, seconds, interval_s)))
     else:
@@ -158,16 +179,32 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'phase':40} {'wall s':>7} {'cpu s':>7} {'% core':>7} {'net %':>7} {'reads/s':>8} {'us/read':>8}")
     for r in results:
         r["net_percent_of_core"] = r["percent_of_core"] - base
-        per_read = (r["cpu_s"] - base / 100.0 * r["wall_s"]) / r["reads"] * 1e6 if r["reads"] else float("nan")
+        per_read = (
+            (r["cpu_s"] - base / 100.0 * r["wall_s"]) / r["reads"] * 1e6 if r["reads"] else float("nan")
+        )
         r["net_cpu_us_per_read"] = per_read
-        print(f"{r['phase']:40} {r['wall_s']:7.2f} {r['cpu_s']:7.3f} {r['percent_of_core']:7.3f} "
-              f"{r['net_percent_of_core']:7.3f} {r['reads_per_s']:8.2f} {per_read:8.1f}")
+        print(
+            f"{r['phase']:40} {r['wall_s']:7.2f} {r['cpu_s']:7.3f} {r['percent_of_core']:7.3f} "
+            f"{r['net_percent_of_core']:7.3f} {r['reads_per_s']:8.2f} {per_read:8.1f}"
+        )
     worst = max(r["percent_of_core"] for r in results[1:])
     verdict = "meets" if worst <= TARGET_PERCENT else "MISSES"
-    print(f"target: at most {TARGET_PERCENT:.1f} % of one core at 10 Hz; worst gross figure {worst:.3f} % ({verdict})")
+    print(
+        f"target: at most {TARGET_PERCENT:.1f} % of one core at 10 Hz; worst gross figure {worst:.3f} % ({verdict})"
+    )
     if args.json:
-        Path(args.json).write_text(json.dumps({"interval_s": interval_s, "seconds": seconds, "pid": os.getpid(),
-                                               "target_percent": TARGET_PERCENT, "phases": results}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "interval_s": interval_s,
+                    "seconds": seconds,
+                    "pid": os.getpid(),
+                    "target_percent": TARGET_PERCENT,
+                    "phases": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 

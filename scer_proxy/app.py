@@ -34,7 +34,6 @@ from scer_proxy.wire import openai as wire
 log = structlog.get_logger("scer_proxy.app")
 
 
-
 async def _probe_simulated(url: str) -> bool:
     """Does this upstream expose a DCGM-style energy counter at its own /metrics (the simulator does)?"""
     try:
@@ -52,7 +51,9 @@ async def build_meter(config: Config, upstream: UpstreamConfig) -> tuple[Meter |
     if kind == "dcgm":
         return DcgmMeter(cfg.dcgm_url, gpus=upstream.gpus, source="dcgm"), "configured: DCGM exporter"
     if kind == "simulated":
-        return DcgmMeter(upstream.url + "/metrics", source="simulated"), "configured: the upstream's own counter"
+        return DcgmMeter(
+            upstream.url + "/metrics", source="simulated"
+        ), "configured: the upstream's own counter"
     if kind == "nvml":
         return NvmlMeter(upstream.gpus), "configured: NVML"
     if kind == "rapl":
@@ -64,15 +65,20 @@ async def build_meter(config: Config, upstream: UpstreamConfig) -> tuple[Meter |
     if await asyncio.to_thread(nvml_available):
         return NvmlMeter(upstream.gpus), "auto: NVML answered"
     if await _probe_simulated(upstream.url):
-        return DcgmMeter(upstream.url + "/metrics", source="simulated"), "auto: the upstream exposes a DCGM counter"
+        return DcgmMeter(
+            upstream.url + "/metrics", source="simulated"
+        ), "auto: the upstream exposes a DCGM counter"
     if rapl_available(cfg.rapl_root):
         return RaplMeter(cfg.rapl_root, dram=cfg.rapl_dram), "auto: no GPU answered NVML; RAPL is readable"
     return _estimate(config, upstream), "auto: no GPU answered NVML and RAPL is not readable: estimating"
 
 
 def _estimate(config: Config, upstream: UpstreamConfig) -> EstimateMeter:
-    return EstimateMeter(gpu=config.meter.estimate_gpu, gpus=len(upstream.gpus),
-                         configured_params_b=config.rating.model_params_b)
+    return EstimateMeter(
+        gpu=config.meter.estimate_gpu,
+        gpus=len(upstream.gpus),
+        configured_params_b=config.rating.model_params_b,
+    )
 
 
 def create_app(
@@ -85,19 +91,26 @@ def create_app(
 ) -> web.Application:
     """The proxy application. ``meters`` (per upstream name) replaces the configured meters in tests;
     ``environ`` (default ``os.environ``) is where the Electricity Maps token is read."""
-    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors, _admin_gate] if config.server.admin_token else [_errors])
+    app = web.Application(
+        client_max_size=config.server.max_body_bytes,
+        middlewares=[_errors, _admin_gate] if config.server.admin_token else [_errors],
+    )
     app[CONFIG] = config
-    ledger = SqliteLedger(config.storage.path, flush_interval_s=config.storage.flush_interval_ms / 1000.0,
-                          max_pending=config.storage.memory_records,
-                          retention_days=config.storage.retention_days)
+    ledger = SqliteLedger(
+        config.storage.path,
+        flush_interval_s=config.storage.flush_interval_ms / 1000.0,
+        max_pending=config.storage.memory_records,
+        retention_days=config.storage.retention_days,
+    )
     app[LEDGER] = ledger
     upstreams = Upstreams(config.upstreams)
     app[UPSTREAMS] = upstreams
     app[METERS] = {}
     app[METER_NOTES] = {}
     # Built here, without I/O, so that a bad provider setting (a missing token) fails before serving.
-    grid = build_grid_source(config.carbon, os.environ if environ is None else environ,
-                             clock=clock, wall_clock=wall_clock)
+    grid = build_grid_source(
+        config.carbon, os.environ if environ is None else environ, clock=clock, wall_clock=wall_clock
+    )
     app[GRID] = grid
     ratings = RatingsBook()
     app[RATINGS] = ratings
@@ -124,16 +137,28 @@ def create_app(
                 meter, note = meters[upstream.name], "given"
             else:
                 meter, note = await build_meter(config, upstream)
-            timeline = Timeline(prefill_weight=None if isinstance(weight, str) else weight,
-                                idle=config.attribution.idle)
+            timeline = Timeline(
+                prefill_weight=None if isinstance(weight, str) else weight, idle=config.attribution.idle
+            )
             app[METERS][upstream.name] = UpstreamMeter(
-                upstream.name, meter, timeline, interval_s=config.meter.interval_ms / 1000.0,
-                on_settled=lambda name, share: app[ACCOUNTING].settled(name, share), clock=clock,
+                upstream.name,
+                meter,
+                timeline,
+                interval_s=config.meter.interval_ms / 1000.0,
+                on_settled=lambda name, share: app[ACCOUNTING].settled(name, share),
+                clock=clock,
             )
             app[METER_NOTES][upstream.name] = note
         upstream_meters = app[METERS]
-        app[ACCOUNTING] = Accounting(config, ledger, upstream_meters, grid,
-                                     tenant_salt=ledger.tenant_salt, wall_clock=wall_clock, rating_for=ratings.grade)
+        app[ACCOUNTING] = Accounting(
+            config,
+            ledger,
+            upstream_meters,
+            grid,
+            tenant_salt=ledger.tenant_salt,
+            wall_clock=wall_clock,
+            rating_for=ratings.grade,
+        )
         for upstream_meter in app[METERS].values():
             if upstream_meter.samples:
                 await upstream_meter.sample_once()  # a first reading, so the first request has a baseline
@@ -152,7 +177,9 @@ def create_app(
     app.cleanup_ctx.append(grid_ctx)
     app.cleanup_ctx.append(meter_ctx)
 
-    proxy_handler: ProxyHandler | None = None  # one for the app's life (it keeps the model -> upstream routes)
+    proxy_handler: ProxyHandler | None = (
+        None  # one for the app's life (it keeps the model -> upstream routes)
+    )
 
     async def v1(request: web.Request) -> web.StreamResponse:
         nonlocal proxy_handler
@@ -179,15 +206,22 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             kind = "invalid_request_error" if exc.status < 500 else "server_error"
-            return web.Response(status=exc.status, body=wire.error_body(exc.reason, kind), content_type="application/json",
-                                headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"})
+            return web.Response(
+                status=exc.status,
+                body=wire.error_body(exc.reason, kind),
+                content_type="application/json",
+                headers={k: v for k, v in exc.headers.items() if k.lower() == "allow"},
+            )
         raise
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise
     except Exception:
         log.exception("handler_error", path=request.path)
-        return web.Response(status=500, body=wire.error_body("The proxy failed to handle the request.", "server_error"),
-                            content_type="application/json")
+        return web.Response(
+            status=500,
+            body=wire.error_body("The proxy failed to handle the request.", "server_error"),
+            content_type="application/json",
+        )
 
 
 @web.middleware
@@ -195,11 +229,20 @@ async def _admin_gate(request: web.Request, handler: Handler) -> web.StreamRespo
     """With ``server.admin_token`` set (only then is this middleware installed), ``/scer/*`` and ``/metrics``
     need the bearer token (but the dashboard page, which carries no data); ``/v1/*`` never."""
     token = request.app[CONFIG].server.admin_token
-    if token and (request.path.startswith("/scer") or request.path == "/metrics") and not dashboard.is_public(request):
+    if (
+        token
+        and (request.path.startswith("/scer") or request.path == "/metrics")
+        and not dashboard.is_public(request)
+    ):
         given = request.headers.get("Authorization", "")
         expected = "Bearer " + token
         if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
-            return web.Response(status=401, body=wire.error_body("Missing or wrong admin token.", "authentication_error",
-                                                                  code="invalid_admin_token"),
-                                content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+            return web.Response(
+                status=401,
+                body=wire.error_body(
+                    "Missing or wrong admin token.", "authentication_error", code="invalid_admin_token"
+                ),
+                content_type="application/json",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
     return await handler(request)

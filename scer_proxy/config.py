@@ -58,7 +58,9 @@ class ServerConfig:
         if self.max_body_bytes <= 0:
             raise ConfigError(f"server.max_body_bytes: must be > 0, got {self.max_body_bytes}")
         if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+            raise ConfigError(
+                f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
+            )
 
     @property
     def host(self) -> str:
@@ -108,7 +110,9 @@ class MeterConfig:
         if self.kind not in METER_KINDS:
             raise ConfigError(f"meter.kind: expected one of {', '.join(METER_KINDS)}, got {self.kind!r}")
         if self.estimate_gpu not in ESTIMATE_GPUS:
-            raise ConfigError(f"meter.estimate_gpu: expected one of {', '.join(ESTIMATE_GPUS)}, got {self.estimate_gpu!r}")
+            raise ConfigError(
+                f"meter.estimate_gpu: expected one of {', '.join(ESTIMATE_GPUS)}, got {self.estimate_gpu!r}"
+            )
         if not 10 <= self.interval_ms <= 60_000:
             raise ConfigError(f"meter.interval_ms: must be between 10 and 60000, got {self.interval_ms}")
         if self.dcgm_url:
@@ -135,7 +139,9 @@ class AttributionConfig:
         if not isinstance(self.prefill_weight, str) and self.prefill_weight < 0:
             raise ConfigError(f"attribution.prefill_weight: must be >= 0, got {self.prefill_weight}")
         if self.idle not in IDLE_POLICIES:
-            raise ConfigError(f"attribution.idle: expected one of {', '.join(IDLE_POLICIES)}, got {self.idle!r}")
+            raise ConfigError(
+                f"attribution.idle: expected one of {', '.join(IDLE_POLICIES)}, got {self.idle!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -162,21 +168,31 @@ class CarbonConfig:
                 f"carbon.provider: expected one of {', '.join(CARBON_PROVIDERS)}, got {self.provider!r}"
             )
         if self.provider == "uk-carbon-intensity" and self.region != "GBR":
-            raise ConfigError(f"carbon.region: must be 'GBR' with provider 'uk-carbon-intensity' (the table "
-                              f"figure it falls back to), got {self.region!r}")
+            raise ConfigError(
+                f"carbon.region: must be 'GBR' with provider 'uk-carbon-intensity' (the table "
+                f"figure it falls back to), got {self.region!r}"
+            )
         if self.zone and not re.fullmatch(r"[A-Z]{2}(-[A-Za-z0-9-]{1,32})?", self.zone):
-            raise ConfigError(f"carbon.zone: expected an Electricity Maps zone such as 'DE' or 'US-CAL-CISO', "
-                              f"got {self.zone!r}")
+            raise ConfigError(
+                f"carbon.zone: expected an Electricity Maps zone such as 'DE' or 'US-CAL-CISO', "
+                f"got {self.zone!r}"
+            )
         if not 0 <= self.uk_region_id <= 17:
-            raise ConfigError(f"carbon.uk_region_id: expected 1 to 17 (0 = national), got {self.uk_region_id}")
+            raise ConfigError(
+                f"carbon.uk_region_id: expected 1 to 17 (0 = national), got {self.uk_region_id}"
+            )
         if self.provider_url:
             object.__setattr__(self, "provider_url", _check_url(self.provider_url, "carbon.provider_url"))
         if not 0 < self.timeout_s <= 60:
             raise ConfigError(f"carbon.timeout_s: must be > 0 and at most 60, got {self.timeout_s}")
         if self.refresh_s < self.timeout_s:
-            raise ConfigError(f"carbon.refresh_s: must be >= carbon.timeout_s ({self.timeout_s}), got {self.refresh_s}")
+            raise ConfigError(
+                f"carbon.refresh_s: must be >= carbon.timeout_s ({self.timeout_s}), got {self.refresh_s}"
+            )
         if self.max_age_s < self.refresh_s:
-            raise ConfigError(f"carbon.max_age_s: must be >= carbon.refresh_s ({self.refresh_s}), got {self.max_age_s}")
+            raise ConfigError(
+                f"carbon.max_age_s: must be >= carbon.refresh_s ({self.refresh_s}), got {self.max_age_s}"
+            )
         if not 1.0 <= self.pue <= 5.0:
             raise ConfigError(f"carbon.pue: must be between 1.0 and 5.0, got {self.pue}")
 
@@ -210,7 +226,9 @@ class EmbodiedConfig:
 
     def __post_init__(self) -> None:
         if self.preset and self.preset not in EMBODIED_PRESETS:
-            raise ConfigError(f"embodied.preset: expected one of {', '.join(EMBODIED_PRESETS)}, got {self.preset!r}")
+            raise ConfigError(
+                f"embodied.preset: expected one of {', '.join(EMBODIED_PRESETS)}, got {self.preset!r}"
+            )
         for key in ("gpu_kg", "server_kg"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"embodied.{key}: must be >= 0, got {getattr(self, key)}")
@@ -354,7 +372,9 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
             if rest.startswith("upstream_"):
                 section = "upstream"
             else:
-                raise ConfigError(f"{name}: unknown configuration section (known: {', '.join(SECTIONS)}, upstream)")
+                raise ConfigError(
+                    f"{name}: unknown configuration section (known: {', '.join(SECTIONS)}, upstream)"
+                )
         out.setdefault(section, {})[rest[len(section) + 1 :]] = text
     return out
 
@@ -394,8 +414,10 @@ def load_config(
         if name == "embodied" and merged.get("preset"):
             preset = EMBODIED_PRESETS.get(str(merged["preset"]).lower())
             if preset is None:
-                raise ConfigError(f"embodied.preset: expected one of {', '.join(EMBODIED_PRESETS)}, "
-                                  f"got {merged['preset']!r}")
+                raise ConfigError(
+                    f"embodied.preset: expected one of {', '.join(EMBODIED_PRESETS)}, "
+                    f"got {merged['preset']!r}"
+                )
             merged = {**preset, **merged, "preset": str(merged["preset"]).lower()}
         sections[name] = _build(cls, merged, name)
 

@@ -32,7 +32,8 @@ def configure_logging(level: str = "info", *, json: bool = True) -> None:
             # Tracebacks without local variables: a repr of every frame's locals costs CPU and could
             # carry request data into the log.
             structlog.processors.ExceptionRenderer(
-                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)),
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

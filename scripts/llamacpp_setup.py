@@ -121,9 +121,21 @@ def fetch_source(work: Path) -> Path:
         if shutil.which("cmake") is None:  # fail before the download when the build cannot run anyway
             raise SetupError("cmake not found on PATH (needed to build llama-server)")
         _run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary",
-             "llama-cpp-python", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(work)],
-            "download llama-cpp-python sdist", work / "setup.log",
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--no-binary",
+                "llama-cpp-python",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+                "-d",
+                str(work),
+            ],
+            "download llama-cpp-python sdist",
+            work / "setup.log",
         )
         if not sdist.is_file():
             raise SetupError(f"pip download did not produce {sdist.name}")
@@ -163,8 +175,11 @@ def build_server(work: Path, jobs: int) -> Path:
     started = time.monotonic()
     gen = ["-G", "Ninja"] if shutil.which("ninja") and not (build / "Makefile").exists() else []
     _run(["cmake", "-S", str(tree), "-B", str(build), *gen, *CMAKE_FLAGS], "cmake configure", log_file)
-    _run(["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama-server"],
-         "cmake build llama-server", log_file)
+    _run(
+        ["cmake", "--build", str(build), "-j", str(jobs), "--target", "llama-server"],
+        "cmake build llama-server",
+        log_file,
+    )
     if not binary.is_file():
         raise SetupError(f"build finished but {binary} is missing; see {log_file}")
     _write_stamp(stamp, server_stamp())
@@ -174,10 +189,14 @@ def build_server(work: Path, jobs: int) -> Path:
 
 # --- the model --------------------------------------------------------------------------------------
 
+
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (used by llama.cpp's byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -206,8 +225,28 @@ def write_model(path: Path, seed: int = 0) -> None:
         tokens.append(byte_map[byte])
         toktypes.append(gguf.TokenType.NORMAL)
     merge_pairs: list[tuple[str, str]] = []
-    for word in ("th", "he", "in", "er", "an", " t", " a", "re", "on", " s", "at", "en", "nd", "es",
-                 "or", "ed", "is", "it", "ar", " w"):
+    for word in (
+        "th",
+        "he",
+        "in",
+        "er",
+        "an",
+        " t",
+        " a",
+        "re",
+        "on",
+        " s",
+        "at",
+        "en",
+        "nd",
+        "es",
+        "or",
+        "ed",
+        "is",
+        "it",
+        "ar",
+        " w",
+    ):
         a, b = (byte_map[ord(ch)] for ch in word)
         merge_pairs.append((a, b))
         tokens.append(a + b)
@@ -303,7 +342,9 @@ def ensure_model(work: Path, force: bool = False) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--work-dir", type=Path, default=Path(os.environ.get("SCER_LLAMACPP_DIR", DEFAULT_WORK_DIR)))
+    ap.add_argument(
+        "--work-dir", type=Path, default=Path(os.environ.get("SCER_LLAMACPP_DIR", DEFAULT_WORK_DIR))
+    )
     ap.add_argument("--jobs", "-j", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--model-only", action="store_true", help="only generate the model")
     ap.add_argument("--force-model", action="store_true", help="regenerate the model even if current")
@@ -315,8 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.check:
             binary, bstamp = server_paths(work)
             model, mstamp = model_paths(work)
-            missing = [str(p) for p, s, exp in ((binary, bstamp, server_stamp()), (model, mstamp, model_stamp()))
-                       if not (p.is_file() and _stamp_ok(s, exp))]
+            missing = [
+                str(p)
+                for p, s, exp in ((binary, bstamp, server_stamp()), (model, mstamp, model_stamp()))
+                if not (p.is_file() and _stamp_ok(s, exp))
+            ]
             if missing:
                 print(f"llamacpp_setup: missing or stale: {', '.join(missing)}", file=sys.stderr)
                 return 1

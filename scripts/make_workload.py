@@ -23,15 +23,43 @@ import sys
 
 from scer_proxy.wire.tokens import count_chat_messages
 
-TOPICS = ["rivers", "glaciers", "solar panels", "bread baking", "chess openings", "the Roman empire",
-          "sleep", "electric cars", "coral reefs", "jazz", "volcanoes", "tax forms", "bicycles", "tea",
-          "photosynthesis", "the printing press", "marathon training", "bees", "compilers", "tides"]
-ASKS = ["Explain {t} to a ten-year-old.", "Write a short story about {t}.", "What are the pros and cons of {t}?",
-        "Summarize what is known about {t}.", "Give me a study plan to learn about {t}.",
-        "Write a poem about {t}.", "Compare {t} with something surprising.", "List common myths about {t}."]
-FILLER = ("The notes below were collected over several weeks and may repeat themselves in places. "
-          "Some of them are about the history of the subject, some about how it works today, and a few "
-          "are questions that were never answered. ")
+TOPICS = [
+    "rivers",
+    "glaciers",
+    "solar panels",
+    "bread baking",
+    "chess openings",
+    "the Roman empire",
+    "sleep",
+    "electric cars",
+    "coral reefs",
+    "jazz",
+    "volcanoes",
+    "tax forms",
+    "bicycles",
+    "tea",
+    "photosynthesis",
+    "the printing press",
+    "marathon training",
+    "bees",
+    "compilers",
+    "tides",
+]
+ASKS = [
+    "Explain {t} to a ten-year-old.",
+    "Write a short story about {t}.",
+    "What are the pros and cons of {t}?",
+    "Summarize what is known about {t}.",
+    "Give me a study plan to learn about {t}.",
+    "Write a poem about {t}.",
+    "Compare {t} with something surprising.",
+    "List common myths about {t}.",
+]
+FILLER = (
+    "The notes below were collected over several weeks and may repeat themselves in places. "
+    "Some of them are about the history of the subject, some about how it works today, and a few "
+    "are questions that were never answered. "
+)
 
 
 def main() -> int:
@@ -43,11 +71,26 @@ def main() -> int:
         text = ask
         while count_chat_messages([{"role": "user", "content": text}]) < target:
             text = text + " " + FILLER if len(text) < 40 else FILLER + text
-        prompts.append({"id": f"scv1-{i:03d}", "messages": [{"role": "user", "content": text}],
-                        "max_tokens": rng.randint(300, 500)})
-    json.dump({"id": "standard-chat-v1", "version": 1, "max_tokens": 400, "ignore_eos": True,
-               "concurrency": 32, "description": __doc__.split("\n\n")[1].strip(), "prompts": prompts},
-              sys.stdout, indent=1)
+        prompts.append(
+            {
+                "id": f"scv1-{i:03d}",
+                "messages": [{"role": "user", "content": text}],
+                "max_tokens": rng.randint(300, 500),
+            }
+        )
+    json.dump(
+        {
+            "id": "standard-chat-v1",
+            "version": 1,
+            "max_tokens": 400,
+            "ignore_eos": True,
+            "concurrency": 32,
+            "description": __doc__.split("\n\n")[1].strip(),
+            "prompts": prompts,
+        },
+        sys.stdout,
+        indent=1,
+    )
     sys.stdout.write("\n")
     return 0
 

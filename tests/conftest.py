@@ -20,8 +20,13 @@ def servers() -> Iterator[ThreadedServers]:
 
 
 def proxy_config(upstream_url: str, **sections: dict[str, Any]) -> Config:
-    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": 20},
-                                     "storage": {"path": ":memory:"}, **sections})
+    config = load_config(
+        overrides={
+            "meter": {"kind": "simulated", "interval_ms": 20},
+            "storage": {"path": ":memory:"},
+            **sections,
+        }
+    )
     return dataclasses.replace(config, upstreams=(UpstreamConfig(name="up", url=upstream_url),))
 
 
@@ -34,8 +39,13 @@ def fake_upstream(servers: ThreadedServers) -> str:
 def start_proxy(servers: ThreadedServers) -> Callable[..., str]:
     """Start a proxy in front of ``upstream_url``; ``meters`` replaces the configured meter per upstream."""
 
-    def _start(upstream_url: str | None = None, *, config: Config | None = None, meters: Any = None,
-               **sections: dict[str, Any]) -> str:
+    def _start(
+        upstream_url: str | None = None,
+        *,
+        config: Config | None = None,
+        meters: Any = None,
+        **sections: dict[str, Any],
+    ) -> str:
         cfg = config or proxy_config(upstream_url or "http://127.0.0.1:9", **sections)
         return servers.start(lambda: create_app(cfg, meters=meters), handler_cancellation=True)
 

@@ -81,7 +81,9 @@ class FakeNvml:
     def unstall(self) -> None:
         self._frozen = None
 
-    def fail_next(self, n: int = 1, code: int = pynvml.NVML_ERROR_UNKNOWN, function: str | None = None) -> None:
+    def fail_next(
+        self, n: int = 1, code: int = pynvml.NVML_ERROR_UNKNOWN, function: str | None = None
+    ) -> None:
         """The next ``n`` API calls (of ``function`` only, when given) raise ``NVMLError(code)``."""
         self._fail.extend([(code, function)] * n)
 
@@ -170,13 +172,17 @@ class FakeNvml:
         out = []
         for field_id in field_ids:
             supported = field_id == pynvml.NVML_FI_DEV_POWER_INSTANT and self.instant_field
-            value = SimpleNamespace(uiVal=int(self.engine.power_now_w * 1000.0 / self.num_gpus) if supported else 0)
-            out.append(SimpleNamespace(
-                fieldId=field_id,
-                nvmlReturn=pynvml.NVML_SUCCESS if supported else pynvml.NVML_ERROR_NOT_SUPPORTED,
-                valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
-                value=value,
-            ))
+            value = SimpleNamespace(
+                uiVal=int(self.engine.power_now_w * 1000.0 / self.num_gpus) if supported else 0
+            )
+            out.append(
+                SimpleNamespace(
+                    fieldId=field_id,
+                    nvmlReturn=pynvml.NVML_SUCCESS if supported else pynvml.NVML_ERROR_NOT_SUPPORTED,
+                    valueType=pynvml.NVML_VALUE_TYPE_UNSIGNED_INT,
+                    value=value,
+                )
+            )
         return out
 
     def __getattr__(self, name: str) -> Any:

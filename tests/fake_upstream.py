@@ -18,38 +18,73 @@ RECEIVED = web.AppKey("received", list)
 RELEASE = web.AppKey("release", asyncio.Event)
 MODEL = "fake-model"
 
-CHAT_BODY = orjson.dumps({
-    "id": "chatcmpl-fixed", "object": "chat.completion", "created": 1700000000, "model": MODEL,
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Rivers run to the sea."},
-                 "finish_reason": "stop"}],
-    "usage": {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23},
-})
+CHAT_BODY = orjson.dumps(
+    {
+        "id": "chatcmpl-fixed",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Rivers run to the sea."},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23},
+    }
+)
 
 
 def chat_stream_events(include_usage: bool, *, usage_null: bool = True, crlf: bool = False) -> list[bytes]:
     """An OpenAI-style chat stream; ``usage: null`` on every chunk when usage was requested."""
     sep = b"\r\n\r\n" if crlf else b"\n\n"
     words = ["Rivers", " run", " to", " the", " sea", "."]
-    base: dict[str, Any] = {"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1700000000,
-                            "model": MODEL}
-    chunks: list[dict[str, Any]] = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                                           "finish_reason": None}]}]
-    chunks += [{**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words]
+    base: dict[str, Any] = {
+        "id": "chatcmpl-s",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": MODEL,
+    }
+    chunks: list[dict[str, Any]] = [
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+        }
+    ]
+    chunks += [
+        {**base, "choices": [{"index": 0, "delta": {"content": w}, "finish_reason": None}]} for w in words
+    ]
     chunks.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
     if include_usage and usage_null:
         chunks = [{**c, "usage": None} for c in chunks]
     if include_usage:
-        chunks.append({**base, "choices": [], "usage": {"prompt_tokens": 17, "completion_tokens": 6,
-                                                        "total_tokens": 23}})
+        chunks.append(
+            {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 17, "completion_tokens": 6, "total_tokens": 23},
+            }
+        )
     return [b"data: " + orjson.dumps(c) + sep for c in chunks] + [b"data: [DONE]" + sep]
 
 
 def completion_stream_usage_in_finish(include_usage: bool) -> list[bytes]:
     """llama.cpp's /v1/completions variant: usage rides on the finish_reason chunk, asked or not."""
-    base: dict[str, Any] = {"id": "cmpl-l", "object": "text_completion", "created": 1700000000, "model": MODEL}
+    base: dict[str, Any] = {
+        "id": "cmpl-l",
+        "object": "text_completion",
+        "created": 1700000000,
+        "model": MODEL,
+    }
     out = [{**base, "choices": [{"index": 0, "text": w, "finish_reason": None}]} for w in ["A", " b", " c"]]
-    out.append({**base, "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+    out.append(
+        {
+            **base,
+            "choices": [{"index": 0, "text": "", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        }
+    )
     return [b"data: " + orjson.dumps(c) + b"\n\n" for c in out] + [b"data: [DONE]\n\n"]
 
 
@@ -65,18 +100,32 @@ async def chat(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(0.1)
         return web.Response()
     if scenario == "upstream-400":
-        return web.json_response({"error": {"message": "context too long", "type": "exceed_context_size_error",
-                                            "param": None, "code": 400}}, status=400)
+        return web.json_response(
+            {
+                "error": {
+                    "message": "context too long",
+                    "type": "exceed_context_size_error",
+                    "param": None,
+                    "code": 400,
+                }
+            },
+            status=400,
+        )
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return web.json_response({"error": {"message": "bad json", "type": "invalid_request_error", "param": None,
-                                            "code": None}}, status=400)
+        return web.json_response(
+            {"error": {"message": "bad json", "type": "invalid_request_error", "param": None, "code": None}},
+            status=400,
+        )
     if not parsed.get("stream"):
         headers = {"X-Upstream-Header": "kept", "Set-Cookie": "a=b"}
         if scenario == "gzip":
-            return web.Response(body=gzip.compress(CHAT_BODY), headers={**headers, "Content-Encoding": "gzip"},
-                                content_type="application/json")
+            return web.Response(
+                body=gzip.compress(CHAT_BODY),
+                headers={**headers, "Content-Encoding": "gzip"},
+                content_type="application/json",
+            )
         if scenario == "no-usage":
             answer = orjson.loads(CHAT_BODY)
             del answer["usage"]
@@ -117,11 +166,16 @@ async def chat(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.Response:
     parsed = orjson.loads(await request.read())
     inputs = parsed["input"] if isinstance(parsed["input"], list) else [parsed["input"]]
-    return web.json_response({
-        "object": "list", "model": MODEL,
-        "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))],
-        "usage": {"prompt_tokens": 40, "total_tokens": 40},
-    })
+    return web.json_response(
+        {
+            "object": "list",
+            "model": MODEL,
+            "data": [
+                {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))
+            ],
+            "usage": {"prompt_tokens": 40, "total_tokens": 40},
+        }
+    )
 
 
 RESPONSE_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15}
@@ -129,8 +183,10 @@ RESPONSE_USAGE = {"input_tokens": 11, "output_tokens": 4, "total_tokens": 15}
 
 def responses_events() -> list[bytes]:
     """A Responses API stream: typed events, usage in ``response.completed``."""
-    done = {"type": "response.completed", "response": {"id": "resp_1", "object": "response", "status": "completed",
-                                                       "usage": RESPONSE_USAGE}}
+    done = {
+        "type": "response.completed",
+        "response": {"id": "resp_1", "object": "response", "status": "completed", "usage": RESPONSE_USAGE},
+    }
     events = [{"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}}]
     events += [{"type": "response.output_text.delta", "delta": w} for w in ["Hi", " there", " you", "."]]
     events.append(done)
@@ -140,12 +196,22 @@ def responses_events() -> list[bytes]:
 async def responses(request: web.Request) -> web.StreamResponse:
     parsed = orjson.loads(await request.read())
     if not parsed.get("stream"):
-        return web.json_response({
-            "id": "resp_1", "object": "response", "status": "completed", "model": MODEL,
-            "output": [{"type": "message", "role": "assistant",
-                        "content": [{"type": "output_text", "text": "Hi there you."}]}],
-            "usage": RESPONSE_USAGE,
-        })
+        return web.json_response(
+            {
+                "id": "resp_1",
+                "object": "response",
+                "status": "completed",
+                "model": MODEL,
+                "output": [
+                    {
+                        "type": "message",
+                        "role": "assistant",
+                        "content": [{"type": "output_text", "text": "Hi there you."}],
+                    }
+                ],
+                "usage": RESPONSE_USAGE,
+            }
+        )
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await out.prepare(request)
     for event in responses_events():
@@ -162,15 +228,20 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]},
-                             headers={"X-Upstream-Header": "kept"})
+    return web.json_response(
+        {"object": "list", "data": [{"id": MODEL, "object": "model", "owned_by": "fake"}]},
+        headers={"X-Upstream-Header": "kept"},
+    )
 
 
 async def echo(request: web.Request) -> web.Response:
     body = await request.read()
     request.app[RECEIVED].append({"path": request.path_qs, "headers": dict(request.headers), "body": body})
-    return web.Response(body=body, status=201, headers={"X-Echo-Method": request.method,
-                                                         "Content-Type": "application/octet-stream"})
+    return web.Response(
+        body=body,
+        status=201,
+        headers={"X-Echo-Method": request.method, "Content-Type": "application/octet-stream"},
+    )
 
 
 async def release(request: web.Request) -> web.Response:

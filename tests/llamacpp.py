@@ -81,8 +81,27 @@ def start_llama_server(log_dir: Path, *, attempts: int = 3, ready_s: float = 30.
     for attempt in range(attempts):
         port = free_port()
         log_path = log_dir / f"llama-server-{attempt}.log"
-        cmd = [str(BINARY), "-m", str(MODEL_PATH), "--alias", ALIAS, "--host", "127.0.0.1", "--port", str(port),
-               "-c", str(CONTEXT), "-np", str(SLOTS), "--metrics", "--slots", "-t", "1", "--seed", "1"]
+        cmd = [
+            str(BINARY),
+            "-m",
+            str(MODEL_PATH),
+            "--alias",
+            ALIAS,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-c",
+            str(CONTEXT),
+            "-np",
+            str(SLOTS),
+            "--metrics",
+            "--slots",
+            "-t",
+            "1",
+            "--seed",
+            "1",
+        ]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         server = LlamaServer(url=f"http://127.0.0.1:{port}", proc=proc, log_path=log_path)

@@ -31,7 +31,11 @@ async def start_site(
 ) -> tuple[web.AppRunner, str]:
     """Start ``app`` on an ephemeral port of the current loop; returns the runner and its base URL."""
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=handler_cancellation
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=2.0,
+        handler_cancellation=handler_cancellation,
     )
     await runner.setup()
     site = web.TCPSite(runner, host, 0)
@@ -101,8 +105,14 @@ def spawn_cli(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     """``python -m scer_proxy ARGS`` in its own process, stdout and stderr to ``log``."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "scer_proxy", *args], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            [sys.executable, "-m", "scer_proxy", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 15.0) -> None:

@@ -23,34 +23,71 @@ def test_the_wheel_carries_every_file_and_runs_outside_the_source_tree(tmp_path:
     for name in ("pyproject.toml", "README.md"):  # what the Dockerfile's build stage copies
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "scer_proxy", src / "scer_proxy", ignore=shutil.ignore_patterns("__pycache__"))
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = (tmp_path / "dist").glob("scer_proxy-*.whl")
 
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
-        entry_points = next(archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
+        entry_points = next(
+            archive.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt")
+        )
     shipped = {p.relative_to(src).as_posix() for p in (src / "scer_proxy").rglob("*") if p.is_file()}
-    assert {"scer_proxy/data/cl100k_base.tiktoken", "scer_proxy/data/mlenergy-v3-llm.csv",
-            "scer_proxy/web/dashboard.html", "scer_proxy/workloads/standard-chat-v1.json"} <= shipped
+    assert {
+        "scer_proxy/data/cl100k_base.tiktoken",
+        "scer_proxy/data/mlenergy-v3-llm.csv",
+        "scer_proxy/web/dashboard.html",
+        "scer_proxy/workloads/standard-chat-v1.json",
+    } <= shipped
     assert shipped - names == set(), "files of the package the wheel leaves out"
     assert "scer-proxy = scer_proxy.cli.main:main" in entry_points
 
     # Installed on its own and run from an empty directory: the bundled tokenizer, profiles, grid table
     # and workload load from the installed files (the demo runs the simulator, the proxy and a workload).
     site = tmp_path / "site"
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site),
-                                str(wheel)], capture_output=True, text=True, timeout=300)
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert installed.returncode == 0, installed.stderr[-3000:]
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SCER_")}
     env["PYTHONPATH"] = str(site)
-    demo = subprocess.run([sys.executable, "-m", "scer_proxy", "demo", "--once"], cwd=run_dir, env=env,
-                          capture_output=True, text=True, timeout=180)
+    demo = subprocess.run(
+        [sys.executable, "-m", "scer_proxy", "demo", "--once"],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
     assert "TOTAL" in demo.stdout and "energy source: simulated" in demo.stdout
-    probe = subprocess.run([sys.executable, "-c", "import scer_proxy; print(scer_proxy.__file__)"], cwd=run_dir,
-                           env=env, capture_output=True, text=True, timeout=60)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import scer_proxy; print(scer_proxy.__file__)"],
+        cwd=run_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert Path(probe.stdout.strip()).is_relative_to(site)

@@ -70,10 +70,14 @@ class AccuracyReport:
             "settled_max": max(settled, default=None),
             "header_median": pct(header, 0.5),
             "header_p95": pct(header, 0.95),
-            "conservation_rel": (abs(self.attributed_j + self.idle_j - self.measured_j) / self.measured_j
-                                 if self.measured_j else None),
-            "measured_vs_counter_rel": (abs(self.measured_j - self.counter_j) / self.counter_j
-                                        if self.counter_j else None),
+            "conservation_rel": (
+                abs(self.attributed_j + self.idle_j - self.measured_j) / self.measured_j
+                if self.measured_j
+                else None
+            ),
+            "measured_vs_counter_rel": (
+                abs(self.measured_j - self.counter_j) / self.counter_j if self.counter_j else None
+            ),
             "wall_s": self.wall_s,
         }
 
@@ -84,17 +88,21 @@ def prompt_text(rng: random.Random, tokens: int) -> str:
     return "".join(" " + rng.choice(WORDS) for _ in range(max(1, tokens)))
 
 
-async def _spawn(args: list[str], log: Path, ready_url: str, timeout_s: float = 30.0) -> asyncio.subprocess.Process:
+async def _spawn(
+    args: list[str], log: Path, ready_url: str, timeout_s: float = 30.0
+) -> asyncio.subprocess.Process:
     """Start ``python -m scer_proxy ARGS`` and wait until ``ready_url`` answers."""
     return await spawn_python(["-m", "scer_proxy", *args], log, ready_url, timeout_s)
 
 
-async def spawn_python(argv: list[str], log: Path, ready_url: str,
-                       timeout_s: float = 30.0) -> asyncio.subprocess.Process:
+async def spawn_python(
+    argv: list[str], log: Path, ready_url: str, timeout_s: float = 30.0
+) -> asyncio.subprocess.Process:
     """Start this Python with ``argv`` and wait until ``ready_url`` answers (below 500)."""
     with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(sys.executable, *argv,
-                                                    stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out)
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, *argv, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out
+        )
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     async with httpx.AsyncClient(timeout=1.0) as http:
@@ -122,28 +130,51 @@ async def stop_process(proc: asyncio.subprocess.Process) -> None:
 
 
 @contextlib.asynccontextmanager
-async def _stack(profile_name: str, *, idle: str, time_scale: float, metrics_period_ms: float,
-                 prefill_weight: float | str) -> AsyncIterator[tuple[str, str]]:
+async def _stack(
+    profile_name: str, *, idle: str, time_scale: float, metrics_period_ms: float, prefill_weight: float | str
+) -> AsyncIterator[tuple[str, str]]:
     """The simulator and a proxy in front of it, each in its own process; yields their URLs."""
     profile = get_profile(profile_name)
     sim_url, proxy_url = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     # The proxy samples faster than the counter updates (in wall time: the period over the time scale).
     interval_ms = max(10.0, metrics_period_ms / time_scale / 4)
     weight = f'"{prefill_weight}"' if isinstance(prefill_weight, str) else repr(float(prefill_weight))
-    config = (f'[meter]\nkind = "simulated"\ninterval_ms = {interval_ms!r}\n'
-              f'[storage]\npath = ":memory:"\n'
-              f'[attribution]\nidle = "{idle}"\nprefill_weight = {weight}\n'
-              f'[server]\nlog_level = "warning"\n'
-              f'[[upstreams]]\nname = "sim"\nurl = "{sim_url}"\ngpus = {list(range(profile.num_gpus))}\n')
+    config = (
+        f'[meter]\nkind = "simulated"\ninterval_ms = {interval_ms!r}\n'
+        f'[storage]\npath = ":memory:"\n'
+        f'[attribution]\nidle = "{idle}"\nprefill_weight = {weight}\n'
+        f'[server]\nlog_level = "warning"\n'
+        f'[[upstreams]]\nname = "sim"\nurl = "{sim_url}"\ngpus = {list(range(profile.num_gpus))}\n'
+    )
     with tempfile.TemporaryDirectory(prefix="scer-accuracy-") as tmp:
         (Path(tmp) / "proxy.toml").write_text(config)
-        sim = await _spawn(["simulate", "--listen", sim_url.removeprefix("http://"), "--profile", profile_name,
-                            "--time-scale", repr(time_scale), "--metrics-period-ms", repr(metrics_period_ms)],
-                           Path(tmp) / "sim.log", f"{sim_url}/health")
+        sim = await _spawn(
+            [
+                "simulate",
+                "--listen",
+                sim_url.removeprefix("http://"),
+                "--profile",
+                profile_name,
+                "--time-scale",
+                repr(time_scale),
+                "--metrics-period-ms",
+                repr(metrics_period_ms),
+            ],
+            Path(tmp) / "sim.log",
+            f"{sim_url}/health",
+        )
         try:
-            proxy = await _spawn(["serve", "--config", str(Path(tmp) / "proxy.toml"),
-                                  "--listen", proxy_url.removeprefix("http://")],
-                                 Path(tmp) / "proxy.log", f"{proxy_url}/scer/health")
+            proxy = await _spawn(
+                [
+                    "serve",
+                    "--config",
+                    str(Path(tmp) / "proxy.toml"),
+                    "--listen",
+                    proxy_url.removeprefix("http://"),
+                ],
+                Path(tmp) / "proxy.log",
+                f"{proxy_url}/scer/health",
+            )
             try:
                 yield sim_url, proxy_url
             finally:
@@ -168,13 +199,19 @@ async def run_accuracy(
     jitter on a busy 2-core machine; faster runs are fine on an idle one.
     """
     workload = workload if workload is not None else Workload()
-    async with _stack(profile_name, idle=idle, time_scale=time_scale, metrics_period_ms=metrics_period_ms,
-                      prefill_weight=prefill_weight) as (sim_url, proxy_url):
+    async with _stack(
+        profile_name,
+        idle=idle,
+        time_scale=time_scale,
+        metrics_period_ms=metrics_period_ms,
+        prefill_weight=prefill_weight,
+    ) as (sim_url, proxy_url):
         return await _drive(profile_name, workload, sim_url, proxy_url, idle, progress)
 
 
-async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url: str, idle: str,
-                 progress: Any) -> AccuracyReport:
+async def _drive(
+    profile_name: str, workload: Workload, sim_url: str, proxy_url: str, idle: str, progress: Any
+) -> AccuracyReport:
     profile = get_profile(profile_name)
     report = AccuracyReport(profile=profile_name, idle=idle)
     plan = workload.plan()
@@ -186,13 +223,18 @@ async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url:
 
     async def one(i: int, prompt_tokens: int, output_tokens: int, stream: bool) -> None:
         messages: list[ChatCompletionMessageParam] = [
-            {"role": "user", "content": prompt_text(random.Random(i), prompt_tokens)}]
+            {"role": "user", "content": prompt_text(random.Random(i), prompt_tokens)}
+        ]
         async with gate:
             extra = {"ignore_eos": True}
             if stream:
                 async with client.chat.completions.with_streaming_response.create(
-                    model=profile.model_id, messages=messages, max_tokens=output_tokens, stream=True,
-                    stream_options={"include_usage": True}, extra_body=extra,
+                    model=profile.model_id,
+                    messages=messages,
+                    max_tokens=output_tokens,
+                    stream=True,
+                    stream_options={"include_usage": True},
+                    extra_body=extra,
                 ) as resp:
                     rid = resp.headers["x-scer-request-id"]
                     completion_id = ""
@@ -204,7 +246,9 @@ async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url:
                             header_j = scer.get("energy_j")
             else:
                 raw = await client.chat.completions.with_raw_response.create(
-                    model=profile.model_id, messages=messages, max_tokens=output_tokens,
+                    model=profile.model_id,
+                    messages=messages,
+                    max_tokens=output_tokens,
                     extra_body=extra,
                 )
                 rid = raw.headers["x-scer-request-id"]
@@ -220,19 +264,28 @@ async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url:
         async with httpx.AsyncClient(timeout=30) as http:
             # Let the counter publish past the last request's end, then wait until every record settled.
             for _ in range(500):
-                records = {r["request_id"]: r for r in
-                           (await http.get(f"{proxy_url}/scer/requests?limit=10000")).json()["data"]}
+                records = {
+                    r["request_id"]: r
+                    for r in (await http.get(f"{proxy_url}/scer/requests?limit=10000")).json()["data"]
+                }
                 if all(records.get(rid, {}).get("settled") for rid, *_ in pending):
                     break
                 await asyncio.sleep(0.02)
             for rid, completion_id, stream, header_j in pending:
                 truth = (await http.get(f"{sim_url}/sim/truth/{completion_id}")).json()
                 record = records.get(rid, {})
-                report.results.append(RequestResult(
-                    request_id=rid, completion_id=completion_id, stream=stream, prompt_tokens=truth["prompt_tokens"],
-                    completion_tokens=truth["completion_tokens"], true_j=truth["energy_j"], header_j=header_j,
-                    settled_j=record.get("energy_j") if record.get("settled") else None,
-                ))
+                report.results.append(
+                    RequestResult(
+                        request_id=rid,
+                        completion_id=completion_id,
+                        stream=stream,
+                        prompt_tokens=truth["prompt_tokens"],
+                        completion_tokens=truth["completion_tokens"],
+                        true_j=truth["energy_j"],
+                        header_j=header_j,
+                        settled_j=record.get("energy_j") if record.get("settled") else None,
+                    )
+                )
             summary = (await http.get(f"{proxy_url}/scer/summary")).json()
             meter = (await http.get(f"{proxy_url}/scer/health")).json()["meter"]["upstreams"][0]
         report.measured_j = meter["measured_j"]
@@ -242,6 +295,3 @@ async def _drive(profile_name: str, workload: Workload, sim_url: str, proxy_url:
     finally:
         await client.close()
     return report
-
-
-

@@ -35,8 +35,14 @@ class Workload:
         """Each request's (prompt tokens, output tokens, streamed), drawn from ``seed``: the same plan for
         the replay and the HTTP harness."""
         rng = random.Random(self.seed)
-        return [(rng.randint(*self.prompt_tokens), rng.randint(*self.output_tokens), rng.random() < self.stream_share)
-                for _ in range(self.requests)]
+        return [
+            (
+                rng.randint(*self.prompt_tokens),
+                rng.randint(*self.output_tokens),
+                rng.random() < self.stream_share,
+            )
+            for _ in range(self.requests)
+        ]
 
 
 @dataclass
@@ -126,7 +132,9 @@ def replay(
             settled[share.rid] = share
         imbalance = abs(result.energy_j - result.attributed_j - result.idle_j - result.carried_j)
         if result.energy_j > 0:
-            report.max_interval_imbalance_rel = max(report.max_interval_imbalance_rel, imbalance / result.energy_j)
+            report.max_interval_imbalance_rel = max(
+                report.max_interval_imbalance_rel, imbalance / result.energy_j
+            )
 
     slot_of: dict[str, int] = {}
     submit(0.0)
@@ -165,11 +173,17 @@ def replay(
         truth = engine.truth(rid)
         assert truth is not None
         final = settled.get(rid)
-        report.results.append(ReplayResult(
-            rid=rid, stream=plan[i][2], prompt_tokens=truth.prompt_tokens, completion_tokens=truth.completion_tokens,
-            true_j=truth.energy_j, header_j=headers.get(rid, math.nan),
-            settled_j=final.energy_j if final is not None else math.nan,
-        ))
+        report.results.append(
+            ReplayResult(
+                rid=rid,
+                stream=plan[i][2],
+                prompt_tokens=truth.prompt_tokens,
+                completion_tokens=truth.completion_tokens,
+                true_j=truth.energy_j,
+                header_j=headers.get(rid, math.nan),
+                settled_j=final.energy_j if final is not None else math.nan,
+            )
+        )
     report.counter_j = (last_published.energy_j if last_published else 0.0) - first_counter
     report.measured_j = timeline.measured_j
     report.attributed_j = sum(s.energy_j for s in settled.values())

@@ -405,12 +405,18 @@ class Timeline:
     def _split(self, iv: _Interval, credited: dict[str, float]) -> _Split:
         t0, t1, energy_j = iv.t0_s, iv.t1_s, iv.energy_j
         dt = t1 - t0
-        active = [r for r in self._requests.values()
-                  if r.start_s <= t1 and (r.end_s is None or r.end_s >= t0)]
+        active = [
+            r for r in self._requests.values() if r.start_s <= t1 and (r.end_s is None or r.end_s >= t0)
+        ]
         # The per-sequence token rate of this interval, as the streams decoding all through it show.
-        seen = [iv.tokens.get(r.rid, 0) for r in active
-                if r.stream and r.first_token_s is not None and r.first_token_s <= t0
-                and (r.end_s is None or r.end_s >= t1)]
+        seen = [
+            iv.tokens.get(r.rid, 0)
+            for r in active
+            if r.stream
+            and r.first_token_s is not None
+            and r.first_token_s <= t0
+            and (r.end_s is None or r.end_s >= t1)
+        ]
         # (Streams that decode through an interval and receive nothing show a pure prefill interval.)
         rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(self.token_interval_s, 1e-6)
         prefill: dict[str, float] = {}
@@ -422,8 +428,9 @@ class Timeline:
             else:
                 end = r.end_s if r.end_s is not None else t1
                 decode[r.rid] = max(0.0, min(end, t1) - max(r.decode_from, t0)) * rate
-        busy_s = _covered_seconds([(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1))
-                                   for r in active])
+        busy_s = _covered_seconds(
+            [(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1)) for r in active]
+        )
         total_p, total_d = sum(prefill.values()), sum(decode.values())
         steps = (sum(seen) / len(seen)) if seen else (0.0 if total_d <= 0 else None)
         if not active or (total_p <= 0 and total_d <= 0 and busy_s <= 0):
@@ -450,8 +457,10 @@ class Timeline:
             total_w = weight * total_p + total_d
             if total_w <= 0:
                 # Requests were present but neither prefilled nor decoded visibly: share by presence.
-                decode = {r.rid: max(0.0, min(r.end_s if r.end_s is not None else t1, t1) - max(r.start_s, t0))
-                          for r in active}
+                decode = {
+                    r.rid: max(0.0, min(r.end_s if r.end_s is not None else t1, t1) - max(r.start_s, t0))
+                    for r in active
+                }
                 total_w = sum(decode.values())
                 weight = 0.0
             for rid in decode:
@@ -494,9 +503,15 @@ class Timeline:
         while self._intervals and self._ready(self._intervals[0], t_s):
             iv = self._intervals.pop(0)
             done = self._apply(iv)
-            total = IntervalResult(total.t0_s, total.t1_s, total.energy_j + done.energy_j,
-                                   total.attributed_j + done.attributed_j, total.idle_j + done.idle_j,
-                                   total.carried_j + done.carried_j, total.settled + done.settled)
+            total = IntervalResult(
+                total.t0_s,
+                total.t1_s,
+                total.energy_j + done.energy_j,
+                total.attributed_j + done.attributed_j,
+                total.idle_j + done.idle_j,
+                total.carried_j + done.carried_j,
+                total.settled + done.settled,
+            )
         return total
 
     def _ready(self, iv: _Interval, now_s: float) -> bool:
@@ -520,11 +535,16 @@ class Timeline:
             req.prefill_credited += credit
             req.decode_units += split.decode.get(rid, 0.0)
         if split.steps is not None:
-            self.calibration.add((split.prefill_tokens, split.steps, split.decode_tokens, dt - split.busy_s), d_energy)
+            self.calibration.add(
+                (split.prefill_tokens, split.steps, split.decode_tokens, dt - split.busy_s), d_energy
+            )
         if not split.parts:
             power = d_energy / dt
-            self.idle_power_w = power if self.idle_power_w is None else (
-                self.idle_power_w + 0.2 * (power - self.idle_power_w))
+            self.idle_power_w = (
+                power
+                if self.idle_power_w is None
+                else (self.idle_power_w + 0.2 * (power - self.idle_power_w))
+            )
             if self.idle == "amortize":
                 self.pending_idle_j += d_energy
                 self.pending_idle_s += dt
@@ -568,7 +588,9 @@ class Timeline:
         elif self.j_per_decode_token is not None:
             calibrated = self.calibrated_prefill_j_per_token()
             weight = self.prefill_weight if self.prefill_weight is not None else DEFAULT_PREFILL_WEIGHT
-            self.j_per_prompt_token = calibrated if calibrated is not None else weight * self.j_per_decode_token
+            self.j_per_prompt_token = (
+                calibrated if calibrated is not None else weight * self.j_per_decode_token
+            )
         if split.busy_s > 0:
             self.busy_power_w = busy_j / split.busy_s
 
@@ -602,7 +624,9 @@ class Timeline:
                 # price is the decode power per sequence whatever the rate, so a learned rate far from
                 # this batch's costs nothing here; pricing the token count would miss by that factor.
                 # (With streams beside it, the rate is seen, and the count corrects the earlier splits.)
-                since = max(req.decode_from, self.split_until_s if self.split_until_s is not None else req.start_s)
+                since = max(
+                    req.decode_from, self.split_until_s if self.split_until_s is not None else req.start_s
+                )
                 end = req.end_s if req.end_s is not None else now_s
                 rest_decode = max(0.0, end - since) * self.decode_rate_per_s
             pj = rest_prompt * self.j_per_prompt_token
@@ -614,8 +638,11 @@ class Timeline:
         elif self.last_power_w is not None:
             # No busy interval split yet (the first requests): the latest power over the request's time,
             # shared with the requests running beside it.
-            sharing = sum(1 for r in self._requests.values() if r.start_s <= now_s and
-                          (r.end_s is None or r.end_s >= req.start_s))
+            sharing = sum(
+                1
+                for r in self._requests.values()
+                if r.start_s <= now_s and (r.end_s is None or r.end_s >= req.start_s)
+            )
             tail_s = max(0.0, now_s - req.start_s)
             decode_j += self.last_power_w * tail_s / max(1, sharing)
             hw_s += tail_s / max(1, sharing)

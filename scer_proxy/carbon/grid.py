@@ -57,6 +57,8 @@ def configured_intensity(config: CarbonConfig) -> GridIntensity:
         return GridIntensity(config.intensity_g_per_kwh, "static", "configured")
     row = annual_table().get(config.region)
     if row is None:
-        raise ConfigError(f"carbon.region: {config.region!r} is not in the bundled table (ISO 3166-1 alpha-3)")
+        raise ConfigError(
+            f"carbon.region: {config.region!r} is not in the bundled table (ISO 3166-1 alpha-3)"
+        )
     intensity, year, _name = row
     return GridIntensity(intensity, f"table:{config.region}", str(year))

@@ -76,9 +76,17 @@ class Record:
         embodied: Embodied,
     ) -> Record:
         """The record with energy and carbon figures from an attribution share."""
-        return self.evolve(**energy_fields(share, source=source, pue=pue, intensity_g_per_kwh=intensity_g_per_kwh,
-                                           grid_source=grid_source, embodied=embodied,
-                                           units=self.functional_units))
+        return self.evolve(
+            **energy_fields(
+                share,
+                source=source,
+                pue=pue,
+                intensity_g_per_kwh=intensity_g_per_kwh,
+                grid_source=grid_source,
+                embodied=embodied,
+                units=self.functional_units,
+            )
+        )
 
     def scer(self) -> dict[str, Any]:
         """The ``usage.scer`` object (and ``: scer`` comment) of the contract."""
@@ -164,8 +172,13 @@ def energy_fields(
 ) -> dict[str, Any]:
     """The energy and carbon fields of a record, from an attribution share (PUE applied here)."""
     energy_j = energy_with_pue_j(share.energy_j, pue)
-    carbon = request_carbon(energy_j=energy_j, hw_s=share.hw_s, intensity_g_per_kwh=intensity_g_per_kwh,
-                            embodied=embodied, units=units)
+    carbon = request_carbon(
+        energy_j=energy_j,
+        hw_s=share.hw_s,
+        intensity_g_per_kwh=intensity_g_per_kwh,
+        embodied=embodied,
+        units=units,
+    )
     return {
         "energy_j": energy_j,
         "energy_gpu_j": share.energy_j,
@@ -187,7 +200,7 @@ def format_number(value: float) -> str:
     """A plain decimal with up to 9 significant digits, no exponent, no units."""
     text = f"{value:.9g}"
     if "e" in text:
-        exponent = int(text[text.index("e") + 1:])
+        exponent = int(text[text.index("e") + 1 :])
         # Small figures (carbon in grams) are the usual case: 9 significant digits are 8 - exponent
         # decimals, which float formatting gives without the detour through Decimal.
         text = f"{value:.{8 - exponent}f}" if exponent < 0 else format(Decimal(text), "f")

@@ -34,7 +34,9 @@ class Embodied:
 
     @property
     def total_g(self) -> float:
-        return (self.gpu_kg * self.gpus_used + self.server_kg * self.gpus_used / self.gpus_per_server) * 1000.0
+        return (
+            self.gpu_kg * self.gpus_used + self.server_kg * self.gpus_used / self.gpus_per_server
+        ) * 1000.0
 
     def grams_for(self, hw_s: float) -> float:
         """Embodied grams for ``hw_s`` seconds of exclusive use of this hardware."""

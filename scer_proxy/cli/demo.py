@@ -34,17 +34,23 @@ async def _one(client: openai.AsyncOpenAI, model: str, i: int, rng: random.Rando
     max_tokens = rng.choice([32, 64, 128, 256])
     shape = i % 4
     if shape == 0:
-        await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                             max_tokens=max_tokens)
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens
+        )
     elif shape == 1:
-        stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                      max_tokens=max_tokens, stream=True)
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, stream=True
+        )
         async for _chunk in stream:
             pass
     elif shape == 2:
-        stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
-                                                      max_tokens=max_tokens, stream=True,
-                                                      stream_options={"include_usage": True})
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         async for _chunk in stream:
             pass
     else:
@@ -68,11 +74,26 @@ def summary_table(summary: dict[str, Any]) -> str:
         per_1k = None
         if m.get("carbon_g") is not None and m.get("completion_tokens"):
             per_1k = m["carbon_g"] * 1000.0 / m["completion_tokens"]
-        rows.append([m["model"], _fmt(m["requests"]), _fmt(m["prompt_tokens"]), _fmt(m["completion_tokens"]),
-                     _fmt(energy_wh), _fmt(m.get("carbon_g")), _fmt(per_1k), m.get("grade", "")])
+        rows.append(
+            [
+                m["model"],
+                _fmt(m["requests"]),
+                _fmt(m["prompt_tokens"]),
+                _fmt(m["completion_tokens"]),
+                _fmt(energy_wh),
+                _fmt(m.get("carbon_g")),
+                _fmt(per_1k),
+                m.get("grade", ""),
+            ]
+        )
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        )
+        for r in [header, *rows]
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -81,7 +102,9 @@ async def run_demo(args: argparse.Namespace) -> int:
     sim_runner, sim_url, model = await _start_simulator(args.time_scale)
     host, port = parse_listen(args.listen, "--listen")
     # The demo keeps its ledger in a temporary database, so each run starts from zero.
-    config = load_config(overrides={"meter": {"kind": "simulated", "interval_ms": 50}, "storage": {"path": ":memory:"}})
+    config = load_config(
+        overrides={"meter": {"kind": "simulated", "interval_ms": 50}, "storage": {"path": ":memory:"}}
+    )
     config = dataclasses.replace(config, upstreams=(UpstreamConfig(name="simulator", url=sim_url),))
     proxy_runner, proxy_url = await start_proxy(config, host, port)
     try:
@@ -105,15 +128,19 @@ async def run_demo(args: argparse.Namespace) -> int:
         print()
         print(summary_table(summary))
         grid = summary["grid"]
-        print(f"\ngrid {grid['intensity_g_per_kwh']} gCO2e/kWh ({grid['source']}, {grid['as_of']}); "
-              f"energy source: {summary['meter']['kind']}; idle energy not attributed: "
-              f"{summary['idle_energy_j']:.3g} J")
+        print(
+            f"\ngrid {grid['intensity_g_per_kwh']} gCO2e/kWh ({grid['source']}, {grid['as_of']}); "
+            f"energy source: {summary['meter']['kind']}; idle energy not attributed: "
+            f"{summary['idle_energy_j']:.3g} J"
+        )
         print(f"\ndashboard  {proxy_url}/scer/")
         print(f"summary    {proxy_url}/scer/summary")
         print(f"requests   {proxy_url}/scer/requests?limit=10")
         if not args.once:
-            print("\nThe proxy and the simulator keep running; point an OpenAI client at "
-                  f"{proxy_url}/v1. Ctrl-C to stop.")
+            print(
+                "\nThe proxy and the simulator keep running; point an OpenAI client at "
+                f"{proxy_url}/v1. Ctrl-C to stop."
+            )
             await wait_for_signal()
         return 0
     finally:

@@ -40,13 +40,18 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
         return runner.run(coro)
 
 
-async def start_proxy(config: Config, host: str | None = None, port: int | None = None) -> tuple[web.AppRunner, str]:
+async def start_proxy(
+    config: Config, host: str | None = None, port: int | None = None
+) -> tuple[web.AppRunner, str]:
     """Start the proxy on its listen address (or the given one); returns the runner and the base URL."""
     from scer_proxy.app import create_app
     from scer_proxy.proxy.serving import serve_app
 
-    return await serve_app(create_app(config), host if host is not None else config.server.host,
-                           port if port is not None else config.server.port)
+    return await serve_app(
+        create_app(config),
+        host if host is not None else config.server.host,
+        port if port is not None else config.server.port,
+    )
 
 
 async def _serve(config: Config) -> int:
@@ -55,8 +60,15 @@ async def _serve(config: Config) -> int:
     log = structlog.get_logger("scer_proxy")
     runner, url = await start_proxy(config)
     frozen, young_threshold = tune_gc_for_serving()
-    log.info("listening", url=url, upstreams=[u.url for u in config.upstreams], meter=config.meter.kind,
-             version=__version__, gc_frozen_objects=frozen, gc_young_threshold=young_threshold)
+    log.info(
+        "listening",
+        url=url,
+        upstreams=[u.url for u in config.upstreams],
+        meter=config.meter.kind,
+        version=__version__,
+        gc_frozen_objects=frozen,
+        gc_young_threshold=young_threshold,
+    )
     try:
         await wait_for_signal()
     finally:
@@ -72,10 +84,16 @@ async def _simulate(args: argparse.Namespace) -> int:
 
     host, port = parse_listen(args.listen, "--listen")
     profile = get_profile(args.profile)
-    task = asyncio.create_task(serve_simulator(
-        host, port, profile=profile, time_scale=args.time_scale, seed=args.seed,
-        metrics_period_ms=args.metrics_period_ms,
-    ))
+    task = asyncio.create_task(
+        serve_simulator(
+            host,
+            port,
+            profile=profile,
+            time_scale=args.time_scale,
+            seed=args.seed,
+            metrics_period_ms=args.metrics_period_ms,
+        )
+    )
     waiter = asyncio.create_task(wait_for_signal())
     done, _pending = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
     for pending in (task, waiter):
@@ -104,7 +122,9 @@ def _config_from(args: argparse.Namespace) -> Config:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="scer-proxy", description="Per-request energy and carbon for OpenAI-compatible LLM servers.")
+    parser = _Parser(
+        prog="scer-proxy", description="Per-request energy and carbon for OpenAI-compatible LLM servers."
+    )
     parser.add_argument("--version", action="version", version=f"scer-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -119,29 +139,52 @@ def build_parser() -> argparse.ArgumentParser:
 
     simulate = sub.add_parser("simulate", help="run the built-in simulated GPU inference server")
     simulate.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
-    simulate.add_argument("--profile", default="llama-3.1-8b-h100", help="simulator profile (see --list-profiles)")
+    simulate.add_argument(
+        "--profile", default="llama-3.1-8b-h100", help="simulator profile (see --list-profiles)"
+    )
     simulate.add_argument("--list-profiles", action="store_true", help="print the profile names and exit")
-    simulate.add_argument("--time-scale", type=_positive_float, default=1.0, help="simulated seconds per real second")
+    simulate.add_argument(
+        "--time-scale", type=_positive_float, default=1.0, help="simulated seconds per real second"
+    )
     simulate.add_argument("--seed", type=int, default=0, help="seed of the generated text")
-    simulate.add_argument("--metrics-period-ms", type=_positive_float, default=100.0,
-                          help="update period of the DCGM-style counter, simulated ms (default 100)")
+    simulate.add_argument(
+        "--metrics-period-ms",
+        type=_positive_float,
+        default=100.0,
+        help="update period of the DCGM-style counter, simulated ms (default 100)",
+    )
 
     bench = sub.add_parser("bench", help="run the standard benchmark through a running proxy")
     bench.add_argument("--target", required=True, help="the proxy's base URL, e.g. http://127.0.0.1:8080")
     bench.add_argument("--model", required=True, help="the model to benchmark, as the upstream names it")
-    bench.add_argument("--workload", default="standard-chat-v1", help="workload id (default standard-chat-v1)")
-    bench.add_argument("--concurrency", type=_positive_int, help="concurrent requests (default: the workload's, 32)")
-    bench.add_argument("--requests", type=_positive_int, help="requests per repeat (default: every prompt, 300)")
-    bench.add_argument("--repeats", type=_positive_int, default=3, help="measured repeats, at least 3 (default 3)")
+    bench.add_argument(
+        "--workload", default="standard-chat-v1", help="workload id (default standard-chat-v1)"
+    )
+    bench.add_argument(
+        "--concurrency", type=_positive_int, help="concurrent requests (default: the workload's, 32)"
+    )
+    bench.add_argument(
+        "--requests", type=_positive_int, help="requests per repeat (default: every prompt, 300)"
+    )
+    bench.add_argument(
+        "--repeats", type=_positive_int, default=3, help="measured repeats, at least 3 (default 3)"
+    )
     bench.add_argument("--task", default="chat", help="the category's task (default chat)")
-    bench.add_argument("--params-b", type=_positive_float, help="model parameters in billions, for the size class")
+    bench.add_argument(
+        "--params-b", type=_positive_float, help="model parameters in billions, for the size class"
+    )
     bench.add_argument("--out", help="submission file (default scer-submission-<model>.json)")
-    bench.add_argument("--no-submit", action="store_true", help="do not register the submission with the proxy")
+    bench.add_argument(
+        "--no-submit", action="store_true", help="do not register the submission with the proxy"
+    )
 
     rate = sub.add_parser("rate", help="rate bench submissions per SCER and print the table")
     rate.add_argument("files", nargs="+", metavar="FILE", help="submission files written by scer-proxy bench")
-    rate.add_argument("--quintiles", action="store_true",
-                      help="an A to E quintile scale instead of SCER's A to C (not the default)")
+    rate.add_argument(
+        "--quintiles",
+        action="store_true",
+        help="an A to E quintile scale instead of SCER's A to C (not the default)",
+    )
 
     report = sub.add_parser("report", help="print the summary from the ledger database or a running proxy")
     from scer_proxy.cli.report import add_report_arguments
@@ -153,16 +196,27 @@ def build_parser() -> argparse.ArgumentParser:
     source = label.add_mutually_exclusive_group(required=True)
     source.add_argument("--proxy", help="a running proxy's base URL: the label it serves")
     source.add_argument("--submission", help="a bench submission file")
-    label.add_argument("--out", required=True, help="the SVG file to write (the manifest goes beside it, .yaml)")
-    label.add_argument("--base-url", default="http://127.0.0.1:8080",
-                       help="with --submission: the proxy URL the QR code links to (default http://127.0.0.1:8080)")
+    label.add_argument(
+        "--out", required=True, help="the SVG file to write (the manifest goes beside it, .yaml)"
+    )
+    label.add_argument(
+        "--base-url",
+        default="http://127.0.0.1:8080",
+        help="with --submission: the proxy URL the QR code links to (default http://127.0.0.1:8080)",
+    )
 
     demo = sub.add_parser("demo", help="simulator + proxy + a short workload, then the summary")
     demo.add_argument("--once", action="store_true", help="exit after printing the summary")
-    demo.add_argument("--requests", type=_positive_int, default=48, help="requests in the workload (default 48)")
+    demo.add_argument(
+        "--requests", type=_positive_int, default=48, help="requests in the workload (default 48)"
+    )
     demo.add_argument("--concurrency", type=_positive_int, default=8, help="concurrent clients (default 8)")
-    demo.add_argument("--time-scale", type=_positive_float, default=20.0,
-                      help="simulated seconds per real second (default 20)")
+    demo.add_argument(
+        "--time-scale",
+        type=_positive_float,
+        default=20.0,
+        help="simulated seconds per real second (default 20)",
+    )
     demo.add_argument("--listen", default="127.0.0.1:0", help="proxy HOST:PORT (default: a free port)")
     return parser
 
@@ -203,8 +257,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 get_profile(args.profile)
             except (KeyError, ValueError):
-                raise UsageError(f"scer-proxy simulate: --profile: unknown profile {args.profile!r} "
-                                 f"(see --list-profiles)") from None
+                raise UsageError(
+                    f"scer-proxy simulate: --profile: unknown profile {args.profile!r} (see --list-profiles)"
+                ) from None
             configure_logging("info")
             return _run(_simulate(args))
         if args.command == "bench":

@@ -25,10 +25,26 @@ if TYPE_CHECKING:
 
     from scer_proxy.summary.promql import Sample
 
-_COLUMNS = ("model", "requests", "prompt tokens", "completion tokens", "Wh", "gCO2e",
-            "gCO2e per 1,000 output tokens", "grade")
-_CSV_COLUMNS = ("model", "requests", "prompt_tokens", "completion_tokens", "energy_wh", "carbon_g",
-                "carbon_g_per_1k_output_tokens", "grade")
+_COLUMNS = (
+    "model",
+    "requests",
+    "prompt tokens",
+    "completion tokens",
+    "Wh",
+    "gCO2e",
+    "gCO2e per 1,000 output tokens",
+    "grade",
+)
+_CSV_COLUMNS = (
+    "model",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "energy_wh",
+    "carbon_g",
+    "carbon_g_per_1k_output_tokens",
+    "grade",
+)
 
 
 def add_report_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,21 +52,35 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--db", help="ledger database file (default: storage.path, scer.db)")
     source.add_argument("--proxy", help="base URL of a running proxy (reads /scer/summary)")
-    source.add_argument("--prometheus", help="base URL of a Prometheus server that scrapes the proxies' /metrics")
+    source.add_argument(
+        "--prometheus", help="base URL of a Prometheus server that scrapes the proxies' /metrics"
+    )
     parser.add_argument("--since", help="window: 30m, 1h, 7d ... (default: all records kept)")
     parser.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output format")
     parser.add_argument("--model", help="one model only")
     parser.add_argument("--tenant", help="one tenant only")
-    parser.add_argument("--token", default=os.environ.get("SCER_SERVER_ADMIN_TOKEN", ""),
-                        help="admin token of the proxy (--proxy; default $SCER_SERVER_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SCER_SERVER_ADMIN_TOKEN", ""),
+        help="admin token of the proxy (--proxy; default $SCER_SERVER_ADMIN_TOKEN)",
+    )
 
 
 def _rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
     """One row a model, then the total: model, requests, tokens, Wh, gCO2e, gCO2e per 1,000 output, grade."""
+
     def row(name: str, t: dict[str, Any], grade: str) -> tuple[Any, ...]:
         energy_j, carbon_g = t.get("energy_j"), t.get("carbon_g")
-        return (name, t["requests"], t["prompt_tokens"], t["completion_tokens"],
-                None if energy_j is None else energy_j / 3600.0, carbon_g, t.get("sci"), grade)
+        return (
+            name,
+            t["requests"],
+            t["prompt_tokens"],
+            t["completion_tokens"],
+            None if energy_j is None else energy_j / 3600.0,
+            carbon_g,
+            t.get("sci"),
+            grade,
+        )
 
     rows = [row(m["model"], m, m.get("grade", "unrated")) for m in summary.get("models", [])]
     rows.append(row("total", summary["totals"], ""))
@@ -85,12 +115,16 @@ def render(summary: dict[str, Any], fmt: str) -> str:
     widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
 
     def line(c: list[str]) -> str:
-        return "  ".join(v.ljust(w) if i in (0, 7) else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths,
-                                                                                                   strict=True)))
+        return "  ".join(
+            v.ljust(w) if i in (0, 7) else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True))
+        )
+
     window = summary.get("window") or {}
     head = f"window: {_fmt(window.get('start'))} .. {_fmt(window.get('end'))} (Unix s)"
     rule = "-" * len(line(cells[0]))
-    return "\n".join([head, line(cells[0]), rule, *(line(c) for c in cells[1:-1]), rule, line(cells[-1])]) + "\n"
+    return (
+        "\n".join([head, line(cells[0]), rule, *(line(c) for c in cells[1:-1]), rule, line(cells[-1])]) + "\n"
+    )
 
 
 class _Usage(Exception):
@@ -121,7 +155,9 @@ def _from_db(path: str, since_s: float | None, model: str | None, tenant: str | 
         raise _Usage(f"--db: {exc}") from None
 
 
-def _from_proxy(url: str, since: str | None, model: str | None, tenant: str | None, token: str) -> dict[str, Any]:
+def _from_proxy(
+    url: str, since: str | None, model: str | None, tenant: str | None, token: str
+) -> dict[str, Any]:
     import httpx
 
     params = {k: v for k, v in (("since", since), ("model", model), ("tenant", tenant)) if v}
@@ -161,8 +197,10 @@ def _prometheus_query(client: httpx.Client, base: str, query: str, at: float) ->
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("status") == "error":
-        raise _Failed(f"{where}: HTTP {resp.status_code}: {body.get('errorType') or 'error'}: "
-                      f"{_one_line(str(body.get('error') or 'no reason given'))} (query: {query})")
+        raise _Failed(
+            f"{where}: HTTP {resp.status_code}: {body.get('errorType') or 'error'}: "
+            f"{_one_line(str(body.get('error') or 'no reason given'))} (query: {query})"
+        )
     if resp.status_code != 200:
         raise _Failed(f"{where}: HTTP {resp.status_code} {resp.reason_phrase}: {_one_line(resp.text, 200)}")
     if body is None:
@@ -174,7 +212,9 @@ def _prometheus_query(client: httpx.Client, base: str, query: str, at: float) ->
         raise _Failed(f"{where}: {_one_line(str(exc))} (query: {query})") from None
 
 
-def _from_prometheus(url: str, since_s: float | None, model: str | None, tenant: str | None) -> dict[str, Any]:
+def _from_prometheus(
+    url: str, since_s: float | None, model: str | None, tenant: str | None
+) -> dict[str, Any]:
     """The summary summed over every proxy the Prometheus server at ``url`` scrapes."""
     import httpx
 
@@ -194,10 +234,14 @@ def _from_prometheus(url: str, since_s: float | None, model: str | None, tenant:
         if tenant is not None:
             for metric, probe in promql.tenant_probe_queries().items():
                 if not _prometheus_query(client, base, probe, end):
-                    raise _Usage(f"--tenant: {metric} on Prometheus at {base} carries no tenant label; "
-                                 "use --db or --proxy for one tenant")
-        results = {name: _prometheus_query(client, base, query, end)
-                   for name, query in promql.summary_queries(since_s, model, tenant).items()}
+                    raise _Usage(
+                        f"--tenant: {metric} on Prometheus at {base} carries no tenant label; "
+                        "use --db or --proxy for one tenant"
+                    )
+        results = {
+            name: _prometheus_query(client, base, query, end)
+            for name, query in promql.summary_queries(since_s, model, tenant).items()
+        }
     return promql.build_summary(results, start=None if since_s is None else end - since_s, end=end)
 
 

@@ -64,10 +64,34 @@ UK_REGION_IDS = range(1, 18)  # 1 North Scotland ... 13 London ... 15 England, 1
 # Countries split into several zones (USA, CAN, AUS, ITA, SWE, NOR, DNK, JPN, IND, BRA, ...) need
 # ``carbon.zone`` set explicitly.
 REGION_TO_ZONE: dict[str, str] = {
-    "AUT": "AT", "BEL": "BE", "BGR": "BG", "CHE": "CH", "CZE": "CZ", "DEU": "DE", "EST": "EE",
-    "ESP": "ES", "FIN": "FI", "FRA": "FR", "GBR": "GB", "GRC": "GR", "HRV": "HR", "HUN": "HU",
-    "IRL": "IE", "LTU": "LT", "LUX": "LU", "LVA": "LV", "NLD": "NL", "POL": "PL", "PRT": "PT",
-    "ROU": "RO", "SVK": "SK", "SVN": "SI", "SRB": "RS", "SGP": "SG", "KOR": "KR", "TWN": "TW",
+    "AUT": "AT",
+    "BEL": "BE",
+    "BGR": "BG",
+    "CHE": "CH",
+    "CZE": "CZ",
+    "DEU": "DE",
+    "EST": "EE",
+    "ESP": "ES",
+    "FIN": "FI",
+    "FRA": "FR",
+    "GBR": "GB",
+    "GRC": "GR",
+    "HRV": "HR",
+    "HUN": "HU",
+    "IRL": "IE",
+    "LTU": "LT",
+    "LUX": "LU",
+    "LVA": "LV",
+    "NLD": "NL",
+    "POL": "PL",
+    "PRT": "PT",
+    "ROU": "RO",
+    "SVK": "SK",
+    "SVN": "SI",
+    "SRB": "RS",
+    "SGP": "SG",
+    "KOR": "KR",
+    "TWN": "TW",
 }
 _ZONE = re.compile(r"^[A-Z]{2}(-[A-Za-z0-9-]{1,32})?$")
 
@@ -99,8 +123,13 @@ def plausible_intensity(value: Any, field: str) -> float:
     return number
 
 
-async def get_json(session: aiohttp.ClientSession, url: str, *, params: Mapping[str, str] | None = None,
-                   headers: Mapping[str, str] | None = None) -> Any:
+async def get_json(
+    session: aiohttp.ClientSession,
+    url: str,
+    *,
+    params: Mapping[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> Any:
     """``GET url`` and parse its JSON body (at most ``MAX_BODY_BYTES``); non-200 and bad JSON raise
     :class:`ProviderError`. Header values (credentials) never enter an error message."""
     async with session.get(url, params=params, headers=headers, allow_redirects=False) as resp:
@@ -184,11 +213,14 @@ class ElectricityMaps:
 
     def __init__(self, zone: str, token: str, base_url: str = ELECTRICITY_MAPS_BASE_URL) -> None:
         if not _ZONE.match(zone):
-            raise ConfigError(f"carbon.zone: expected an Electricity Maps zone such as 'DE' or 'US-CAL-CISO', "
-                              f"got {zone!r}")
+            raise ConfigError(
+                f"carbon.zone: expected an Electricity Maps zone such as 'DE' or 'US-CAL-CISO', got {zone!r}"
+            )
         if not token.strip():
-            raise ConfigError(f"carbon.provider: 'electricity-maps' needs an API token in the {TOKEN_ENV} "
-                              "environment variable")
+            raise ConfigError(
+                f"carbon.provider: 'electricity-maps' needs an API token in the {TOKEN_ENV} "
+                "environment variable"
+            )
         self.zone = zone
         self._token = token.strip()
         self.base_url = base_url.rstrip("/")
@@ -197,8 +229,12 @@ class ElectricityMaps:
         return f"ElectricityMaps(zone={self.zone!r}, base_url={self.base_url!r}, token=<hidden>)"
 
     async def fetch(self, session: aiohttp.ClientSession) -> GridIntensity:
-        doc = await get_json(session, f"{self.base_url}/v3/carbon-intensity/latest", params={"zone": self.zone},
-                             headers={"auth-token": self._token})
+        doc = await get_json(
+            session,
+            f"{self.base_url}/v3/carbon-intensity/latest",
+            params={"zone": self.zone},
+            headers={"auth-token": self._token},
+        )
         value = plausible_intensity(_field(doc, "carbonIntensity", ""), "carbonIntensity")
         when = _field(doc, "datetime", "")
         if not isinstance(when, str):
@@ -216,13 +252,21 @@ def zone_for(config: CarbonConfig, zone: str = "") -> str:
         return zone
     mapped = REGION_TO_ZONE.get(config.region)
     if mapped is None:
-        raise ConfigError(f"carbon.zone: required with provider 'electricity-maps' (region {config.region!r} "
-                          "has no single zone), e.g. 'US-CAL-CISO'")
+        raise ConfigError(
+            f"carbon.zone: required with provider 'electricity-maps' (region {config.region!r} "
+            "has no single zone), e.g. 'US-CAL-CISO'"
+        )
     return mapped
 
 
-def build_provider(config: CarbonConfig, environ: Mapping[str, str], *, zone: str = "", uk_region_id: int = 0,
-                   base_url: str = "") -> Provider | None:
+def build_provider(
+    config: CarbonConfig,
+    environ: Mapping[str, str],
+    *,
+    zone: str = "",
+    uk_region_id: int = 0,
+    base_url: str = "",
+) -> Provider | None:
     """The provider ``carbon.provider`` names (``None`` for ``static``); raises :class:`ConfigError`.
 
     ``zone``, ``uk_region_id`` (0 = national) and ``base_url`` (empty = the public API) are the
@@ -233,8 +277,9 @@ def build_provider(config: CarbonConfig, environ: Mapping[str, str], *, zone: st
     if config.provider == "uk-carbon-intensity":
         return UkCarbonIntensity(base_url or UK_BASE_URL, region_id=uk_region_id or None)
     if config.provider == "electricity-maps":
-        return ElectricityMaps(zone_for(config, zone), environ.get(TOKEN_ENV, ""),
-                               base_url or ELECTRICITY_MAPS_BASE_URL)
+        return ElectricityMaps(
+            zone_for(config, zone), environ.get(TOKEN_ENV, ""), base_url or ELECTRICITY_MAPS_BASE_URL
+        )
     raise ConfigError(f"carbon.provider: unknown provider {config.provider!r}")
 
 
@@ -274,8 +319,9 @@ class GridIntensitySource:
         self._wall = wall_clock
         self._sleep = sleep
         self._table = fallback
-        self._flagged = GridIntensity(fallback.intensity_g_per_kwh, fallback.source, fallback.as_of,
-                                      flags=(FALLBACK_FLAG,))
+        self._flagged = GridIntensity(
+            fallback.intensity_g_per_kwh, fallback.source, fallback.as_of, flags=(FALLBACK_FLAG,)
+        )
         self._good: GridIntensity | None = None
         self._good_at = 0.0  # clock() when _good arrived
         self._last_ok: bool | None = None  # outcome of the last attempt; None before the first
@@ -311,8 +357,9 @@ class GridIntensitySource:
         """Launch the background refresher (no-op for ``static``); never waits for the first fetch."""
         if self.provider is None or self._task is not None:
             return
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                              connector=aiohttp.TCPConnector(limit=2))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s), connector=aiohttp.TCPConnector(limit=2)
+        )
         self._task = asyncio.get_running_loop().create_task(self._run(), name="grid-intensity-refresh")
 
     async def close(self) -> None:
@@ -337,8 +384,9 @@ class GridIntensitySource:
         if provider is None:
             return True
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout_s),
-                                                  connector=aiohttp.TCPConnector(limit=2))
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s), connector=aiohttp.TCPConnector(limit=2)
+            )
         self.fetches += 1
         try:
             async with asyncio.timeout(self.timeout_s):
@@ -352,12 +400,17 @@ class GridIntensitySource:
         except Exception as exc:  # a provider bug must not kill the refresher
             error = f"unexpected error: {type(exc).__name__}"
         else:
-            self._good = GridIntensity(value.intensity_g_per_kwh, value.source, value.as_of,
-                                       fetched_at=self._wall(), flags=())
+            self._good = GridIntensity(
+                value.intensity_g_per_kwh, value.source, value.as_of, fetched_at=self._wall(), flags=()
+            )
             self._good_at = self._clock()
             if self._last_ok is False:
-                log.info("grid_provider_recovered", provider=provider.name, source=value.source,
-                         intensity_g_per_kwh=value.intensity_g_per_kwh)
+                log.info(
+                    "grid_provider_recovered",
+                    provider=provider.name,
+                    source=value.source,
+                    intensity_g_per_kwh=value.intensity_g_per_kwh,
+                )
             self._last_ok = True
             self.last_error = None
             self._logged.clear()  # a later failure is news again
@@ -368,8 +421,13 @@ class GridIntensitySource:
         if error not in self._logged:  # each distinct error once per outage
             self._logged.add(error)
             using = self.current()
-            log.warning("grid_provider_error", provider=provider.name, error=error, using=using.source,
-                        intensity_g_per_kwh=using.intensity_g_per_kwh)
+            log.warning(
+                "grid_provider_error",
+                provider=provider.name,
+                error=error,
+                using=using.source,
+                intensity_g_per_kwh=using.intensity_g_per_kwh,
+            )
         return False
 
     # -- reporting ----------------------------------------------------------------------------------
@@ -404,13 +462,19 @@ def build_grid_source(
     them, else uses their defaults ("", 0 = national, "" = the public API, 300 s, 5 s, 7200 s).
     The Electricity Maps token is read from ``environ[ELECTRICITYMAPS_TOKEN]``, never from the file.
     """
-    provider = build_provider(config, environ, zone=str(getattr(config, "zone", "")),
-                              uk_region_id=int(getattr(config, "uk_region_id", 0)),
-                              base_url=str(getattr(config, "provider_url", "")))
+    provider = build_provider(
+        config,
+        environ,
+        zone=str(getattr(config, "zone", "")),
+        uk_region_id=int(getattr(config, "uk_region_id", 0)),
+        base_url=str(getattr(config, "provider_url", "")),
+    )
     return GridIntensitySource(
-        configured_intensity(config), provider,
+        configured_intensity(config),
+        provider,
         refresh_s=float(getattr(config, "refresh_s", DEFAULT_REFRESH_S)),
         timeout_s=float(getattr(config, "timeout_s", DEFAULT_TIMEOUT_S)),
         max_age_s=float(getattr(config, "max_age_s", DEFAULT_MAX_AGE_S)),
-        clock=clock, wall_clock=wall_clock,
+        clock=clock,
+        wall_clock=wall_clock,
     )

@@ -48,21 +48,58 @@ SALT_BYTES = 32
 
 # Record fields, in column order. A new Record field needs a migration (tests check the two agree).
 COLUMNS: tuple[str, ...] = (
-    "request_id", "model", "upstream", "tenant", "endpoint", "stream", "started_at", "ended_at", "status",
-    "http_status", "prompt_tokens", "completion_tokens", "token_source", "energy_j", "energy_gpu_j", "energy_prefill_j",
-    "energy_decode_j", "energy_source", "energy_uncertainty_rel", "hardware_s", "carbon_g",
-    "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "grid_source", "grid_age_s", "sci", "rating",
-    "settled", "flags",
+    "request_id",
+    "model",
+    "upstream",
+    "tenant",
+    "endpoint",
+    "stream",
+    "started_at",
+    "ended_at",
+    "status",
+    "http_status",
+    "prompt_tokens",
+    "completion_tokens",
+    "token_source",
+    "energy_j",
+    "energy_gpu_j",
+    "energy_prefill_j",
+    "energy_decode_j",
+    "energy_source",
+    "energy_uncertainty_rel",
+    "hardware_s",
+    "carbon_g",
+    "carbon_operational_g",
+    "carbon_embodied_g",
+    "grid_intensity_g_per_kwh",
+    "grid_source",
+    "grid_age_s",
+    "sci",
+    "rating",
+    "settled",
+    "flags",
 )
 
 # The summed quantities of a group of records, in order: the rollup's columns and the raw aggregate's.
 SUMS: tuple[str, ...] = (
-    "records", "prompt_tokens", "completion_tokens", "metered", "settled", "metered_completion",
-    "metered_units", "energy_j", "carbon_g", "carbon_operational_g", "carbon_embodied_g",
+    "records",
+    "prompt_tokens",
+    "completion_tokens",
+    "metered",
+    "settled",
+    "metered_completion",
+    "metered_units",
+    "energy_j",
+    "carbon_g",
+    "carbon_operational_g",
+    "carbon_embodied_g",
 )
 _N = len(SUMS)
-_METERED, _METERED_COMPLETION, _METERED_UNITS = SUMS.index("metered"), SUMS.index("metered_completion"), \
-    SUMS.index("metered_units")
+_METERED, _METERED_COMPLETION, _METERED_UNITS = (
+    SUMS.index("metered"),
+    SUMS.index("metered_completion"),
+    SUMS.index("metered_units"),
+)
 # Key order: model and tenant first, so the summary's GROUP BY model, tenant reads the table in key order
 # (no sort); an hour range is a filter on the same scan. Cost is proportional to the buckets kept.
 _ROLLUP_KEY = ("model", "tenant", "hour", "status", "energy_source")
@@ -101,12 +138,29 @@ def _rollup_upsert(p: str, sign: str) -> str:
 _V2_COLUMNS = ("energy_gpu_j", "energy_uncertainty_rel", "grid_age_s")  # added by migration 2
 _V1_COLUMNS = [c for c in COLUMNS if c not in _V2_COLUMNS]
 _COLUMN_TYPES = {
-    "request_id": "TEXT NOT NULL UNIQUE", "stream": "INTEGER NOT NULL", "started_at": "REAL NOT NULL",
-    "ended_at": "REAL", "http_status": "INTEGER", "prompt_tokens": "INTEGER NOT NULL",
-    "completion_tokens": "INTEGER NOT NULL", "settled": "INTEGER NOT NULL",
+    "request_id": "TEXT NOT NULL UNIQUE",
+    "stream": "INTEGER NOT NULL",
+    "started_at": "REAL NOT NULL",
+    "ended_at": "REAL",
+    "http_status": "INTEGER",
+    "prompt_tokens": "INTEGER NOT NULL",
+    "completion_tokens": "INTEGER NOT NULL",
+    "settled": "INTEGER NOT NULL",
 }
-for _c in ("energy_j", "energy_gpu_j", "energy_prefill_j", "energy_decode_j", "energy_uncertainty_rel", "hardware_s", "carbon_g",
-           "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "grid_age_s", "sci"):
+for _c in (
+    "energy_j",
+    "energy_gpu_j",
+    "energy_prefill_j",
+    "energy_decode_j",
+    "energy_uncertainty_rel",
+    "hardware_s",
+    "carbon_g",
+    "carbon_operational_g",
+    "carbon_embodied_g",
+    "grid_intensity_g_per_kwh",
+    "grid_age_s",
+    "sci",
+):
     _COLUMN_TYPES[_c] = "REAL"
 
 # Migrations, applied in order at open; the schema version is ``PRAGMA user_version`` (= how many ran).
@@ -114,7 +168,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # v1: the request table (seq keeps insertion order for ``recent``; a replacement keeps its seq).
     (
         "CREATE TABLE requests (seq INTEGER PRIMARY KEY, "
-        + ", ".join(f"{c} {_COLUMN_TYPES.get(c, 'TEXT NOT NULL')}" for c in _V1_COLUMNS) + ")",
+        + ", ".join(f"{c} {_COLUMN_TYPES.get(c, 'TEXT NOT NULL')}" for c in _V1_COLUMNS)
+        + ")",
         "CREATE INDEX requests_started_at ON requests (started_at)",
     ),
     # v2: the GPU energy before PUE and the stated uncertainty of each energy figure, and the hourly
@@ -125,13 +180,17 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE requests ADD COLUMN grid_age_s REAL",
         "CREATE TABLE rollup (model TEXT NOT NULL, tenant TEXT NOT NULL, hour INTEGER NOT NULL, "
         "status TEXT NOT NULL, energy_source TEXT NOT NULL, "
-        + ", ".join(f"{c} {'REAL' if c.startswith(('energy', 'carbon')) else 'INTEGER'} NOT NULL DEFAULT 0"
-                    for c in SUMS)
+        + ", ".join(
+            f"{c} {'REAL' if c.startswith(('energy', 'carbon')) else 'INTEGER'} NOT NULL DEFAULT 0"
+            for c in SUMS
+        )
         + f", PRIMARY KEY ({', '.join(_ROLLUP_KEY)})) WITHOUT ROWID",
         "INSERT INTO rollup (" + ", ".join(_ROLLUP_KEY) + ", " + ", ".join(SUMS) + ") "
         f"SELECT model, tenant, CAST(started_at / {BUCKET_S} AS INTEGER), status, energy_source, "
-        + ", ".join(f"total({e})" if i >= SUMS.index("energy_j") else f"sum({e})"
-                    for i, e in enumerate(_contribution_sql("")))
+        + ", ".join(
+            f"total({e})" if i >= SUMS.index("energy_j") else f"sum({e})"
+            for i, e in enumerate(_contribution_sql(""))
+        )
         + " FROM requests GROUP BY 1, 2, 3, 4, 5",
         f"CREATE TRIGGER requests_insert AFTER INSERT ON requests BEGIN {_rollup_upsert('NEW.', '+')} END",
         f"CREATE TRIGGER requests_update AFTER UPDATE ON requests BEGIN {_rollup_upsert('OLD.', '-')} "
@@ -181,18 +240,45 @@ def tenant_salt(db_path: str | os.PathLike[str]) -> bytes:
     except OSError as exc:
         raise LedgerError(f"cannot read tenant salt file {str(path)!r}: {exc.strerror}") from exc
     if len(salt) != SALT_BYTES:
-        raise LedgerError(f"tenant salt file {str(path)!r}: expected {SALT_BYTES} bytes, found {len(salt)} "
-                          f"(restore it, or delete it to start new tenant hashes)")
+        raise LedgerError(
+            f"tenant salt file {str(path)!r}: expected {SALT_BYTES} bytes, found {len(salt)} "
+            f"(restore it, or delete it to start new tenant hashes)"
+        )
     return salt
 
 
 def _to_row(r: Record) -> tuple[Any, ...]:
     return (
-        r.request_id, r.model, r.upstream, r.tenant, r.endpoint, int(r.stream), r.started_at, r.ended_at, r.status,
-        r.http_status, r.prompt_tokens, r.completion_tokens, r.token_source, r.energy_j, r.energy_gpu_j, r.energy_prefill_j,
-        r.energy_decode_j, r.energy_source, r.energy_uncertainty_rel, r.hardware_s, r.carbon_g,
-        r.carbon_operational_g, r.carbon_embodied_g, r.grid_intensity_g_per_kwh, r.grid_source, r.grid_age_s, r.sci, r.rating,
-        int(r.settled), ",".join(r.flags),
+        r.request_id,
+        r.model,
+        r.upstream,
+        r.tenant,
+        r.endpoint,
+        int(r.stream),
+        r.started_at,
+        r.ended_at,
+        r.status,
+        r.http_status,
+        r.prompt_tokens,
+        r.completion_tokens,
+        r.token_source,
+        r.energy_j,
+        r.energy_gpu_j,
+        r.energy_prefill_j,
+        r.energy_decode_j,
+        r.energy_source,
+        r.energy_uncertainty_rel,
+        r.hardware_s,
+        r.carbon_g,
+        r.carbon_operational_g,
+        r.carbon_embodied_g,
+        r.grid_intensity_g_per_kwh,
+        r.grid_source,
+        r.grid_age_s,
+        r.sci,
+        r.rating,
+        int(r.settled),
+        ",".join(r.flags),
     )
 
 
@@ -210,14 +296,23 @@ def _contribution(r: Record) -> tuple[float, ...]:
         return (1, r.prompt_tokens, r.completion_tokens, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0.0)
     units = r.prompt_tokens if r.endpoint == "embeddings" else r.completion_tokens
     return (
-        1, r.prompt_tokens, r.completion_tokens, 1, int(r.settled),
-        0 if r.endpoint == "embeddings" else r.completion_tokens, units, r.energy_j,
-        r.carbon_g or 0.0, r.carbon_operational_g or 0.0, r.carbon_embodied_g or 0.0,
+        1,
+        r.prompt_tokens,
+        r.completion_tokens,
+        1,
+        int(r.settled),
+        0 if r.endpoint == "embeddings" else r.completion_tokens,
+        units,
+        r.energy_j,
+        r.carbon_g or 0.0,
+        r.carbon_operational_g or 0.0,
+        r.carbon_embodied_g or 0.0,
     )
 
 
-def _add(acc: dict[tuple[str, ...], list[float]], key: tuple[str, ...], values: Sequence[float],
-         sign: float = 1.0) -> None:
+def _add(
+    acc: dict[tuple[str, ...], list[float]], key: tuple[str, ...], values: Sequence[float], sign: float = 1.0
+) -> None:
     sums = acc.get(key)
     if sums is None:
         sums = acc[key] = [0] * _N
@@ -239,7 +334,9 @@ def totals_from_sums(sums: Sequence[float]) -> dict[str, Any]:
         "carbon_g": carbon_g if metered else None,
         "carbon_operational_g": float(s["carbon_operational_g"]) if metered else None,
         "carbon_embodied_g": float(s["carbon_embodied_g"]) if metered else None,
-        "energy_j_per_1k_output_tokens": energy_j * 1000.0 / metered_completion if metered_completion else None,
+        "energy_j_per_1k_output_tokens": energy_j * 1000.0 / metered_completion
+        if metered_completion
+        else None,
         "sci": carbon_g * 1000.0 / metered_units if metered_units else None,
         "metered_requests": metered,
         "settled_requests": round(s["settled"]),
@@ -253,9 +350,12 @@ class _Filter:
     tenant: str | None
 
     def accepts(self, r: Record) -> bool:
-        return (r.status != "running" and (self.start is None or r.started_at >= self.start)
-                and (self.model is None or r.model == self.model)
-                and (self.tenant is None or r.tenant == self.tenant))
+        return (
+            r.status != "running"
+            and (self.start is None or r.started_at >= self.start)
+            and (self.model is None or r.model == self.model)
+            and (self.tenant is None or r.tenant == self.tenant)
+        )
 
     def where(self) -> tuple[str, list[Any]]:
         clauses, params = ["status != 'running'"], []
@@ -395,8 +495,10 @@ class SqliteLedger:
     def _migrate(self, conn: sqlite3.Connection) -> None:
         (version,) = conn.execute("PRAGMA user_version").fetchone()
         if version > SCHEMA_VERSION:
-            raise LedgerError(f"ledger database {self.path!r} has schema v{version}, newer than this "
-                              f"scer-proxy's v{SCHEMA_VERSION}")
+            raise LedgerError(
+                f"ledger database {self.path!r} has schema v{version}, newer than this "
+                f"scer-proxy's v{SCHEMA_VERSION}"
+            )
         for number in range(version, SCHEMA_VERSION):
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -417,8 +519,10 @@ class SqliteLedger:
             (version,) = reader.execute("PRAGMA user_version").fetchone()
             if version != SCHEMA_VERSION:
                 reader.close()
-                raise LedgerError(f"ledger database {self.path!r} has schema v{version}; this scer-proxy reads "
-                                  f"v{SCHEMA_VERSION} (open it once with `scer-proxy serve` to migrate)")
+                raise LedgerError(
+                    f"ledger database {self.path!r} has schema v{version}; this scer-proxy reads "
+                    f"v{SCHEMA_VERSION} (open it once with `scer-proxy serve` to migrate)"
+                )
             if self.read_only:
                 (records,) = reader.execute("SELECT coalesce(sum(records), 0) FROM rollup").fetchone()
                 self._records = int(records)
@@ -465,8 +569,12 @@ class SqliteLedger:
         for request_id in list(itertools.islice(pending, excess)):
             del pending[request_id]
         if self.dropped == 0:
-            log.error("ledger_dropping_records", path=self.path, max_pending=self.max_pending,
-                      last_error=self._last_error)
+            log.error(
+                "ledger_dropping_records",
+                path=self.path,
+                max_pending=self.max_pending,
+                last_error=self._last_error,
+            )
         self.dropped += excess
 
     async def flush(self) -> bool:
@@ -498,8 +606,12 @@ class SqliteLedger:
             if self._closing:
                 if ok or self._failures >= 3:
                     if not ok and self._pending:
-                        log.error("ledger_lost_on_close", path=self.path, records=len(self._pending),
-                                  last_error=self._last_error)
+                        log.error(
+                            "ledger_lost_on_close",
+                            path=self.path,
+                            records=len(self._pending),
+                            last_error=self._last_error,
+                        )
                     return
                 await asyncio.sleep(min(1.0, self._delay_s()))
                 continue
@@ -589,7 +701,8 @@ class SqliteLedger:
             try:
                 deleted = conn.execute(
                     "DELETE FROM requests WHERE seq IN (SELECT seq FROM requests WHERE started_at < ? LIMIT ?)",
-                    (cutoff, chunk)).rowcount
+                    (cutoff, chunk),
+                ).rowcount
                 if deleted < chunk:
                     conn.execute("DELETE FROM rollup WHERE records = 0")
                 (count,) = conn.execute("SELECT coalesce(sum(records), 0) FROM rollup").fetchone()
@@ -645,18 +758,27 @@ class SqliteLedger:
     def _ids_in_db(conn: sqlite3.Connection, ids: Sequence[str]) -> set[str]:
         found: set[str] = set()
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            found.update(row[0] for row in conn.execute(
-                f"SELECT request_id FROM requests WHERE request_id IN ({','.join('?' * len(chunk))})", chunk))
+            chunk = ids[i : i + 500]
+            found.update(
+                row[0]
+                for row in conn.execute(
+                    f"SELECT request_id FROM requests WHERE request_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
         return found
 
     @staticmethod
     def _stored(conn: sqlite3.Connection, ids: Sequence[str]) -> list[Record]:
         out: list[Record] = []
         for i in range(0, len(ids), 500):
-            chunk = ids[i:i + 500]
-            out.extend(_from_row(row) for row in conn.execute(
-                f"{_SELECT} WHERE request_id IN ({','.join('?' * len(chunk))})", chunk))
+            chunk = ids[i : i + 500]
+            out.extend(
+                _from_row(row)
+                for row in conn.execute(
+                    f"{_SELECT} WHERE request_id IN ({','.join('?' * len(chunk))})", chunk
+                )
+            )
         return out
 
     def __len__(self) -> int:
@@ -698,8 +820,9 @@ class SqliteLedger:
 
     # ---------------------------------------------------------------- aggregation
 
-    def _sums(self, group_by: Sequence[str], flt: _Filter, overlay: dict[str, Record]) -> dict[
-            tuple[str, ...], list[float]]:
+    def _sums(
+        self, group_by: Sequence[str], flt: _Filter, overlay: dict[str, Record]
+    ) -> dict[tuple[str, ...], list[float]]:
         """Sums (``SUMS`` order) per group of ``group_by`` (columns of the rollup, not hour) over the records
         the filter accepts: rollup buckets, raw rows of the partial first bucket, and the overlay's delta
         (its records added, the database's older figure of the same ids subtracted, in one snapshot)."""
@@ -716,16 +839,24 @@ class SqliteLedger:
                     else:
                         first = int(flt.start // BUCKET_S)
                         bucket_where, bucket_params = f"hour > ? AND {where}", [first, *params]
-                        raw = ", ".join(f"{'total' if i >= SUMS.index('energy_j') else 'sum'}({e})"
-                                        for i, e in enumerate(_contribution_sql("")))
+                        raw = ", ".join(
+                            f"{'total' if i >= SUMS.index('energy_j') else 'sum'}({e})"
+                            for i, e in enumerate(_contribution_sql(""))
+                        )
                         for row in conn.execute(
-                                f"SELECT {keys}, {raw} FROM requests WHERE started_at >= ? AND started_at < ? "
-                                f"AND {where} GROUP BY {keys}", [flt.start, (first + 1) * BUCKET_S, *params]):
-                            _add(acc, tuple(row[:len(group_by)]), row[len(group_by):])
-                    sums = ", ".join(f"{'total' if c.startswith(('energy', 'carbon')) else 'sum'}({c})" for c in SUMS)
+                            f"SELECT {keys}, {raw} FROM requests WHERE started_at >= ? AND started_at < ? "
+                            f"AND {where} GROUP BY {keys}",
+                            [flt.start, (first + 1) * BUCKET_S, *params],
+                        ):
+                            _add(acc, tuple(row[: len(group_by)]), row[len(group_by) :])
+                    sums = ", ".join(
+                        f"{'total' if c.startswith(('energy', 'carbon')) else 'sum'}({c})" for c in SUMS
+                    )
                     for row in conn.execute(
-                            f"SELECT {keys}, {sums} FROM rollup WHERE {bucket_where} GROUP BY {keys}", bucket_params):
-                        _add(acc, tuple(row[:len(group_by)]), row[len(group_by):])
+                        f"SELECT {keys}, {sums} FROM rollup WHERE {bucket_where} GROUP BY {keys}",
+                        bucket_params,
+                    ):
+                        _add(acc, tuple(row[: len(group_by)]), row[len(group_by) :])
                     old = self._stored(conn, list(overlay)) if overlay else []
                 finally:
                     conn.execute("COMMIT")
@@ -744,12 +875,14 @@ class SqliteLedger:
         if conn is not None:
             where, params = flt.where()
             with self._aggregator_lock:
-                (hour,) = conn.execute(f"SELECT min(hour) FROM rollup WHERE records > 0 AND {where}",
-                                       params).fetchone()
+                (hour,) = conn.execute(
+                    f"SELECT min(hour) FROM rollup WHERE records > 0 AND {where}", params
+                ).fetchone()
                 if hour is not None:
                     (first,) = conn.execute(
                         f"SELECT min(started_at) FROM requests WHERE started_at >= ? AND {where}",
-                        [hour * BUCKET_S, *params]).fetchone()
+                        [hour * BUCKET_S, *params],
+                    ).fetchone()
         for r in overlay.values():
             if flt.accepts(r) and (first is None or r.started_at < first):
                 first = r.started_at
@@ -784,11 +917,17 @@ class SqliteLedger:
             "window": {"start": start, "end": end},
             "totals": totals_from_sums(total),
             "models": [
-                {"model": name, "category": (categories or {}).get(name),
-                 "grade": (grades or {}).get(name, "unrated"), **totals_from_sums(sums)}
+                {
+                    "model": name,
+                    "category": (categories or {}).get(name),
+                    "grade": (grades or {}).get(name, "unrated"),
+                    **totals_from_sums(sums),
+                }
                 for (name,), sums in sorted(by_model.items())
             ],
-            "tenants": [{"tenant": name, **totals_from_sums(sums)} for (name,), sums in sorted(by_tenant.items())],
+            "tenants": [
+                {"tenant": name, **totals_from_sums(sums)} for (name,), sums in sorted(by_tenant.items())
+            ],
         }
 
     async def summary(
@@ -805,8 +944,16 @@ class SqliteLedger:
         ``since_s`` seconds (all time when None), optionally one model or tenant; the keys of
         ``scer_proxy.summary.summarize``. Energy in joules, carbon in grams CO2e. Runs on a worker thread."""
         overlay = self._overlay()  # taken on the loop, before the snapshot, so no record falls in between
-        return await asyncio.to_thread(self.summary_sync, since_s, model, tenant, now=now, grades=grades,
-                                       categories=categories, overlay=overlay)
+        return await asyncio.to_thread(
+            self.summary_sync,
+            since_s,
+            model,
+            tenant,
+            now=now,
+            grades=grades,
+            categories=categories,
+            overlay=overlay,
+        )
 
     def metrics_rows_sync(self, overlay: dict[str, Record] | None = None) -> list[dict[str, Any]]:
         """All-time sums per model x status x energy source (blocking; see ``metrics_rows``)."""
@@ -827,15 +974,29 @@ class SqliteLedger:
 
     async def on_writer(self, statement: str) -> None:
         """Execute one statement on the writer's connection (tests: fault injection with PRAGMAs)."""
+
         def run() -> None:
             with self._writer_lock:
                 assert self._writer is not None
                 self._writer.execute(statement)
+
         await asyncio.to_thread(run)
 
 
 def _retryable(exc: sqlite3.OperationalError) -> bool:
     """A fault of the medium that may go away (read-only, full, locked, I/O), not of the file itself."""
     name = getattr(exc, "sqlite_errorname", "")
-    return name.startswith(("SQLITE_READONLY", "SQLITE_FULL", "SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_IOERR",
-                            "SQLITE_CANTOPEN")) or "readonly" in str(exc) or "disk is full" in str(exc)
+    return (
+        name.startswith(
+            (
+                "SQLITE_READONLY",
+                "SQLITE_FULL",
+                "SQLITE_BUSY",
+                "SQLITE_LOCKED",
+                "SQLITE_IOERR",
+                "SQLITE_CANTOPEN",
+            )
+        )
+        or "readonly" in str(exc)
+        or "disk is full" in str(exc)
+    )

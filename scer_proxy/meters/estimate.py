@@ -44,10 +44,17 @@ class EnergyModel:
     sigma_log: float
     rows: int
 
-    def j_per_output_token(self, params_b: float, batch: float, gpu: str, gpus: int,
-                           total_params_b: float | None = None) -> float:
-        return math.exp(sum(c * f for c, f in zip(self.coef, _features(params_b, total_params_b or params_b,
-                                                                        batch, gpu, gpus), strict=True)))
+    def j_per_output_token(
+        self, params_b: float, batch: float, gpu: str, gpus: int, total_params_b: float | None = None
+    ) -> float:
+        return math.exp(
+            sum(
+                c * f
+                for c, f in zip(
+                    self.coef, _features(params_b, total_params_b or params_b, batch, gpu, gpus), strict=True
+                )
+            )
+        )
 
     @property
     def uncertainty_rel(self) -> float:
@@ -66,15 +73,29 @@ def _rows() -> list[dict[str, str]]:
 
 
 def _features(params_b: float, total_params_b: float, batch: float, gpu: str, gpus: int) -> list[float]:
-    return [1.0, math.log(max(params_b, 0.1)), math.log(max(total_params_b, params_b, 0.1)),
-            math.log(max(batch, 1.0)), 1.0 if gpu == "B200" else 0.0, math.log(max(gpus, 1))]
+    return [
+        1.0,
+        math.log(max(params_b, 0.1)),
+        math.log(max(total_params_b, params_b, 0.1)),
+        math.log(max(batch, 1.0)),
+        1.0 if gpu == "B200" else 0.0,
+        math.log(max(gpus, 1)),
+    ]
 
 
 @functools.cache
 def fitted_model() -> EnergyModel:
     rows = _rows()
-    x = [_features(float(r["activated_params_billions"]), float(r["total_params_billions"]),
-                   float(r["avg_batch_size"]), r["gpu_model"], int(r["num_gpus"])) for r in rows]
+    x = [
+        _features(
+            float(r["activated_params_billions"]),
+            float(r["total_params_billions"]),
+            float(r["avg_batch_size"]),
+            r["gpu_model"],
+            int(r["num_gpus"]),
+        )
+        for r in rows
+    ]
     y = [math.log(float(r["energy_per_token_joules"])) for r in rows]
     coef, sigma = least_squares(x, y)
     return EnergyModel(tuple(coef), sigma, len(rows))
@@ -127,12 +148,21 @@ class EstimateMeter:
         self.configured_params_b = configured_params_b
         self.model = fitted_model()
 
-    def share(self, rid: str, *, model: str, prompt_tokens: int, completion_tokens: int, concurrency: float,
-              duration_s: float) -> tuple[Share, tuple[str, ...]]:
+    def share(
+        self,
+        rid: str,
+        *,
+        model: str,
+        prompt_tokens: int,
+        completion_tokens: int,
+        concurrency: float,
+        duration_s: float,
+    ) -> tuple[Share, tuple[str, ...]]:
         """The estimated share of one request, and flags (e.g. the model size was assumed)."""
         params_b, total_b, params_source = model_size_b(model, self.configured_params_b)
-        decode_j = completion_tokens * self.model.j_per_output_token(params_b, concurrency, self.gpu, self.gpus,
-                                                                     total_b)
+        decode_j = completion_tokens * self.model.j_per_output_token(
+            params_b, concurrency, self.gpu, self.gpus, total_b
+        )
         prefill_j = prompt_tokens * j_per_prompt_token(params_b, self.gpu)  # per GPU and for all alike
         energy_j = prefill_j + decode_j
         # Hardware time: the request's duration shared with the requests running beside it.

@@ -267,8 +267,11 @@ class NvmlMeter:
             took_s = time.perf_counter() - started
             if took_s > self._inline_max_s and not self.reads_in_thread:
                 self.reads_in_thread = True
-                log.info("nvml_reads_moved_to_thread", took_ms=round(took_s * 1000.0, 3),
-                         limit_ms=self._inline_max_s * 1000.0)
+                log.info(
+                    "nvml_reads_moved_to_thread",
+                    took_ms=round(took_s * 1000.0, 3),
+                    limit_ms=self._inline_max_s * 1000.0,
+                )
 
     async def _in_thread(self, function: Callable[..., Any], *args: Any) -> Any:
         if self._thread is None:
@@ -364,13 +367,18 @@ class NvmlMeter:
         device.label = f"{index}: {name} ({uuid})"
         try:
             current, _pending = self._call("nvmlDeviceGetMigMode", handle, device=device)
-            device.mig = int(current) == int(getattr(self._module(), "NVML_DEVICE_MIG_ENABLE", _DEVICE_MIG_ENABLE))
+            device.mig = int(current) == int(
+                getattr(self._module(), "NVML_DEVICE_MIG_ENABLE", _DEVICE_MIG_ENABLE)
+            )
         except NvmlError:
             device.mig = False  # MIG not supported on this GPU
         if device.mig and not self._mig_warned:
             self._mig_warned = True
-            log.warning("nvml_mig_board_energy_only", device=device.label,
-                        note="MIG is enabled: NVML reports the whole board's energy, not a MIG instance's")
+            log.warning(
+                "nvml_mig_board_energy_only",
+                device=device.label,
+                note="MIG is enabled: NVML reports the whole board's energy, not a MIG instance's",
+            )
         try:
             self._call("nvmlDeviceGetTotalEnergyConsumption", handle, device=device)
             device.method = ENERGY_COUNTER
@@ -384,8 +392,12 @@ class NvmlMeter:
             except NvmlError:
                 self._call("nvmlDeviceGetPowerUsage", handle, device=device)
                 device.power_source = "power_usage"
-            log.info("nvml_power_integration", device=device.label, power_source=device.power_source,
-                     reason=str(exc))
+            log.info(
+                "nvml_power_integration",
+                device=device.label,
+                power_source=device.power_source,
+                reason=str(exc),
+            )
 
     async def _probe_period(self, device: _Device) -> float | None:
         """The interval between changes of the device's counter (or power), polled for a bounded time."""
@@ -395,7 +407,9 @@ class NvmlMeter:
         changes: list[float] = []
         while self._clock() - start_s < self._probe_timeout_s and len(changes) < 3:
             await self._sleep(self._probe_step_s)
-            value = await self._in_thread(sample, device) if self.reads_in_thread else self._timed(sample, device)
+            value = (
+                await self._in_thread(sample, device) if self.reads_in_thread else self._timed(sample, device)
+            )
             if value != last:
                 changes.append(self._clock())
                 last = value
@@ -412,8 +426,10 @@ class NvmlMeter:
         (value,) = self._call("nvmlDeviceGetFieldValues", device.handle, [field_id], device=device)
         code = int(getattr(value, "nvmlReturn", _NVML_SUCCESS))
         if code != _NVML_SUCCESS:
-            raise NvmlError(f"NVML field POWER_INSTANT for GPU {device.label or device.address} "
-                            f"failed with code {code}", code)
+            raise NvmlError(
+                f"NVML field POWER_INSTANT for GPU {device.label or device.address} failed with code {code}",
+                code,
+            )
         member = _VALUE_MEMBERS.get(int(getattr(value, "valueType", 1)), "uiVal")
         return float(getattr(value.value, member))
 
@@ -433,8 +449,9 @@ class NvmlMeter:
             self.resets += 1
             device.last_change_s = t_s
             device.stalled = False
-            log.warning("nvml_counter_reset", device=device.label, previous_mj=last, now_mj=raw,
-                        resets=self.resets)
+            log.warning(
+                "nvml_counter_reset", device=device.label, previous_mj=last, now_mj=raw, resets=self.resets
+            )
         else:
             self._check_stall(device, t_s)
         device.last_raw_mj = raw
@@ -448,17 +465,23 @@ class NvmlMeter:
         if frozen_s <= limit_s:
             return
         try:
-            power_w: float | None = float(self._call("nvmlDeviceGetPowerUsage", device.handle, device=device)) / 1000.0
+            power_w: float | None = (
+                float(self._call("nvmlDeviceGetPowerUsage", device.handle, device=device)) / 1000.0
+            )
         except NvmlError:
             power_w = None
         if power_w is not None and power_w < STALL_MIN_POWER_W:
             return
         if not device.stalled:
-            log.warning("nvml_counter_stalled", device=device.label, frozen_s=round(frozen_s, 3), power_w=power_w)
+            log.warning(
+                "nvml_counter_stalled", device=device.label, frozen_s=round(frozen_s, 3), power_w=power_w
+            )
         device.stalled = True
         # a stable message: the sampler logs a changed message again, so details go in the warning above
-        raise NvmlError(f"NVML energy counter of GPU {device.label} is stalled: unchanged for over "
-                        f"{limit_s:.1f} s while the GPU draws power")
+        raise NvmlError(
+            f"NVML energy counter of GPU {device.label} is stalled: unchanged for over "
+            f"{limit_s:.1f} s while the GPU draws power"
+        )
 
     def _read_power(self, device: _Device, t_s: float) -> None:
         power_mw = self._power_mw(device)

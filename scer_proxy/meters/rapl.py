@@ -39,7 +39,7 @@ from scer_proxy.meters import MeterError, Reading
 DEFAULT_ROOT = "/sys/class/powercap"
 _PERMISSION_HINT = (
     "energy_uj is readable by root only since Linux 5.10 (CVE-2020-8694): run the proxy as root, grant "
-    "read access (e.g. a udev rule or `chmod a+r .../energy_uj`), or use meter.kind = \"estimate\""
+    'read access (e.g. a udev rule or `chmod a+r .../energy_uj`), or use meter.kind = "estimate"'
 )
 
 

@@ -79,9 +79,14 @@ class UpstreamMeter:
         if isinstance(self.meter, EstimateMeter):
             concurrency = float(self.timeline.active)
             self.timeline.forget(rid)
-            share, flags = self.meter.share(rid, model=model, prompt_tokens=prompt_tokens,
-                                            completion_tokens=completion_tokens, concurrency=concurrency,
-                                            duration_s=now - started)
+            share, flags = self.meter.share(
+                rid,
+                model=model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                concurrency=concurrency,
+                duration_s=now - started,
+            )
             return share, self.meter.model.uncertainty_rel, flags
         self.timeline.finish(rid, now, prompt_tokens, completion_tokens)
         if self.meter is None or self.timeline.last_t_s is None:
@@ -123,7 +128,9 @@ class UpstreamMeter:
             return  # the counter has not updated since the last read: no new interval yet
         if self.last_value_change_s is not None:
             period = reading.t_s - self.last_value_change_s
-            self.update_period_s = period if self.update_period_s is None else min(self.update_period_s, period)
+            self.update_period_s = (
+                period if self.update_period_s is None else min(self.update_period_s, period)
+            )
         self.last_value_change_s = reading.t_s
         result = self.timeline.reading(reading.t_s, reading.energy_j)
         if result is not None:
@@ -190,6 +197,9 @@ class UpstreamMeter:
             "prefill_j_per_token": self.timeline.calibrated_prefill_j_per_token(),
             # GPU energy before PUE since the first reading: split among intervals, and the raw counter.
             "measured_j": self.timeline.measured_j,
-            "counter_j": (None if self.first_reading is None or self.last_reading is None
-                          else self.last_reading.energy_j - self.first_reading.energy_j),
+            "counter_j": (
+                None
+                if self.first_reading is None or self.last_reading is None
+                else self.last_reading.energy_j - self.first_reading.energy_j
+            ),
         }

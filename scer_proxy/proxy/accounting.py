@@ -118,8 +118,9 @@ class Accounting:
     ) -> Record:
         """Finish a record with the response-time figures and put it in the ledger; never waits."""
         meter = self.meters[record.upstream]
-        share, uncertainty, meter_flags = meter.finish_request(record.request_id, prompt_tokens, completion_tokens,
-                                                               model=record.model)
+        share, uncertainty, meter_flags = meter.finish_request(
+            record.request_id, prompt_tokens, completion_tokens, model=record.model
+        )
         grid = self.grid.current()  # O(1), no I/O: the cached live value, else the table
         flags = (*flags, *meter_flags, *grid.flags)
         if not meter.healthy and meter.meter is not None:
@@ -137,19 +138,26 @@ class Accounting:
             "grid_age_s": grid.age_s(ended_at),
         }
         if share is None:
-            done = record.evolve(**changes, energy_source="none",
-                                 grid_intensity_g_per_kwh=grid.intensity_g_per_kwh, grid_source=grid.source)
+            done = record.evolve(
+                **changes,
+                energy_source="none",
+                grid_intensity_g_per_kwh=grid.intensity_g_per_kwh,
+                grid_source=grid.source,
+            )
         else:
             units = functional_units(record.endpoint, prompt_tokens, completion_tokens)
-            done = record.evolve(**changes, **self._energy(record.upstream, share, units,
-                                                           grid.intensity_g_per_kwh, grid.source))
+            done = record.evolve(
+                **changes,
+                **self._energy(record.upstream, share, units, grid.intensity_g_per_kwh, grid.source),
+            )
             if not share.settled:
                 self._pending[done.request_id] = done
         self.ledger.put(done)
         return done
 
-    def _energy(self, upstream: str, share: Share, units: int, intensity_g_per_kwh: float,
-                grid_source: str) -> dict[str, Any]:
+    def _energy(
+        self, upstream: str, share: Share, units: int, intensity_g_per_kwh: float, grid_source: str
+    ) -> dict[str, Any]:
         return energy_fields(
             share,
             source=self.meters[upstream].source,
@@ -169,9 +177,12 @@ class Accounting:
         duration_s = (record.ended_at or record.started_at) - record.started_at
         # Settle with the intensity that applied when the request ended, not today's.
         intensity = record.grid_intensity_g_per_kwh if record.grid_intensity_g_per_kwh is not None else 0.0
-        self.ledger.put(record.evolve(**self._energy(upstream, share, record.functional_units,
-                                                     intensity, record.grid_source),
-                                      energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True)))
+        self.ledger.put(
+            record.evolve(
+                **self._energy(upstream, share, record.functional_units, intensity, record.grid_source),
+                energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True),
+            )
+        )
 
     @property
     def pending(self) -> int:

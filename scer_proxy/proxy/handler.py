@@ -33,15 +33,26 @@ INLINE_COUNT_TOKENS = 512
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (
-        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "Proxy-Connection", "TE",
-        "Trailer", "Transfer-Encoding", "Upgrade", "Host", "Content-Length",
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Transfer-Encoding",
+        "Upgrade",
+        "Host",
+        "Content-Length",
     )
 )
 
 
 def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
-    out = CIMultiDict(headers)  # a copy in C; removing the few present names is cheaper than filtering in Python
+    out = CIMultiDict(
+        headers
+    )  # a copy in C; removing the few present names is cheaper than filtering in Python
     named = {t.strip() for v in headers.getall("Connection", ()) for t in v.split(",")}
     for name in (*HOP_BY_HOP, *named):
         if name and name in out:
@@ -49,10 +60,14 @@ def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMult
     return out
 
 
-def error_response(status: int, message: str, type_: str, *, param: str | None = None,
-                   code: str | None = None) -> web.Response:
-    return web.Response(status=status, body=wire.error_body(message, type_, param=param, code=code),
-                        content_type="application/json")
+def error_response(
+    status: int, message: str, type_: str, *, param: str | None = None, code: str | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=wire.error_body(message, type_, param=param, code=code),
+        content_type="application/json",
+    )
 
 
 class ProxyError(Exception):
@@ -109,8 +124,12 @@ class ProxyHandler:
                 return await self._passthrough(request, body=body, upstream=self.config.upstreams[0])
             upstream = self._upstream_for(model)
             if upstream is None:
-                raise ProxyError(404, f"No upstream serves the model '{model}'.", "invalid_request_error",
-                                 "model_not_found")
+                raise ProxyError(
+                    404,
+                    f"No upstream serves the model '{model}'.",
+                    "invalid_request_error",
+                    "model_not_found",
+                )
             assert parsed is not None
             return await self._metered(request, kind, body, parsed, model, upstream)
         except ProxyError as exc:
@@ -121,54 +140,88 @@ class ProxyHandler:
         limit = self.config.server.max_body_bytes
         if request.content_length is not None:
             if request.content_length > limit:
-                raise ProxyError(413, f"Request body of {request.content_length} bytes is over the limit of {limit}.",
-                                 "invalid_request_error", "request_too_large")
+                raise ProxyError(
+                    413,
+                    f"Request body of {request.content_length} bytes is over the limit of {limit}.",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
             return await request.read()  # the parser stops at Content-Length, so the limit holds
         chunks = []
         size = 0
         async for chunk in request.content.iter_chunked(65536):
             size += len(chunk)
             if size > limit:
-                raise ProxyError(413, f"Request body is over the limit of {limit} bytes.",
-                                 "invalid_request_error", "request_too_large")
+                raise ProxyError(
+                    413,
+                    f"Request body is over the limit of {limit} bytes.",
+                    "invalid_request_error",
+                    "request_too_large",
+                )
             chunks.append(chunk)
         return b"".join(chunks)
 
     # -- upstream calls ---------------------------------------------------------------------------
-    async def _send(self, request: web.Request, upstream: UpstreamConfig, data: Any,
-                    headers: CIMultiDict[str] | None = None) -> aiohttp.ClientResponse:
+    async def _send(
+        self,
+        request: web.Request,
+        upstream: UpstreamConfig,
+        data: Any,
+        headers: CIMultiDict[str] | None = None,
+    ) -> aiohttp.ClientResponse:
         session = self.upstreams.session(upstream.name)
         url = upstream.url + request.path_qs
         try:
             return await session.request(
-                request.method, url, data=data,
+                request.method,
+                url,
+                data=data,
                 headers=headers if headers is not None else forward_headers(request.headers),
-                allow_redirects=False, skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
                 timeout=self.upstreams.timeout(upstream.name),
             )
         except TimeoutError as exc:
-            raise ProxyError(504, f"Upstream '{upstream.name}' did not answer in time.", "upstream_error",
-                             "upstream_timeout") from exc
+            raise ProxyError(
+                504,
+                f"Upstream '{upstream.name}' did not answer in time.",
+                "upstream_error",
+                "upstream_timeout",
+            ) from exc
         except aiohttp.ClientConnectorError as exc:
-            raise ProxyError(502, f"Upstream '{upstream.name}' refused the connection: {exc.os_error}.",
-                             "upstream_error", "upstream_unavailable") from exc
+            raise ProxyError(
+                502,
+                f"Upstream '{upstream.name}' refused the connection: {exc.os_error}.",
+                "upstream_error",
+                "upstream_unavailable",
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise ProxyError(502, f"Upstream '{upstream.name}' failed: {exc.__class__.__name__}.",
-                             "upstream_error", "upstream_unavailable") from exc
+            raise ProxyError(
+                502,
+                f"Upstream '{upstream.name}' failed: {exc.__class__.__name__}.",
+                "upstream_error",
+                "upstream_unavailable",
+            ) from exc
 
     async def _read_upstream(self, resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
         try:
             return await resp.read()
         except TimeoutError as exc:
-            raise ProxyError(504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error",
-                             "upstream_timeout") from exc
+            raise ProxyError(
+                504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error", "upstream_timeout"
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise ProxyError(502, f"Upstream '{upstream.name}' broke off its response: {exc.__class__.__name__}.",
-                             "upstream_error", "upstream_unavailable") from exc
+            raise ProxyError(
+                502,
+                f"Upstream '{upstream.name}' broke off its response: {exc.__class__.__name__}.",
+                "upstream_error",
+                "upstream_unavailable",
+            ) from exc
 
     # -- unmetered -----------------------------------------------------------------------------------
-    async def _passthrough(self, request: web.Request, *, body: bytes | None = None,
-                           upstream: UpstreamConfig | None = None) -> web.StreamResponse:
+    async def _passthrough(
+        self, request: web.Request, *, body: bytes | None = None, upstream: UpstreamConfig | None = None
+    ) -> web.StreamResponse:
         upstream = upstream or self.config.upstreams[0]
         data: Any = body if body is not None else (request.content if request.body_exists else None)
         resp = await self._send(request, upstream, data)
@@ -189,8 +242,15 @@ class ProxyHandler:
             resp.release()
 
     # -- metered ----------------------------------------------------------------------------------
-    async def _metered(self, request: web.Request, kind: str, body: bytes, parsed: dict[str, Any], model: str,
-                       upstream: UpstreamConfig) -> web.StreamResponse:
+    async def _metered(
+        self,
+        request: web.Request,
+        kind: str,
+        body: bytes,
+        parsed: dict[str, Any],
+        model: str,
+        upstream: UpstreamConfig,
+    ) -> web.StreamResponse:
         stream = wire.wants_stream(parsed)
         asked_usage = wire.client_asked_usage(parsed)
         injected = False
@@ -205,8 +265,12 @@ class ProxyHandler:
         estimate = tokens.estimate_prompt(kind, parsed)
         exact = estimate < INLINE_COUNT_TOKENS
         record = self.accounting.open(
-            upstream=upstream.name, model=model, tenant=self.accounting.tenant(request.headers), endpoint=kind,
-            stream=stream, prompt_estimate=tokens.count_prompt(kind, parsed) if exact else estimate,
+            upstream=upstream.name,
+            model=model,
+            tenant=self.accounting.tenant(request.headers),
+            endpoint=kind,
+            stream=stream,
+            prompt_estimate=tokens.count_prompt(kind, parsed) if exact else estimate,
         )
         if not exact:
             counting = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, parsed)
@@ -220,8 +284,9 @@ class ProxyHandler:
                 ex.first_byte_s = time.monotonic()
                 content_type = resp.headers.get("Content-Type", "")
                 if resp.status == 200 and content_type.startswith("text/event-stream"):
-                    return await _StreamRelay(self, request, resp, record, ex, parsed, asked_usage, injected,
-                                              upstream).run()
+                    return await _StreamRelay(
+                        self, request, resp, record, ex, parsed, asked_usage, injected, upstream
+                    ).run()
                 return await self._buffered(request, resp, record, ex, parsed, upstream)
             finally:
                 resp.release()
@@ -229,26 +294,57 @@ class ProxyHandler:
             # The client went away while the upstream was still working: the upstream connection is closed
             # with the cancelled task, which stops the generation.
             if not ex.closed:
-                self._close(record, ex, parsed, status="cancelled", http_status=None, completion_tokens=0,
-                            usage=None, flags=("client_disconnected",))
+                self._close(
+                    record,
+                    ex,
+                    parsed,
+                    status="cancelled",
+                    http_status=None,
+                    completion_tokens=0,
+                    usage=None,
+                    flags=("client_disconnected",),
+                )
             raise
         except ProxyError as exc:
             if not ex.closed:
-                self._close(record, ex, parsed, status="error", http_status=exc.status, completion_tokens=0,
-                            usage=None, flags=(exc.code,))
+                self._close(
+                    record,
+                    ex,
+                    parsed,
+                    status="error",
+                    http_status=exc.status,
+                    completion_tokens=0,
+                    usage=None,
+                    flags=(exc.code,),
+                )
             raise
         except Exception:
             if not ex.closed:
-                self._close(record, ex, parsed, status="error", http_status=None, completion_tokens=0, usage=None,
-                            flags=("proxy_failure",))
+                self._close(
+                    record,
+                    ex,
+                    parsed,
+                    status="error",
+                    http_status=None,
+                    completion_tokens=0,
+                    usage=None,
+                    flags=("proxy_failure",),
+                )
             raise
 
     def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
         if not done.cancelled() and done.exception() is None:
             self.accounting.prompt_counted(record, done.result())
 
-    async def _buffered(self, request: web.Request, resp: aiohttp.ClientResponse, record: Record, ex: Exchange,
-                        parsed: dict[str, Any], upstream: UpstreamConfig) -> web.StreamResponse:
+    async def _buffered(
+        self,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        record: Record,
+        ex: Exchange,
+        parsed: dict[str, Any],
+        upstream: UpstreamConfig,
+    ) -> web.StreamResponse:
         raw = await self._read_upstream(resp, upstream)
         headers = forward_headers(resp.headers)
         usage = None
@@ -260,8 +356,15 @@ class ProxyHandler:
             if usage is None and resp.status < 400:
                 completion_tokens = await self._count_text(upstream, wire.response_text(ex.kind, answer))
         ok = resp.status < 400
-        record = self._close(record, ex, parsed, status="ok" if ok else "upstream_error", http_status=resp.status,
-                             completion_tokens=completion_tokens, usage=usage)
+        record = self._close(
+            record,
+            ex,
+            parsed,
+            status="ok" if ok else "upstream_error",
+            http_status=resp.status,
+            completion_tokens=completion_tokens,
+            usage=usage,
+        )
         if ok:
             headers.update(record.headers())
         else:
@@ -275,33 +378,73 @@ class ProxyHandler:
         counted = await self.upstreams.tokenize(upstream.name, text)
         return counted if counted is not None else tokens.count_text(text)
 
-    def _close(self, record: Record, ex: Exchange, parsed: dict[str, Any], *, status: str, http_status: int | None,
-               completion_tokens: int, usage: wire.Usage | None, flags: tuple[str, ...] = ()) -> Record:
+    def _close(
+        self,
+        record: Record,
+        ex: Exchange,
+        parsed: dict[str, Any],
+        *,
+        status: str,
+        http_status: int | None,
+        completion_tokens: int,
+        usage: wire.Usage | None,
+        flags: tuple[str, ...] = (),
+    ) -> Record:
         if usage is not None:
             prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
         else:
             prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
         ex.closed = True
-        done = self.accounting.close(record, prompt_tokens=prompt, completion_tokens=completion, token_source=source,
-                                     status=status, http_status=http_status, flags=flags)
+        done = self.accounting.close(
+            record,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            token_source=source,
+            status=status,
+            http_status=http_status,
+            flags=flags,
+        )
         if not log.is_enabled_for(logging.INFO):  # its fields cost more than the call: skip both
             return done
         now = time.monotonic()
         log.info(
-            "request", request_id=done.request_id, endpoint=ex.kind, model=ex.model, upstream=ex.upstream,
-            tenant=done.tenant, stream=ex.stream, status=status, http_status=http_status,
-            prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens, token_source=source,
-            energy_j=done.energy_j, energy_source=done.energy_source, carbon_g=done.carbon_g,
+            "request",
+            request_id=done.request_id,
+            endpoint=ex.kind,
+            model=ex.model,
+            upstream=ex.upstream,
+            tenant=done.tenant,
+            stream=ex.stream,
+            status=status,
+            http_status=http_status,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            token_source=source,
+            energy_j=done.energy_j,
+            energy_source=done.energy_source,
+            carbon_g=done.carbon_g,
             duration_ms=round((now - ex.started_s) * 1000.0, 3),
             ttfb_ms=None if ex.first_byte_s is None else round((ex.first_byte_s - ex.started_s) * 1000.0, 3),
-            chunks=ex.chunks, flags=list(done.flags) or None,
+            chunks=ex.chunks,
+            flags=list(done.flags) or None,
         )
         return done
 
 
 # Keys every chunk has; anything else on a usage-only chunk was moved there by the server.
-_CHUNK_KEYS = frozenset(("id", "object", "created", "model", "system_fingerprint", "choices", "usage",
-                         "service_tier", "obfuscation"))
+_CHUNK_KEYS = frozenset(
+    (
+        "id",
+        "object",
+        "created",
+        "model",
+        "system_fingerprint",
+        "choices",
+        "usage",
+        "service_tier",
+        "obfuscation",
+    )
+)
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:
@@ -327,9 +470,18 @@ class _StreamRelay:
     usage chunk is dropped.
     """
 
-    def __init__(self, handler: ProxyHandler, request: web.Request, resp: aiohttp.ClientResponse, record: Record,
-                 ex: Exchange, parsed: dict[str, Any], asked_usage: bool, injected: bool,
-                 upstream: UpstreamConfig) -> None:
+    def __init__(
+        self,
+        handler: ProxyHandler,
+        request: web.Request,
+        resp: aiohttp.ClientResponse,
+        record: Record,
+        ex: Exchange,
+        parsed: dict[str, Any],
+        asked_usage: bool,
+        injected: bool,
+        upstream: UpstreamConfig,
+    ) -> None:
         self.h = handler
         self.upstream = upstream
         self.counted_completion: int | None = None
@@ -404,9 +556,16 @@ class _StreamRelay:
             if usage is None:
                 counted = self.counted_completion
                 completion = counted if counted is not None else tokens.count_text("".join(self.text_parts))
-            self.closed = self.h._close(self.record, self.ex, self.parsed, status=status,
-                                        http_status=self.resp.status, completion_tokens=completion, usage=usage,
-                                        flags=flags)
+            self.closed = self.h._close(
+                self.record,
+                self.ex,
+                self.parsed,
+                status=status,
+                http_status=self.resp.status,
+                completion_tokens=completion,
+                usage=usage,
+                flags=flags,
+            )
             self.text_parts.clear()
         return self.closed
 

@@ -69,8 +69,13 @@ async def serve_app(
 ) -> tuple[web.AppRunner, str]:
     """Start ``app`` with handler cancellation on (a client that goes away cancels its handler); returns
     the runner (``await runner.cleanup()`` to stop) and the base URL with the port actually bound."""
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                           shutdown_timeout=shutdown_timeout)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=shutdown_timeout,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     try:
@@ -84,8 +89,14 @@ async def serve_app(
     return runner, f"http://{shown}:{bound_port}"
 
 
-async def serve_until_signal(app: web.Application, host: str, port: int, *, shutdown_timeout: float = 30.0,
-                             on_started: Callable[[], object] | None = None) -> None:
+async def serve_until_signal(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float = 30.0,
+    on_started: Callable[[], object] | None = None,
+) -> None:
     """Serve ``app`` (as :func:`serve_app`) until SIGINT or SIGTERM, then shut it down: a helper server's life."""
     runner, _url = await serve_app(app, host, port, shutdown_timeout=shutdown_timeout)
     if on_started is not None:

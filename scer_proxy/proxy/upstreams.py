@@ -21,12 +21,17 @@ class Upstreams:
     async def open(self) -> None:
         for name, cfg in self._configs.items():
             connector = aiohttp.TCPConnector(
-                limit=cfg.max_connections, limit_per_host=cfg.max_connections, keepalive_timeout=60,
+                limit=cfg.max_connections,
+                limit_per_host=cfg.max_connections,
+                keepalive_timeout=60,
                 enable_cleanup_closed=False,
             )
             self._sessions[name] = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-                timeout=aiohttp.ClientTimeout(total=None), raise_for_status=False,
+                connector=connector,
+                auto_decompress=False,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                timeout=aiohttp.ClientTimeout(total=None),
+                raise_for_status=False,
             )
             # No data from the upstream for timeout_s is a timeout; a long stream with steady tokens is not.
             self._timeouts[name] = aiohttp.ClientTimeout(

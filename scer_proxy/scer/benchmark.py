@@ -51,14 +51,23 @@ class Workload:
 def load_workload(name: str) -> Workload:
     path = resources.files("scer_proxy") / "workloads" / f"{name}.json"
     if not path.is_file():
-        available = sorted(p.name.removesuffix(".json") for p in (resources.files("scer_proxy") / "workloads")
-                           .iterdir() if p.name.endswith(".json"))
+        available = sorted(
+            p.name.removesuffix(".json")
+            for p in (resources.files("scer_proxy") / "workloads").iterdir()
+            if p.name.endswith(".json")
+        )
         raise BenchError(f"--workload: unknown workload {name!r} (available: {', '.join(available)})")
     raw = path.read_bytes()
     data = json.loads(raw)
-    return Workload(id=data["id"], version=int(data["version"]), sha256=hashlib.sha256(raw).hexdigest(),
-                    max_tokens=int(data["max_tokens"]), ignore_eos=bool(data["ignore_eos"]),
-                    concurrency=int(data["concurrency"]), prompts=tuple(data["prompts"]))
+    return Workload(
+        id=data["id"],
+        version=int(data["version"]),
+        sha256=hashlib.sha256(raw).hexdigest(),
+        max_tokens=int(data["max_tokens"]),
+        ignore_eos=bool(data["ignore_eos"]),
+        concurrency=int(data["concurrency"]),
+        prompts=tuple(data["prompts"]),
+    )
 
 
 def server_params_b(models: list[Any], model: str) -> float | None:
@@ -83,7 +92,9 @@ def _hardware(meter: dict[str, Any]) -> tuple[str, int, list[str]]:
     return gpu_family(devices[0].split(":", 1)[-1]), len(devices), devices
 
 
-async def _settled(http: httpx.AsyncClient, target: str, ids: list[str], timeout_s: float) -> list[dict[str, Any]]:
+async def _settled(
+    http: httpx.AsyncClient, target: str, ids: list[str], timeout_s: float
+) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout_s
     records: dict[str, dict[str, Any]] = {}
     while True:
@@ -96,8 +107,10 @@ async def _settled(http: httpx.AsyncClient, target: str, ids: list[str], timeout
         if len(records) == len(ids):
             return [records[rid] for rid in ids]
         if time.monotonic() > deadline:
-            raise BenchError(f"{len(ids) - len(records)} records did not settle within {timeout_s:.0f} s "
-                             "(is the proxy's meter reading?)")
+            raise BenchError(
+                f"{len(ids) - len(records)} records did not settle within {timeout_s:.0f} s "
+                "(is the proxy's meter reading?)"
+            )
         await asyncio.sleep(0.05)
 
 
@@ -124,7 +137,9 @@ async def run_bench(
     target = target.rstrip("/")
     async with httpx.AsyncClient(timeout=30) as http:
         try:
-            models_resp = await http.get(f"{target}/v1/models", headers={"Authorization": f"Bearer {api_key}"})
+            models_resp = await http.get(
+                f"{target}/v1/models", headers={"Authorization": f"Bearer {api_key}"}
+            )
             health = (await http.get(f"{target}/scer/health")).json()
         except httpx.HTTPError as exc:
             raise BenchError(f"--target: cannot reach {target}: {exc}") from None
@@ -136,13 +151,16 @@ async def run_bench(
         meter = health.get("meter", {})
         client = openai.AsyncOpenAI(base_url=f"{target}/v1", api_key=api_key, max_retries=0, timeout=600)
         try:
-            blocks = await _saturated_run(client, workload, model, concurrency, requests, repeats + 1, progress,
-                                          target)
+            blocks = await _saturated_run(
+                client, workload, model, concurrency, requests, repeats + 1, progress, target
+            )
         finally:
             await client.close()
         # Block 0 is the warm-up, excluded; the others are the measured repeats.
-        figures = [_repeat_figures(await _settled(http, target, ids, settle_timeout_s), wall_s)
-                   for ids, wall_s in blocks[1:]]
+        figures = [
+            _repeat_figures(await _settled(http, target, ids, settle_timeout_s), wall_s)
+            for ids, wall_s in blocks[1:]
+        ]
     gpu_model, gpu_count, devices = _hardware(meter)
     served_b = server_params_b(listed, model)
     if params_b <= 0 and served_b is not None:
@@ -159,14 +177,25 @@ async def run_bench(
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "tool": f"scer-proxy {__version__}",
         "model": model,
-        "category": {"task": category.task, "size_class": category.size_class, "gpu_model": category.gpu_model,
-                     "gpu_count": category.gpu_count},
+        "category": {
+            "task": category.task,
+            "size_class": category.size_class,
+            "gpu_model": category.gpu_model,
+            "gpu_count": category.gpu_count,
+        },
         "model_params_b": {"activated": active_b, "total": total_b, "source": size_source},
-        "workload": {"id": workload.id, "version": workload.version, "sha256": workload.sha256,
-                     "requests_per_repeat": requests, "concurrency": concurrency, "repeats": repeats,
-                     "warmup_repeats_excluded": 1, "max_tokens": workload.max_tokens,
-                     "ignore_eos": workload.ignore_eos,
-                     "steady_state": "repeats back to back, the queue kept full by excluded fillers"},
+        "workload": {
+            "id": workload.id,
+            "version": workload.version,
+            "sha256": workload.sha256,
+            "requests_per_repeat": requests,
+            "concurrency": concurrency,
+            "repeats": repeats,
+            "warmup_repeats_excluded": 1,
+            "max_tokens": workload.max_tokens,
+            "ignore_eos": workload.ignore_eos,
+            "steady_state": "repeats back to back, the queue kept full by excluded fillers",
+        },
         "hardware": {"gpu_model": gpu_model, "gpu_count": gpu_count, "devices": devices},
         "server": server,
         "meter": {"kind": meter.get("kind"), "update_period_ms": meter.get("update_period_ms")},
@@ -183,8 +212,16 @@ async def run_bench(
     }
 
 
-async def _saturated_run(client: openai.AsyncOpenAI, workload: Workload, model: str, concurrency: int,
-                         requests: int, blocks: int, progress: bool, target: str) -> list[tuple[list[str], float]]:
+async def _saturated_run(
+    client: openai.AsyncOpenAI,
+    workload: Workload,
+    model: str,
+    concurrency: int,
+    requests: int,
+    blocks: int,
+    progress: bool,
+    target: str,
+) -> list[tuple[list[str], float]]:
     """Run ``blocks`` consecutive blocks of ``requests`` requests with ``concurrency`` always in flight.
 
     ML.ENERGY measures in steady state, with the batch saturated. To match, the blocks follow one
@@ -205,8 +242,11 @@ async def _saturated_run(client: openai.AsyncOpenAI, workload: Workload, model: 
     async def send(i: int) -> str:
         prompt = workload.prompts[i % len(workload.prompts)]
         raw = await client.chat.completions.with_raw_response.create(
-            model=model, messages=prompt["messages"], max_tokens=prompt.get("max_tokens", workload.max_tokens),
-            temperature=0.0, extra_body={"ignore_eos": workload.ignore_eos},
+            model=model,
+            messages=prompt["messages"],
+            max_tokens=prompt.get("max_tokens", workload.max_tokens),
+            temperature=0.0,
+            extra_body={"ignore_eos": workload.ignore_eos},
         )
         rid = raw.headers.get("x-scer-request-id")
         if rid is None:
@@ -229,8 +269,9 @@ async def _saturated_run(client: openai.AsyncOpenAI, workload: Workload, model: 
             if remaining == 0:
                 measured_done.set()
 
-    with tqdm(total=blocks * requests, desc="warm-up + repeats", unit="req", disable=not progress,
-              leave=False) as bar:
+    with tqdm(
+        total=blocks * requests, desc="warm-up + repeats", unit="req", disable=not progress, leave=False
+    ) as bar:
         workers = [asyncio.create_task(worker(bar)) for _ in range(concurrency)]
         done_wait = asyncio.create_task(measured_done.wait())
         try:

@@ -143,12 +143,101 @@ def qr_path(modules: list[list[bool]]) -> str:
 
 # Helvetica/Arial advance widths in 1/1000 em for printable ASCII (32..126).
 _WIDTHS = [
-    278, 278, 355, 556, 556, 889, 667, 191, 333, 333, 389, 584, 278, 333, 278, 278,
-    556, 556, 556, 556, 556, 556, 556, 556, 556, 556, 278, 278, 584, 584, 584, 556,
-    1015, 667, 667, 722, 722, 667, 611, 778, 722, 278, 500, 667, 556, 833, 722, 778,
-    667, 778, 722, 667, 611, 722, 667, 944, 667, 667, 611, 278, 278, 278, 469, 556,
-    333, 556, 556, 500, 556, 556, 278, 556, 556, 222, 222, 500, 222, 833, 556, 556,
-    556, 556, 333, 500, 278, 556, 500, 722, 500, 500, 500, 334, 260, 334, 584,
+    278,
+    278,
+    355,
+    556,
+    556,
+    889,
+    667,
+    191,
+    333,
+    333,
+    389,
+    584,
+    278,
+    333,
+    278,
+    278,
+    556,
+    556,
+    556,
+    556,
+    556,
+    556,
+    556,
+    556,
+    556,
+    556,
+    278,
+    278,
+    584,
+    584,
+    584,
+    556,
+    1015,
+    667,
+    667,
+    722,
+    722,
+    667,
+    611,
+    778,
+    722,
+    278,
+    500,
+    667,
+    556,
+    833,
+    722,
+    778,
+    667,
+    778,
+    722,
+    667,
+    611,
+    722,
+    667,
+    944,
+    667,
+    667,
+    611,
+    278,
+    278,
+    278,
+    469,
+    556,
+    333,
+    556,
+    556,
+    500,
+    556,
+    556,
+    278,
+    556,
+    556,
+    222,
+    222,
+    500,
+    222,
+    833,
+    556,
+    556,
+    556,
+    556,
+    333,
+    500,
+    278,
+    556,
+    500,
+    722,
+    500,
+    500,
+    500,
+    334,
+    260,
+    334,
+    584,
 ]
 _SAFETY = 1.05
 _BOLD = 1.08
@@ -210,12 +299,23 @@ def energy_source_text(source: str) -> str:
     return key or "not stated"
 
 
-def _text(x: float, y: float, content: str, size: float, *, bold: bool = False, fill: str = "#1a1a1a",
-          anchor: str = "start", extra: str = "") -> str:
+def _text(
+    x: float,
+    y: float,
+    content: str,
+    size: float,
+    *,
+    bold: bool = False,
+    fill: str = "#1a1a1a",
+    anchor: str = "start",
+    extra: str = "",
+) -> str:
     weight = ' font-weight="bold"' if bold else ""
     anchor_attr = f' text-anchor="{anchor}"' if anchor != "start" else ""
-    return (f'<text x="{x:g}" y="{y:g}" font-size="{size:g}"{weight}{anchor_attr} fill="{fill}"{extra}>'
-            f"{content}</text>")
+    return (
+        f'<text x="{x:g}" y="{y:g}" font-size="{size:g}"{weight}{anchor_attr} fill="{fill}"{extra}>'
+        f"{content}</text>"
+    )
 
 
 def _arrow(x: float, y: float, w: float, h: float, tip: float) -> str:
@@ -228,12 +328,16 @@ def render_label_svg(data: LabelData) -> str:
     out: list[str] = []
     add = out.append
     title = f"SCER label: {data.model}"
-    summary = (f"{data.model}, task {data.task}, hardware {data.hardware}, scored {data.scoring_date}: "
-               f"{data.value_line}, {data.energy_line}, grade {data.grade}, {_peers_text(data.peers)}, "
-               f"follows {data.sci_version}. {DRAFT_NOTE}.")
-    add(f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
+    summary = (
+        f"{data.model}, task {data.task}, hardware {data.hardware}, scored {data.scoring_date}: "
+        f"{data.value_line}, {data.energy_line}, grade {data.grade}, {_peers_text(data.peers)}, "
+        f"follows {data.sci_version}. {DRAFT_NOTE}."
+    )
+    add(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
         f'viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-labelledby="scer-title scer-desc" '
-        f'font-family="{FONT}">')
+        f'font-family="{FONT}">'
+    )
     add(f'<title id="scer-title">{esc(title)}</title>')
     add(f'<desc id="scer-desc">{esc(summary)}</desc>')
 
@@ -251,11 +355,15 @@ def render_label_svg(data: LabelData) -> str:
     add('<g id="identity">')
     add(_text(_LEFT, 52, esc(fit(data.model, 13, width, bold=True)), 13, bold=True))
     task = fit(data.task, 9.5, width - text_width("Task ", 8.5))
-    add(f'<text x="{_LEFT:g}" y="66" font-size="9.5" fill="#1a1a1a">'
-        f'<tspan font-size="8.5" fill="#555555">Task </tspan>{esc(task)}</text>')
+    add(
+        f'<text x="{_LEFT:g}" y="66" font-size="9.5" fill="#1a1a1a">'
+        f'<tspan font-size="8.5" fill="#555555">Task </tspan>{esc(task)}</text>'
+    )
     hardware = fit(data.hardware, 9.5, width - text_width("Hardware ", 8.5))
-    add(f'<text x="{_LEFT:g}" y="79" font-size="9.5" fill="#1a1a1a">'
-        f'<tspan font-size="8.5" fill="#555555">Hardware </tspan>{esc(hardware)}</text>')
+    add(
+        f'<text x="{_LEFT:g}" y="79" font-size="9.5" fill="#1a1a1a">'
+        f'<tspan font-size="8.5" fill="#555555">Hardware </tspan>{esc(hardware)}</text>'
+    )
     add("</g>")
     add(f'<path d="M{_LEFT:g} 86.5H{_RIGHT:g}" stroke="#bbbbbb" stroke-width="1"/>')
 
@@ -275,8 +383,10 @@ def render_label_svg(data: LabelData) -> str:
         add(f'<g id="pointer"><path d="M176 {y + h / 2:g}l11 {-h / 2:g}h61v{h:g}h-61z" fill="#1a1a1a"/>')
         add(_text(218, y + 18, data.grade, 18, bold=True, fill="#ffffff", anchor="middle") + "</g>")
     else:
-        add('<g id="pointer"><rect x="162" y="108" width="86" height="40" rx="3" fill="#eeeeee" '
-            'stroke="#777777" stroke-width="1" stroke-dasharray="3 2"/>')
+        add(
+            '<g id="pointer"><rect x="162" y="108" width="86" height="40" rx="3" fill="#eeeeee" '
+            'stroke="#777777" stroke-width="1" stroke-dasharray="3 2"/>'
+        )
         add(_text(205, 125, "unrated", 12, bold=True, fill="#444444", anchor="middle"))
         add(_text(205, 139, "needs 2 or more peers", 7, fill="#555555", anchor="middle") + "</g>")
     add("</g>")
@@ -292,18 +402,31 @@ def render_label_svg(data: LabelData) -> str:
 
     # The value line (one text element, never a "/") and the energy line.
     add('<g id="value">')
-    add(_text(_LEFT, 197, "SOFTWARE CARBON INTENSITY", 7.5, bold=True, fill="#555555",
-              extra=' letter-spacing="0.6"'))
+    add(
+        _text(
+            _LEFT,
+            197,
+            "SOFTWARE CARBON INTENSITY",
+            7.5,
+            bold=True,
+            fill="#555555",
+            extra=' letter-spacing="0.6"',
+        )
+    )
     unit_size = 9.5
     unit_w = text_width(" " + VALUE_UNIT, unit_size)
     number = data.value_text
     number_size = min(26.0, max(11.0, (width - unit_w) / max(text_width(number, 1.0, bold=True), 1e-9)))
-    add(f'<text id="value-line" x="{_LEFT:g}" y="222" fill="#1a1a1a">'
+    add(
+        f'<text id="value-line" x="{_LEFT:g}" y="222" fill="#1a1a1a">'
         f'<tspan font-size="{number_size:.3g}" font-weight="bold">{esc(number)}</tspan>'
-        f'<tspan font-size="{unit_size:g}"> {VALUE_UNIT}</tspan></text>')
+        f'<tspan font-size="{unit_size:g}"> {VALUE_UNIT}</tspan></text>'
+    )
     energy = format_sig3(data.energy_wh_per_1k_output_tokens)
-    add(f'<text id="energy-line" x="{_LEFT:g}" y="239" font-size="9.5" fill="#1a1a1a">'
-        f'<tspan font-weight="bold">{esc(energy)}</tspan> {ENERGY_UNIT}</text>')
+    add(
+        f'<text id="energy-line" x="{_LEFT:g}" y="239" font-size="9.5" fill="#1a1a1a">'
+        f'<tspan font-weight="bold">{esc(energy)}</tspan> {ENERGY_UNIT}</text>'
+    )
     add("</g>")
 
     # The QR code, bottom right: whole pixels per module where the box allows (crisp at 1x and 2x).
@@ -319,8 +442,10 @@ def render_label_svg(data: LabelData) -> str:
     # Details on the left of the QR code.
     column = x0 - _LEFT
     add('<g id="details">')
-    add(f'<text x="{_LEFT:g}" y="264" font-size="9" fill="#1a1a1a">Follows '
-        f'<tspan font-weight="bold" font-size="10">{esc(data.sci_version)}</tspan></text>')
+    add(
+        f'<text x="{_LEFT:g}" y="264" font-size="9" fill="#1a1a1a">Follows '
+        f'<tspan font-weight="bold" font-size="10">{esc(data.sci_version)}</tspan></text>'
+    )
     add(_text(_LEFT, 279, f"Scored {esc(data.scoring_date)}", 9))
     add(_text(_LEFT, 293, esc(fit(f"Energy: {energy_source_text(data.energy_source)}", 8.5, column)), 8.5))
     if data.grid_intensity_g_per_kwh is not None:
@@ -339,7 +464,9 @@ def render_label_svg(data: LabelData) -> str:
     add(f'<path d="M1 345H{WIDTH - 1}" stroke="#bbbbbb" stroke-width="1"/>')
     add(_text(WIDTH / 2, 357, DRAFT_NOTE, 7.2, fill="#333333", anchor="middle"))
     add("</g>")
-    add(f'<rect x="1" y="1" width="{WIDTH - 2}" height="{HEIGHT - 2}" rx="6" fill="none" '
-        f'stroke="#1a1a1a" stroke-width="2"/>')
+    add(
+        f'<rect x="1" y="1" width="{WIDTH - 2}" height="{HEIGHT - 2}" rx="6" fill="none" '
+        f'stroke="#1a1a1a" stroke-width="2"/>'
+    )
     add("</svg>")
     return "\n".join(out) + "\n"

@@ -97,8 +97,17 @@ class ManifestInputs:
     pue: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("duration_s", "energy_kwh", "grid_intensity_g_per_kwh", "device_emissions_embodied_g",
-                     "time_reserved_s", "expected_lifespan_s", "resources_reserved", "resources_total", "pue"):
+        for name in (
+            "duration_s",
+            "energy_kwh",
+            "grid_intensity_g_per_kwh",
+            "device_emissions_embodied_g",
+            "time_reserved_s",
+            "expected_lifespan_s",
+            "resources_reserved",
+            "resources_total",
+            "pue",
+        ):
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -236,7 +245,11 @@ def label_url(base_url: str, model: str) -> str:
 
 
 def _meta(unit: str, description: str, time: str = "sum", component: str = "sum") -> dict[str, Any]:
-    return {"unit": unit, "description": description, "aggregation-method": {"time": time, "component": component}}
+    return {
+        "unit": unit,
+        "description": description,
+        "aggregation-method": {"time": time, "component": component},
+    }
 
 
 def _plugins() -> dict[str, Any]:
@@ -244,12 +257,18 @@ def _plugins() -> dict[str, Any]:
         "operational-carbon": {
             "path": "builtin",
             "method": "Multiply",
-            "config": {"input-parameters": ["energy", "grid/carbon-intensity"], "output-parameter": "carbon-operational"},
+            "config": {
+                "input-parameters": ["energy", "grid/carbon-intensity"],
+                "output-parameter": "carbon-operational",
+            },
             "parameter-metadata": {
                 "inputs": {
-                    "energy": _meta("kWh", "GPU energy of the serving hardware attributed to the requests, PUE included"),
-                    "grid/carbon-intensity": _meta("gCO2eq/kWh", "location-based grid carbon intensity (I)",
-                                                   time="avg", component="avg"),
+                    "energy": _meta(
+                        "kWh", "GPU energy of the serving hardware attributed to the requests, PUE included"
+                    ),
+                    "grid/carbon-intensity": _meta(
+                        "gCO2eq/kWh", "location-based grid carbon intensity (I)", time="avg", component="avg"
+                    ),
                 },
                 "outputs": {"carbon-operational": _meta("gCO2eq", "operational emissions O = E x I")},
             },
@@ -257,12 +276,17 @@ def _plugins() -> dict[str, Any]:
         "time-share": {
             "path": "builtin",
             "method": "Divide",
-            "config": {"numerator": "time-reserved", "denominator": "device/expected-lifespan", "output": "time-share"},
+            "config": {
+                "numerator": "time-reserved",
+                "denominator": "device/expected-lifespan",
+                "output": "time-share",
+            },
             "parameter-metadata": {
                 "inputs": {
                     "time-reserved": _meta("s", "hardware seconds attributed to the requests (TR)"),
-                    "device/expected-lifespan": _meta("s", "expected lifespan of the hardware (EL)",
-                                                      time="avg", component="avg"),
+                    "device/expected-lifespan": _meta(
+                        "s", "expected lifespan of the hardware (EL)", time="avg", component="avg"
+                    ),
                 },
                 "outputs": {"time-share": _meta("none", "TR / EL")},
             },
@@ -270,10 +294,16 @@ def _plugins() -> dict[str, Any]:
         "resource-share": {
             "path": "builtin",
             "method": "Divide",
-            "config": {"numerator": "resources-reserved", "denominator": "resources-total", "output": "resource-share"},
+            "config": {
+                "numerator": "resources-reserved",
+                "denominator": "resources-total",
+                "output": "resource-share",
+            },
             "parameter-metadata": {
                 "inputs": {
-                    "resources-reserved": _meta("GPUs", "GPUs the model is served on (RR)", time="avg", component="sum"),
+                    "resources-reserved": _meta(
+                        "GPUs", "GPUs the model is served on (RR)", time="avg", component="sum"
+                    ),
                     "resources-total": _meta("GPUs", "GPUs in the server (ToR)", time="avg", component="sum"),
                 },
                 "outputs": {"resource-share": _meta("none", "RR / ToR", time="avg", component="avg")},
@@ -282,19 +312,31 @@ def _plugins() -> dict[str, Any]:
         "embodied-carbon": {
             "path": "builtin",
             "method": "Multiply",
-            "config": {"input-parameters": ["device/emissions-embodied", "time-share", "resource-share"],
-                       "output-parameter": "carbon-embodied"},
+            "config": {
+                "input-parameters": ["device/emissions-embodied", "time-share", "resource-share"],
+                "output-parameter": "carbon-embodied",
+            },
             "parameter-metadata": {
-                "inputs": {"device/emissions-embodied": _meta(
-                    "gCO2eq", "embodied emissions of one whole server: all its GPUs and the rest (TE)",
-                    time="avg", component="sum")},
-                "outputs": {"carbon-embodied": _meta("gCO2eq", "embodied emissions M = TE x (TR / EL) x (RR / ToR)")},
+                "inputs": {
+                    "device/emissions-embodied": _meta(
+                        "gCO2eq",
+                        "embodied emissions of one whole server: all its GPUs and the rest (TE)",
+                        time="avg",
+                        component="sum",
+                    )
+                },
+                "outputs": {
+                    "carbon-embodied": _meta("gCO2eq", "embodied emissions M = TE x (TR / EL) x (RR / ToR)")
+                },
             },
         },
         "sum-carbon": {
             "path": "builtin",
             "method": "Sum",
-            "config": {"input-parameters": ["carbon-operational", "carbon-embodied"], "output-parameter": "carbon"},
+            "config": {
+                "input-parameters": ["carbon-operational", "carbon-embodied"],
+                "output-parameter": "carbon",
+            },
             "parameter-metadata": {"outputs": {"carbon": _meta("gCO2eq", "O + M")}},
         },
         "functional-unit": {
@@ -302,7 +344,9 @@ def _plugins() -> dict[str, Any]:
             "method": "Divide",
             "config": {"numerator": FU_PARAMETER, "denominator": FU_PER, "output": FU_SCALED},
             "parameter-metadata": {
-                "inputs": {FU_PARAMETER: _meta("tokens", "output tokens generated (the functional unit's count)")},
+                "inputs": {
+                    FU_PARAMETER: _meta("tokens", "output tokens generated (the functional unit's count)")
+                },
                 "outputs": {FU_SCALED: _meta("1,000 output tokens", "R: output tokens in thousands")},
             },
         },
@@ -311,8 +355,11 @@ def _plugins() -> dict[str, Any]:
             "method": "Sci",
             "config": {"functional-unit": FU_SCALED},
             "parameter-metadata": {
-                "outputs": {"sci": _meta("gCO2eq per 1,000 output tokens", "SCI = (O + M) per R",
-                                         time="avg", component="sum")},
+                "outputs": {
+                    "sci": _meta(
+                        "gCO2eq per 1,000 output tokens", "SCI = (O + M) per R", time="avg", component="sum"
+                    )
+                },
             },
         },
     }
@@ -461,9 +508,18 @@ def make_label(
         energy_source=inputs.energy_source,
         grid_intensity_g_per_kwh=inputs.grid_intensity_g_per_kwh,
     )
-    manifest = build_manifest(model=model, task=task, hardware=hardware, inputs=inputs, scoring_date=scoring_date,
-                              grade=grade, peers=peers, percentile=percentile, sci_version=sci_version,
-                              label_url=label_url(base_url, model))
+    manifest = build_manifest(
+        model=model,
+        task=task,
+        hardware=hardware,
+        inputs=inputs,
+        scoring_date=scoring_date,
+        grade=grade,
+        peers=peers,
+        percentile=percentile,
+        sci_version=sci_version,
+        label_url=label_url(base_url, model),
+    )
     return Label(data=data, manifest=manifest)
 
 
@@ -483,7 +539,12 @@ def yaml_string(text: str) -> str:
         code = ord(ch)
         if ch in _ESCAPES:
             out.append(_ESCAPES[ch])
-        elif code < 0x20 or 0x7F <= code <= 0x9F or code in (0x2028, 0x2029, 0xFEFF) or 0xD800 <= code <= 0xDFFF:
+        elif (
+            code < 0x20
+            or 0x7F <= code <= 0x9F
+            or code in (0x2028, 0x2029, 0xFEFF)
+            or 0xD800 <= code <= 0xDFFF
+        ):
             out.append(f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}")
         else:
             out.append(ch)

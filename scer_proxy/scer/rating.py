@@ -129,11 +129,15 @@ def published_entries(csv_text: str, *, task: str = "chat", concurrency: int) ->
     out = []
     for (model_id, gpu, count), row in sorted(best.items()):
         category = Category.of(task, float(row["total_params_billions"]), gpu, int(count))
-        out.append(Entry(
-            name=model_id, category=category,
-            j_per_1k_output_tokens=float(row["energy_per_token_joules"]) * 1000.0, published=True,
-            source=f"ML.ENERGY Leaderboard v3.0, batch {float(row['avg_batch_size']):.0f}",
-        ))
+        out.append(
+            Entry(
+                name=model_id,
+                category=category,
+                j_per_1k_output_tokens=float(row["energy_per_token_joules"]) * 1000.0,
+                published=True,
+                source=f"ML.ENERGY Leaderboard v3.0, batch {float(row['avg_batch_size']):.0f}",
+            )
+        )
     return out
 
 
@@ -148,8 +152,12 @@ def submission_entry(submission: dict[str, object]) -> Entry:
     assert isinstance(category, dict) and isinstance(result, dict)
     return Entry(
         name=str(submission["model"]),
-        category=Category(str(category["task"]), str(category["size_class"]), str(category["gpu_model"]),
-                          int(category["gpu_count"])),
+        category=Category(
+            str(category["task"]),
+            str(category["size_class"]),
+            str(category["gpu_model"]),
+            int(category["gpu_count"]),
+        ),
         j_per_1k_output_tokens=float(result["j_per_1k_output_tokens"]),
         published=False,
         source=f"bench {submission.get('created_at', '')}".strip(),
@@ -161,8 +169,9 @@ def submission_concurrency(submission: dict[str, object]) -> int:
     return int(workload.get("concurrency", 32)) if isinstance(workload, dict) else 32
 
 
-def rate_submissions(submissions: Sequence[dict[str, object]], published_csv: str, *,
-                     quintiles: bool = False) -> list[Rated]:
+def rate_submissions(
+    submissions: Sequence[dict[str, object]], published_csv: str, *, quintiles: bool = False
+) -> list[Rated]:
     """Rate submissions among themselves and the published peers of their category.
 
     Submissions are compared at their benchmark concurrency: each group of one concurrency is rated
@@ -174,6 +183,8 @@ def rate_submissions(submissions: Sequence[dict[str, object]], published_csv: st
     out: list[Rated] = []
     for concurrency, ours in sorted(by_concurrency.items()):
         categories = {e.category for e in ours}
-        peers = [p for p in published_entries(published_csv, concurrency=concurrency) if p.category in categories]
+        peers = [
+            p for p in published_entries(published_csv, concurrency=concurrency) if p.category in categories
+        ]
         out.extend(rate([*ours, *peers], quintiles=quintiles))
     return out

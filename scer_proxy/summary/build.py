@@ -39,7 +39,9 @@ def _totals(records: list[Record]) -> dict[str, Any]:
         "carbon_g": carbon_g if metered else None,
         "carbon_operational_g": sum(r.carbon_operational_g or 0.0 for r in metered) if metered else None,
         "carbon_embodied_g": sum(r.carbon_embodied_g or 0.0 for r in metered) if metered else None,
-        "energy_j_per_1k_output_tokens": energy_j * 1000.0 / metered_completion if metered_completion else None,
+        "energy_j_per_1k_output_tokens": energy_j * 1000.0 / metered_completion
+        if metered_completion
+        else None,
         "sci": carbon_g * 1000.0 / metered_units if metered_units else None,
         "metered_requests": len(metered),
         "settled_requests": sum(1 for r in metered if r.settled),

@@ -41,8 +41,14 @@ def check_url(url: str) -> str:
         port_ok = parts.port is None or parts.port > 0
     except ValueError:
         port_ok, parts = False, urlsplit("")
-    if (parts.scheme not in ("http", "https") or not parts.hostname or not port_ok or parts.query
-            or parts.fragment or any(c.isspace() for c in url.strip())):
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or parts.query
+        or parts.fragment
+        or any(c.isspace() for c in url.strip())
+    ):
         raise ValueError(f"expected an http(s) URL like http://prometheus:9090, got {url!r}")
     return url.strip().rstrip("/")
 
@@ -68,14 +74,18 @@ def selector(metric: str, matchers: Mapping[str, tuple[str, str]]) -> str:
     return metric + "{" + ",".join(f"{k}{op}{string(v)}" for k, (op, v) in matchers.items()) + "}"
 
 
-def _sum(metric: str, by: tuple[str, ...], matchers: Mapping[str, tuple[str, str]], window: str | None) -> str:
+def _sum(
+    metric: str, by: tuple[str, ...], matchers: Mapping[str, tuple[str, str]], window: str | None
+) -> str:
     inner = selector(metric, matchers)
     if window is not None:
         inner = f"increase({inner}[{window}])"
     return f"sum by ({', '.join(by)}) ({inner})"
 
 
-def summary_queries(since_s: float | None, model: str | None = None, tenant: str | None = None) -> dict[str, str]:
+def summary_queries(
+    since_s: float | None, model: str | None = None, tenant: str | None = None
+) -> dict[str, str]:
     """The queries behind one summary, by name: per-model counter sums (``increase`` over ``since_s`` when
     given), the idle energy and the meters' health (both current values, as ``/scer/summary`` gives them)."""
     window = None if since_s is None else duration(since_s)
@@ -106,7 +116,11 @@ def vector(body: Any) -> list[Sample]:
     if body.get("status") != "success":
         raise PrometheusError(f"{body.get('errorType') or 'error'}: {body.get('error') or 'no reason given'}")
     data = body.get("data")
-    if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
+    if (
+        not isinstance(data, dict)
+        or data.get("resultType") != "vector"
+        or not isinstance(data.get("result"), list)
+    ):
         kind = data.get("resultType") if isinstance(data, dict) else None
         raise PrometheusError(f"expected an instant vector, got result type {kind!r}")
     samples: list[Sample] = []
@@ -130,8 +144,14 @@ def _by(samples: list[Sample], *labels: str) -> dict[tuple[str, ...], float]:
     return out
 
 
-def _totals(requests: float, prompt: float, completion: float, energy_j: float | None,
-            operational_g: float, embodied_g: float) -> dict[str, Any]:
+def _totals(
+    requests: float,
+    prompt: float,
+    completion: float,
+    energy_j: float | None,
+    operational_g: float,
+    embodied_g: float,
+) -> dict[str, Any]:
     """The keys of the summary's ``totals``; per 1,000 output tokens counts every completion token of the
     group (the metrics have no endpoint label, so embeddings' input tokens are not units here)."""
     metered = energy_j is not None
@@ -145,8 +165,9 @@ def _totals(requests: float, prompt: float, completion: float, energy_j: float |
         "carbon_g": carbon_g if metered else None,
         "carbon_operational_g": operational_g if metered else None,
         "carbon_embodied_g": embodied_g if metered else None,
-        "energy_j_per_1k_output_tokens": (energy_j * 1000.0 / completion_tokens
-                                          if energy_j is not None and completion_tokens else None),
+        "energy_j_per_1k_output_tokens": (
+            energy_j * 1000.0 / completion_tokens if energy_j is not None and completion_tokens else None
+        ),
         "sci": carbon_g * 1000.0 / completion_tokens if metered and completion_tokens else None,
         "metered_requests": None,
         "settled_requests": None,
@@ -163,18 +184,30 @@ def build_summary(results: Mapping[str, list[Sample]], *, start: float | None, e
     names = sorted(m for (m,), n in requests.items() if round(n) > 0)
 
     def figures(name: str) -> tuple[float, float, float, float | None, float, float]:
-        return (requests[(name,)], tokens.get((name, "prompt"), 0.0), tokens.get((name, "completion"), 0.0),
-                energy.get((name,)), carbon.get((name, "operational"), 0.0), carbon.get((name, "embodied"), 0.0))
+        return (
+            requests[(name,)],
+            tokens.get((name, "prompt"), 0.0),
+            tokens.get((name, "completion"), 0.0),
+            energy.get((name,)),
+            carbon.get((name, "operational"), 0.0),
+            carbon.get((name, "embodied"), 0.0),
+        )
 
     per_model = {name: figures(name) for name in names}
     metered = [f for f in per_model.values() if f[3] is not None]
-    totals = _totals(sum(f[0] for f in per_model.values()), sum(f[1] for f in per_model.values()),
-                     sum(f[2] for f in per_model.values()),
-                     sum(f[3] or 0.0 for f in metered) if metered else None,
-                     sum(f[4] for f in metered), sum(f[5] for f in metered))
+    totals = _totals(
+        sum(f[0] for f in per_model.values()),
+        sum(f[1] for f in per_model.values()),
+        sum(f[2] for f in per_model.values()),
+        sum(f[3] or 0.0 for f in metered) if metered else None,
+        sum(f[4] for f in metered),
+        sum(f[5] for f in metered),
+    )
     # Per 1,000 output tokens of the metered models only, as the ledger counts them.
     units = round(sum(f[2] for f in metered))
-    totals["energy_j_per_1k_output_tokens"] = totals["energy_j"] * 1000.0 / units if metered and units else None
+    totals["energy_j_per_1k_output_tokens"] = (
+        totals["energy_j"] * 1000.0 / units if metered and units else None
+    )
     totals["sci"] = totals["carbon_g"] * 1000.0 / units if metered and units else None
     idle = results["idle"]
     healthy = results["healthy"]
@@ -182,6 +215,8 @@ def build_summary(results: Mapping[str, list[Sample]], *, start: float | None, e
         "window": {"start": start, "end": end},
         "totals": totals,
         "idle_energy_j": sum(v for _, v in idle) if idle else None,
-        "models": [{"model": name, "category": None, "grade": None, **_totals(*per_model[name])} for name in names],
+        "models": [
+            {"model": name, "category": None, "grade": None, **_totals(*per_model[name])} for name in names
+        ],
         "meter": {"healthy": min(v for _, v in healthy) >= 1.0 if healthy else None},
     }

@@ -24,8 +24,10 @@ def _template() -> str:
 
 def content_security_policy(nonce: str) -> str:
     """Same origin only: the inline script and style run by their nonce, fetches go to this proxy."""
-    return (f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' blob:; "
-            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    return (
+        f"default-src 'self'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; img-src 'self' blob:; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
 
 
 def is_public(request: web.Request) -> bool:
@@ -35,12 +37,17 @@ def is_public(request: web.Request) -> bool:
 
 async def page(request: web.Request) -> web.Response:
     nonce = secrets.token_urlsafe(18)
-    return web.Response(text=_template().replace(_NONCE, nonce), content_type="text/html", charset="utf-8", headers={
-        "Content-Security-Policy": content_security_policy(nonce),
-        "Cache-Control": "no-store",
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-    })
+    return web.Response(
+        text=_template().replace(_NONCE, nonce),
+        content_type="text/html",
+        charset="utf-8",
+        headers={
+            "Content-Security-Policy": content_security_policy(nonce),
+            "Cache-Control": "no-store",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
 async def to_page(request: web.Request) -> web.Response:

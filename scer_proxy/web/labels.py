@@ -35,19 +35,29 @@ async def build_label(app: web.Application, model: str, base_url: str) -> Label 
     window = summary["window"]
     started = float(window.get("start") or time.time())
     inputs = inputs_from_totals(
-        energy_j=float(totals["energy_j"]), carbon_operational_g=float(totals["carbon_operational_g"] or 0.0),
-        carbon_embodied_g=float(totals["carbon_embodied_g"] or 0.0), output_tokens=int(totals["completion_tokens"]),
-        embodied=accounting.embodied_for(upstream.name), started_at=started,
-        duration_s=float(window["end"]) - started, energy_source=str(meter.get("kind", "")), pue=config.carbon.pue,
+        energy_j=float(totals["energy_j"]),
+        carbon_operational_g=float(totals["carbon_operational_g"] or 0.0),
+        carbon_embodied_g=float(totals["carbon_embodied_g"] or 0.0),
+        output_tokens=int(totals["completion_tokens"]),
+        embodied=accounting.embodied_for(upstream.name),
+        started_at=started,
+        duration_s=float(window["end"]) - started,
+        energy_source=str(meter.get("kind", "")),
+        pue=config.carbon.pue,
     )
     rated = app[RATINGS].rated(model)
     submission = next((s for s in app[RATINGS].submissions() if s.get("model") == model), None)
     scoring_date = str(submission.get("created_at", ""))[:10] if submission else time.strftime("%Y-%m-%d")
     return make_label(
-        model=model, task=config.rating.category_task, hardware=hardware_text(list(meter.get("devices") or [])),
-        inputs=inputs, scoring_date=scoring_date or time.strftime("%Y-%m-%d"),
-        grade=rated.grade if rated else "unrated", peers=rated.peers if rated else 0,
-        percentile=rated.percentile if rated else None, base_url=base_url,
+        model=model,
+        task=config.rating.category_task,
+        hardware=hardware_text(list(meter.get("devices") or [])),
+        inputs=inputs,
+        scoring_date=scoring_date or time.strftime("%Y-%m-%d"),
+        grade=rated.grade if rated else "unrated",
+        peers=rated.peers if rated else 0,
+        percentile=rated.percentile if rated else None,
+        base_url=base_url,
     )
 
 
@@ -55,9 +65,16 @@ async def _label_for(request: web.Request) -> Label | web.Response:
     model = request.match_info["model"]
     label = await build_label(request.app, model, str(request.url.origin()))
     if label is None:
-        return web.Response(status=404, content_type="application/json", body=wire.error_body(
-            f"No metered requests for the model {model!r} yet.", "invalid_request_error", param="model",
-            code="model_not_found"))
+        return web.Response(
+            status=404,
+            content_type="application/json",
+            body=wire.error_body(
+                f"No metered requests for the model {model!r} yet.",
+                "invalid_request_error",
+                param="model",
+                code="model_not_found",
+            ),
+        )
     return label
 
 

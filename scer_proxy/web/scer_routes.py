@@ -20,8 +20,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _bad(message: str, param: str) -> web.Response:
-    return web.Response(status=400, body=wire.error_body(message, "invalid_request_error", param=param),
-                        content_type="application/json")
+    return web.Response(
+        status=400,
+        body=wire.error_body(message, "invalid_request_error", param=param),
+        content_type="application/json",
+    )
 
 
 def meter_info(app: web.Application) -> dict[str, Any]:
@@ -59,8 +62,9 @@ async def summary(request: web.Request) -> web.Response:
             return _bad(str(exc), "since")
     ledger = request.app[LEDGER]
     ratings = request.app[RATINGS]
-    body = await ledger.summary(since_s, request.query.get("model") or None, request.query.get("tenant") or None,
-                                now=now)
+    body = await ledger.summary(
+        since_s, request.query.get("model") or None, request.query.get("tenant") or None, now=now
+    )
     for entry in body["models"]:
         entry["grade"] = ratings.grade(entry["model"])
         entry["category"] = ratings.category(entry["model"])
@@ -73,9 +77,16 @@ async def summary(request: web.Request) -> web.Response:
 async def request_record(request: web.Request) -> web.Response:
     record = request.app[LEDGER].get(request.match_info["request_id"])
     if record is None:
-        return web.Response(status=404, content_type="application/json", body=wire.error_body(
-            f"No request with id {request.match_info['request_id']!r}.", "invalid_request_error",
-            param="request_id", code="request_not_found"))
+        return web.Response(
+            status=404,
+            content_type="application/json",
+            body=wire.error_body(
+                f"No request with id {request.match_info['request_id']!r}.",
+                "invalid_request_error",
+                param="request_id",
+                code="request_not_found",
+            ),
+        )
     return _json(record.to_json())
 
 
@@ -90,12 +101,14 @@ async def request_list(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     meter = meter_info(request.app)
     ledger = request.app[LEDGER].health() | {"pending_settlement": request.app[ACCOUNTING].pending}
-    return _json({
-        "status": "ok" if meter["healthy"] and ledger["healthy"] else "degraded",
-        "meter": meter,
-        "grid": request.app[GRID].describe(),
-        "ledger": ledger,
-    })
+    return _json(
+        {
+            "status": "ok" if meter["healthy"] and ledger["healthy"] else "degraded",
+            "meter": meter,
+            "grid": request.app[GRID].describe(),
+            "ledger": ledger,
+        }
+    )
 
 
 class _LedgerCollector:
@@ -106,12 +119,16 @@ class _LedgerCollector:
         self.rows = rows  # SqliteLedger.metrics_rows(): sums per model x status x energy source
 
     def collect(self) -> Any:
-        requests = CounterMetricFamily("scer_requests", "Metered requests finished", labels=["model", "status"])
+        requests = CounterMetricFamily(
+            "scer_requests", "Metered requests finished", labels=["model", "status"]
+        )
         tokens = CounterMetricFamily("scer_tokens", "Tokens of metered requests", labels=["model", "kind"])
-        energy = CounterMetricFamily("scer_energy_joules", "Energy attributed to requests, PUE included",
-                                     labels=["model", "source"])
-        carbon = CounterMetricFamily("scer_carbon_grams", "Carbon attributed to requests, gCO2e",
-                                     labels=["model", "part"])
+        energy = CounterMetricFamily(
+            "scer_energy_joules", "Energy attributed to requests, PUE included", labels=["model", "source"]
+        )
+        carbon = CounterMetricFamily(
+            "scer_carbon_grams", "Carbon attributed to requests, gCO2e", labels=["model", "part"]
+        )
         agg: dict[tuple[str, ...], float] = {}
         for r in self.rows:
             for key, value in (
@@ -130,7 +147,9 @@ class _LedgerCollector:
         idle = GaugeMetricFamily("scer_idle_energy_joules", "Measured energy not attributed to any request")
         idle.add_metric([], idle_energy_j(self.app))
         yield idle
-        healthy = GaugeMetricFamily("scer_meter_healthy", "1 when the upstream's meter answers", labels=["upstream"])
+        healthy = GaugeMetricFamily(
+            "scer_meter_healthy", "1 when the upstream's meter answers", labels=["upstream"]
+        )
         for name, meter in self.app[METERS].items():
             healthy.add_metric([name], 1.0 if meter.healthy else 0.0)
         yield healthy
@@ -149,8 +168,17 @@ async def submissions_post(request: web.Request) -> web.Response:
         rated = request.app[RATINGS].add(submission)
     except (ValueError, KeyError, TypeError, AssertionError) as exc:
         return _bad(f"not a scer-proxy bench submission: {exc.__class__.__name__}: {exc}", "body")
-    return _json({"model": rated.entry.name, "category": str(rated.entry.category), "rank": rated.rank,
-                  "peers": rated.peers, "percentile": rated.percentile, "grade": rated.grade}, status=201)
+    return _json(
+        {
+            "model": rated.entry.name,
+            "category": str(rated.entry.category),
+            "rank": rated.rank,
+            "peers": rated.peers,
+            "percentile": rated.percentile,
+            "grade": rated.grade,
+        },
+        status=201,
+    )
 
 
 async def submissions_get(request: web.Request) -> web.Response:

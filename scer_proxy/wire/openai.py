@@ -107,7 +107,9 @@ def response_text(kind: str, body: dict[str, Any]) -> str:
     """The generated text of a non-streamed response, for counting when usage is absent."""
     if kind == "chat":
         return "".join(
-            str((c.get("message") or {}).get("content") or "") for c in body.get("choices") or [] if isinstance(c, dict)
+            str((c.get("message") or {}).get("content") or "")
+            for c in body.get("choices") or []
+            if isinstance(c, dict)
         )
     if kind == "completions":
         return "".join(str(c.get("text") or "") for c in body.get("choices") or [] if isinstance(c, dict))

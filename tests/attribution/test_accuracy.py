@@ -10,7 +10,9 @@ from bench.harness.accuracy import run_accuracy
 from bench.harness.replay import Workload, percentile, replay
 
 # At least 200 requests, 32 concurrent, streamed and not, prompts of 20 to 2,000 tokens, outputs of 1 to 1,000.
-WORKLOAD = dict(requests=200, concurrency=32, prompt_tokens=(20, 2000), output_tokens=(1, 1000), stream_share=0.5)
+WORKLOAD = dict(
+    requests=200, concurrency=32, prompt_tokens=(20, 2000), output_tokens=(1, 1000), stream_share=0.5
+)
 
 
 @pytest.mark.parametrize("profile", ["llama-3.1-8b-h100", "llama-3.1-70b-h100x4"])
@@ -39,8 +41,9 @@ def test_replay_with_idle_gaps_reports_idle_apart() -> None:
 
 def test_http_accuracy_bounds_against_the_simulator() -> None:
     """The whole proxy, seeing only HTTP and the DCGM-style counter, against the simulator's truth."""
-    report = asyncio.run(run_accuracy("llama-3.1-8b-h100", idle="separate", time_scale=1.0,
-                                      workload=Workload(**WORKLOAD)))  # type: ignore[arg-type]
+    report = asyncio.run(
+        run_accuracy("llama-3.1-8b-h100", idle="separate", time_scale=1.0, workload=Workload(**WORKLOAD))
+    )  # type: ignore[arg-type]
     summary = report.summary()
     figures = {k: v for k, v in summary.items() if isinstance(v, int | float)}  # shown when a bound fails
     assert summary["requests"] == 200, figures

@@ -134,8 +134,9 @@ def test_conservation_on_every_interval_random_schedule(idle: str, weight: float
             result = tl.reading(t, energy)
             if result is None:
                 continue
-            assert result.energy_j == pytest.approx(result.attributed_j + result.idle_j + result.carried_j,
-                                                    rel=1e-9, abs=1e-9)
+            assert result.energy_j == pytest.approx(
+                result.attributed_j + result.idle_j + result.carried_j, rel=1e-9, abs=1e-9
+            )
             settled_j += sum(s.energy_j for s in result.settled)
             # Attributed (settled and in flight) + idle + carried + deferred equals what the meter measured.
             assert math.isclose(_accounted(tl, settled_j), tl.measured_j, rel_tol=1e-9)
@@ -193,7 +194,9 @@ def test_estimate_prices_the_unsplit_tokens_and_settles_later() -> None:
 
 
 @pytest.mark.parametrize("true_interval_s", [0.002, 0.02, 0.2])
-def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(true_interval_s: float) -> None:
+def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(
+    true_interval_s: float,
+) -> None:
     # No stream shows the token rate, and none has been learned yet (the prior is 20 ms a token): the
     # split counts the request's decode time at that rate, so its unsplit tail must be counted the same
     # way. Pricing its true token count instead was off by the prior's error (ten times here at 2 ms a
@@ -241,7 +244,9 @@ def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(pha
     assert estimate.energy_j == pytest.approx(truth_j, rel=0.05)
 
 
-@pytest.mark.parametrize(("stream", "tokens", "replaces"), [(False, 20, True), (False, 4, False), (True, 100, False)])
+@pytest.mark.parametrize(
+    ("stream", "tokens", "replaces"), [(False, 20, True), (False, 4, False), (True, 100, False)]
+)
 def test_which_requests_replace_the_token_rate_prior(stream: bool, tokens: int, replaces: bool) -> None:
     tl = Timeline(prefill_weight=0.0, idle="separate")
     tl.reading(0.0, 0.0)
@@ -290,8 +295,12 @@ def test_calibration_solved_at_every_interval_equals_the_full_enumeration() -> N
         truth = [rng.choice([0.0, rng.random()]) for _ in range(4)]
         noise = rng.choice([0.01, 1.0, 10.0])
         for _ in range(60):
-            x = (rng.random() * 100 * (rng.random() < 0.7), rng.random() * 30, rng.random() * 100,
-                 rng.random() * 0.05)
+            x = (
+                rng.random() * 100 * (rng.random() < 0.7),
+                rng.random() * 30,
+                rng.random() * 100,
+                rng.random() * 0.05,
+            )
             calibration.add(x, sum(t * v for t, v in zip(truth, x, strict=True)) + rng.gauss(0, noise))
             calibration.intervals_with_prefill = max(calibration.intervals_with_prefill, 100)
             expected = calibration._by_enumeration()

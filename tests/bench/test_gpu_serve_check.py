@@ -22,9 +22,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_dry_run_matches_the_counter(tmp_path: Path) -> None:
     out = tmp_path / "figures.json"
-    done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_serve_check.py"), "--cpu", "--requests", "8",
-                           "--gap-s", "0.3", "--json", str(out)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=180)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "gpu_serve_check.py"),
+            "--cpu",
+            "--requests",
+            "8",
+            "--gap-s",
+            "0.3",
+            "--json",
+            str(out),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     figures = json.loads(out.read_text())
     assert figures["sources"] == ["simulated"] and figures["all_settled"]

@@ -31,7 +31,9 @@ def test_embodied_share_of_gpu_and_server_over_lifetime() -> None:
 
 
 def test_request_carbon_and_sci_per_1000_units() -> None:
-    carbon = request_carbon(energy_j=7200.0, hw_s=10.0, intensity_g_per_kwh=250.0, embodied=H100_NODE, units=500)
+    carbon = request_carbon(
+        energy_j=7200.0, hw_s=10.0, intensity_g_per_kwh=250.0, embodied=H100_NODE, units=500
+    )
     expected_m = 476_500.0 * 10.0 / (4 * 365.25 * 86400)
     assert carbon.operational_g == pytest.approx(0.5)
     assert carbon.embodied_g == pytest.approx(expected_m)
@@ -41,10 +43,25 @@ def test_request_carbon_and_sci_per_1000_units() -> None:
 
 def test_record_applies_pue_and_uses_input_tokens_for_embeddings() -> None:
     share = Share("r", energy_j=1000.0, prefill_j=200.0, decode_j=800.0, hw_s=2.0, settled=True)
-    base = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="embeddings", stream=False,
-                  started_at=0.0, prompt_tokens=2000, completion_tokens=0)
-    rec = base.with_energy(share, source="simulated", pue=1.5, intensity_g_per_kwh=360.0, grid_source="static",
-                           embodied=H100_NODE)
+    base = Record(
+        request_id="r",
+        model="m",
+        upstream="u",
+        tenant="t",
+        endpoint="embeddings",
+        stream=False,
+        started_at=0.0,
+        prompt_tokens=2000,
+        completion_tokens=0,
+    )
+    rec = base.with_energy(
+        share,
+        source="simulated",
+        pue=1.5,
+        intensity_g_per_kwh=360.0,
+        grid_source="static",
+        embodied=H100_NODE,
+    )
     assert rec.energy_j == pytest.approx(1500.0)
     assert rec.energy_prefill_j == pytest.approx(300.0)
     assert rec.carbon_operational_g == pytest.approx(1500.0 / 3.6e6 * 360.0)
@@ -53,14 +70,40 @@ def test_record_applies_pue_and_uses_input_tokens_for_embeddings() -> None:
     assert headers["X-SCER-Energy-J"] == "1500"
     assert "e" not in headers["X-SCER-Carbon-Embodied-gCO2e"].lower()
     assert "X-SCER-SCI" in headers
-    chat = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="chat", stream=False,
-                  started_at=0.0, prompt_tokens=10, completion_tokens=0)
-    assert "X-SCER-SCI" not in chat.with_energy(share, source="simulated", pue=1.0, intensity_g_per_kwh=1.0,
-                                                grid_source="static", embodied=H100_NODE).headers()
+    chat = Record(
+        request_id="r",
+        model="m",
+        upstream="u",
+        tenant="t",
+        endpoint="chat",
+        stream=False,
+        started_at=0.0,
+        prompt_tokens=10,
+        completion_tokens=0,
+    )
+    assert (
+        "X-SCER-SCI"
+        not in chat.with_energy(
+            share,
+            source="simulated",
+            pue=1.0,
+            intensity_g_per_kwh=1.0,
+            grid_source="static",
+            embodied=H100_NODE,
+        ).headers()
+    )
 
 
-@pytest.mark.parametrize(("value", "text"), [(1500.0, "1500"), (0.000123456789, "0.000123456789"),
-                                             (1.5e-9, "0.0000000015"), (0.0, "0"), (12.5, "12.5")])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (1500.0, "1500"),
+        (0.000123456789, "0.000123456789"),
+        (1.5e-9, "0.0000000015"),
+        (0.0, "0"),
+        (12.5, "12.5"),
+    ],
+)
 def test_numbers_are_plain_decimals(value: float, text: str) -> None:
     assert format_number(value) == text
 
@@ -82,8 +125,16 @@ def test_numbers_have_nine_significant_digits_at_every_magnitude() -> None:
 
 
 def test_evolve_is_dataclasses_replace() -> None:
-    record = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="chat", stream=True,
-                    started_at=1.0, flags=("a",))
+    record = Record(
+        request_id="r",
+        model="m",
+        upstream="u",
+        tenant="t",
+        endpoint="chat",
+        stream=True,
+        started_at=1.0,
+        flags=("a",),
+    )
     changes = {"ended_at": 2.5, "status": "ok", "completion_tokens": 7, "energy_j": 1.25, "flags": ("b",)}
     assert record.evolve(**changes) == dataclasses.replace(record, **changes)
     assert record.evolve() == record and record.evolve() is not record
@@ -113,24 +164,53 @@ def test_grid_table_and_override() -> None:
         (720.0, 1.0, 50.0, 10.0, "cpu-server", 100, 0.01, 2_500_000.0 * 10 / (4 * 365.25 * 86400)),
     ],
 )
-def test_sci_against_hand_computed_table(energy_j: float, pue: float, intensity: float, hw_s: float, preset: str,
-                                         tokens: int, operational_g: float, embodied_g: float) -> None:
+def test_sci_against_hand_computed_table(
+    energy_j: float,
+    pue: float,
+    intensity: float,
+    hw_s: float,
+    preset: str,
+    tokens: int,
+    operational_g: float,
+    embodied_g: float,
+) -> None:
     config = load_config(overrides={"embodied": {"preset": preset}, "carbon": {"pue": pue}})
-    embodied = Embodied(gpu_kg=config.embodied.gpu_kg, server_kg=config.embodied.server_kg,
-                        gpus_per_server=config.embodied.gpus_per_server,
-                        lifetime_years=config.embodied.lifetime_years, gpus_used=1)
+    embodied = Embodied(
+        gpu_kg=config.embodied.gpu_kg,
+        server_kg=config.embodied.server_kg,
+        gpus_per_server=config.embodied.gpus_per_server,
+        lifetime_years=config.embodied.lifetime_years,
+        gpus_used=1,
+    )
     share = Share("r", energy_j, 0.0, energy_j, hw_s, settled=True)
-    base = Record(request_id="r", model="m", upstream="u", tenant="t", endpoint="chat", stream=False,
-                  started_at=0.0, prompt_tokens=10, completion_tokens=tokens)
-    rec = base.with_energy(share, source="nvml", pue=config.carbon.pue, intensity_g_per_kwh=intensity,
-                           grid_source="static", embodied=embodied)
+    base = Record(
+        request_id="r",
+        model="m",
+        upstream="u",
+        tenant="t",
+        endpoint="chat",
+        stream=False,
+        started_at=0.0,
+        prompt_tokens=10,
+        completion_tokens=tokens,
+    )
+    rec = base.with_energy(
+        share,
+        source="nvml",
+        pue=config.carbon.pue,
+        intensity_g_per_kwh=intensity,
+        grid_source="static",
+        embodied=embodied,
+    )
     assert rec.energy_j == pytest.approx(energy_j * pue)
     assert rec.carbon_operational_g == pytest.approx(operational_g)
     assert rec.carbon_embodied_g == pytest.approx(embodied_g)
     assert rec.sci == pytest.approx((operational_g + embodied_g) * 1000 / tokens)
     as_json = rec.to_json()
     assert as_json["sci_per_request_g"] == pytest.approx(operational_g + embodied_g)
-    assert as_json["sci_per_1k_total_tokens"] == pytest.approx((operational_g + embodied_g) * 1000 / (tokens + 10))
+    assert as_json["sci_per_1k_total_tokens"] == pytest.approx(
+        (operational_g + embodied_g) * 1000 / (tokens + 10)
+    )
 
 
 def test_embodied_preset_values_can_be_overridden_key_by_key() -> None:

@@ -87,8 +87,14 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path, capsys: pytest.Cap
 
 @pytest.mark.parametrize(
     "argv",
-    [["frobnicate"], ["serve", "--bogus"], ["simulate", "--profile", "no-such"], ["simulate", "--time-scale", "0"],
-     ["demo", "--requests", "x"], []],
+    [
+        ["frobnicate"],
+        ["serve", "--bogus"],
+        ["simulate", "--profile", "no-such"],
+        ["simulate", "--time-scale", "0"],
+        ["demo", "--requests", "x"],
+        [],
+    ],
 )
 def test_cli_usage_errors_exit_2_with_one_line(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == 2
@@ -98,8 +104,11 @@ def test_cli_usage_errors_exit_2_with_one_line(argv: list[str], capsys: pytest.C
 
 
 def test_console_script_and_module_entry_points() -> None:
-    out = subprocess.run([sys.executable, "-m", "scer_proxy", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "scer_proxy", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.startswith("scer-proxy ")
-    bad = subprocess.run([sys.executable, "-m", "scer_proxy", "serve", "--meter", "nope"], capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "scer_proxy", "serve", "--meter", "nope"], capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "meter.kind" in bad.stderr and "Traceback" not in bad.stderr

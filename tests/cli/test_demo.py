@@ -8,8 +8,24 @@ import sys
 
 
 def test_demo_once_prints_the_summary_table() -> None:
-    out = subprocess.run([sys.executable, "-m", "scer_proxy", "demo", "--once", "--requests", "16",
-                          "--concurrency", "4", "--time-scale", "40"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "scer_proxy",
+            "demo",
+            "--once",
+            "--requests",
+            "16",
+            "--concurrency",
+            "4",
+            "--time-scale",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("model"))

@@ -54,17 +54,32 @@ def test_report_formats_from_the_database(db: Path, capsys: pytest.CaptureFixtur
     assert "gCO2e per 1,000 output tokens" in table and "grade" in table and "total" in table
 
 
-def test_report_bad_usage_is_one_line_exit_2(db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for argv in (["--db", str(tmp_path / "absent.db")], ["--db", str(db), "--since", "yesterday"],
-                 ["--prometheus", "prometheus:9090"]):
+def test_report_bad_usage_is_one_line_exit_2(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (
+        ["--db", str(tmp_path / "absent.db")],
+        ["--db", str(db), "--since", "yesterday"],
+        ["--prometheus", "prometheus:9090"],
+    ):
         assert main_report(parse(argv)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("scer-proxy report: ")
 
 
 def test_render_handles_an_empty_summary() -> None:
-    empty = {"window": {"start": None, "end": 1.0}, "models": [], "tenants": [],
-             "totals": {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "energy_j": None,
-                        "carbon_g": None, "sci": None}}
+    empty = {
+        "window": {"start": None, "end": 1.0},
+        "models": [],
+        "tenants": [],
+        "totals": {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "energy_j": None,
+            "carbon_g": None,
+            "sci": None,
+        },
+    }
     assert "total" in render(empty, "table")
     assert render(empty, "csv").splitlines()[1].startswith("total,0,0,0,,,")

@@ -38,14 +38,23 @@ UK_PERIOD = {"from": "2024-05-01T12:00Z", "to": "2024-05-01T12:30Z"}
 
 def uk_body(actual: Any = 149, forecast: Any = 156) -> dict[str, Any]:
     """The shape of ``GET /intensity`` (one current half-hour)."""
-    return {"data": [{**UK_PERIOD, "intensity": {"forecast": forecast, "actual": actual, "index": "moderate"}}]}
+    return {
+        "data": [{**UK_PERIOD, "intensity": {"forecast": forecast, "actual": actual, "index": "moderate"}}]
+    }
 
 
 def em_body(value: Any = 322, **extra: Any) -> dict[str, Any]:
     """The shape of Electricity Maps ``GET /v3/carbon-intensity/latest?zone=DE``."""
-    return {"zone": "DE", "carbonIntensity": value, "datetime": "2024-05-01T12:00:00.000Z",
-            "updatedAt": "2024-05-01T12:41:08.123Z", "emissionFactorType": "lifecycle", "isEstimated": False,
-            "temporalGranularity": "hourly", **extra}
+    return {
+        "zone": "DE",
+        "carbonIntensity": value,
+        "datetime": "2024-05-01T12:00:00.000Z",
+        "updatedAt": "2024-05-01T12:41:08.123Z",
+        "emissionFactorType": "lifecycle",
+        "isEstimated": False,
+        "temporalGranularity": "hourly",
+        **extra,
+    }
 
 
 class Fake:
@@ -124,7 +133,9 @@ TABLE = GridIntensity(233.4, "table:GBR", "2022")
 
 
 def source_for(provider: Provider, clock: FakeClock | None = None, **kwargs: Any) -> GridIntensitySource:
-    return GridIntensitySource(TABLE, provider, clock=clock or FakeClock(), wall_clock=lambda: 1.7e9, **kwargs)
+    return GridIntensitySource(
+        TABLE, provider, clock=clock or FakeClock(), wall_clock=lambda: 1.7e9, **kwargs
+    )
 
 
 async def fetch_once(provider: Provider) -> GridIntensity:
@@ -143,6 +154,7 @@ def carbon(provider: str, region: str = "GBR", **extra: Any) -> Any:
 
 # -- parsing: both providers, exact values and labels --------------------------------------------------
 
+
 async def test_uk_national_uses_actual_when_present(fake: Fake) -> None:
     fake.answer(uk_body(actual=149, forecast=156))
     value = await fetch_once(UkCarbonIntensity(fake.url))
@@ -157,12 +169,28 @@ async def test_uk_national_falls_back_to_forecast_while_actual_is_null(fake: Fak
 
 
 async def test_uk_regional_endpoint(fake: Fake) -> None:
-    fake.answer({"data": [{"regionid": 13, "dnoregion": "UKPN London", "shortname": "London",
-                           "data": [{**UK_PERIOD, "intensity": {"forecast": 187, "index": "moderate"},
-                                     "generationmix": [{"fuel": "gas", "perc": 40.1}]}]}]})
+    fake.answer(
+        {
+            "data": [
+                {
+                    "regionid": 13,
+                    "dnoregion": "UKPN London",
+                    "shortname": "London",
+                    "data": [
+                        {
+                            **UK_PERIOD,
+                            "intensity": {"forecast": 187, "index": "moderate"},
+                            "generationmix": [{"fuel": "gas", "perc": 40.1}],
+                        }
+                    ],
+                }
+            ]
+        }
+    )
     value = await fetch_once(UkCarbonIntensity(fake.url, region_id=13))
-    assert value == GridIntensity(187.0, "uk-carbon-intensity:region13:forecast",
-                                  "2024-05-01T12:00Z/2024-05-01T12:30Z")
+    assert value == GridIntensity(
+        187.0, "uk-carbon-intensity:region13:forecast", "2024-05-01T12:00Z/2024-05-01T12:30Z"
+    )
     assert fake.requests[0].path == "/regional/regionid/13"
 
 
@@ -189,6 +217,7 @@ async def test_electricity_maps_labels_estimates(fake: Fake) -> None:
 
 # -- configuration -------------------------------------------------------------------------------------
 
+
 def test_missing_token_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as err:
         build_provider(carbon("electricity-maps", region="FRA"), environ={})
@@ -201,16 +230,23 @@ def test_zone_defaults_from_region_where_obvious_else_required() -> None:
     assert isinstance(provider, ElectricityMaps) and provider.zone == "FR"
     with pytest.raises(ConfigError, match=r"^carbon.zone: required"):
         build_provider(carbon("electricity-maps", region="USA"), environ={TOKEN_ENV: TOKEN})
-    explicit = build_provider(carbon("electricity-maps", region="USA"), environ={TOKEN_ENV: TOKEN},
-                              zone="US-CAL-CISO")
+    explicit = build_provider(
+        carbon("electricity-maps", region="USA"), environ={TOKEN_ENV: TOKEN}, zone="US-CAL-CISO"
+    )
     assert isinstance(explicit, ElectricityMaps) and explicit.zone == "US-CAL-CISO"
     with pytest.raises(ConfigError, match=r"^carbon.zone"):
         build_provider(carbon("electricity-maps"), environ={TOKEN_ENV: TOKEN}, zone="not a zone")
 
 
 def test_build_grid_source_reads_suggested_keys_when_present() -> None:
-    config = carbon("uk-carbon-intensity", uk_region_id=13, provider_url="http://127.0.0.1:9",
-                    refresh_s=60.0, timeout_s=2.0, max_age_s=600.0)
+    config = carbon(
+        "uk-carbon-intensity",
+        uk_region_id=13,
+        provider_url="http://127.0.0.1:9",
+        refresh_s=60.0,
+        timeout_s=2.0,
+        max_age_s=600.0,
+    )
     source = build_grid_source(config, environ={})
     assert isinstance(source.provider, UkCarbonIntensity)
     assert (source.provider.base_url, source.provider.region_id) == ("http://127.0.0.1:9", 13)
@@ -223,9 +259,16 @@ async def test_static_answers_the_table_unflagged_and_starts_nothing() -> None:
     source.start()
     assert source.current() == configured_intensity(CarbonConfig(region="FRA"))
     assert source.current().flags == ()
-    assert source.describe() == {"provider": "static", "source": "table:FRA", "intensity_g_per_kwh":
-                                 source.current().intensity_g_per_kwh, "as_of": source.current().as_of,
-                                 "age_s": None, "healthy": True, "last_error": None, "fallback": False}
+    assert source.describe() == {
+        "provider": "static",
+        "source": "table:FRA",
+        "intensity_g_per_kwh": source.current().intensity_g_per_kwh,
+        "as_of": source.current().as_of,
+        "age_s": None,
+        "healthy": True,
+        "last_error": None,
+        "fallback": False,
+    }
     await source.close()
 
 
@@ -237,6 +280,7 @@ def test_grid_intensity_keeps_its_old_constructor_and_reports_age() -> None:
 
 # -- caching and refresh ------------------------------------------------------------------------------
 
+
 async def test_one_fetch_serves_many_reads_and_describe_reports_age(fake: Fake) -> None:
     fake.answer(uk_body(actual=149))
     clock = FakeClock()
@@ -247,12 +291,21 @@ async def test_one_fetch_serves_many_reads_and_describe_reports_age(fake: Fake) 
         assert fake.hits == 1
         (value,) = values
         assert (value.intensity_g_per_kwh, value.source, value.fetched_at, value.flags) == (
-            149.0, "uk-carbon-intensity:actual", 1.7e9, ())
+            149.0,
+            "uk-carbon-intensity:actual",
+            1.7e9,
+            (),
+        )
         clock.now += 90.0
         assert source.describe() == {
-            "provider": "uk-carbon-intensity", "source": "uk-carbon-intensity:actual",
-            "intensity_g_per_kwh": 149.0, "as_of": "2024-05-01T12:00Z/2024-05-01T12:30Z", "age_s": 90.0,
-            "healthy": True, "last_error": None, "fallback": False,
+            "provider": "uk-carbon-intensity",
+            "source": "uk-carbon-intensity:actual",
+            "intensity_g_per_kwh": 149.0,
+            "as_of": "2024-05-01T12:00Z/2024-05-01T12:30Z",
+            "age_s": 90.0,
+            "healthy": True,
+            "last_error": None,
+            "fallback": False,
         }
     finally:
         await source.close()
@@ -261,8 +314,9 @@ async def test_one_fetch_serves_many_reads_and_describe_reports_age(fake: Fake) 
 async def test_refresher_fetches_at_start_then_every_refresh_s(fake: Fake) -> None:
     fake.answer(uk_body(actual=149))
     sleep = StepSleep()
-    source = GridIntensitySource(TABLE, UkCarbonIntensity(fake.url), refresh_s=300.0, clock=FakeClock(),
-                                 sleep=sleep)
+    source = GridIntensitySource(
+        TABLE, UkCarbonIntensity(fake.url), refresh_s=300.0, clock=FakeClock(), sleep=sleep
+    )
     try:
         source.start()
         await until(lambda: len(sleep.calls) == 1)
@@ -282,9 +336,12 @@ async def test_refresher_fetches_at_start_then_every_refresh_s(fake: Fake) -> No
 
 # -- faults: fallback, flagged ------------------------------------------------------------------------
 
+
 def assert_fallback(source: GridIntensitySource, error: str) -> None:
     value = source.current()
-    assert value == GridIntensity(TABLE.intensity_g_per_kwh, TABLE.source, TABLE.as_of, flags=(FALLBACK_FLAG,))
+    assert value == GridIntensity(
+        TABLE.intensity_g_per_kwh, TABLE.source, TABLE.as_of, flags=(FALLBACK_FLAG,)
+    )
     described = source.describe()
     assert described["fallback"] is True and described["healthy"] is False
     assert described["source"] == "table:GBR" and described["age_s"] is None
@@ -446,6 +503,7 @@ async def test_each_distinct_error_is_logged_once(fake: Fake) -> None:
 
 # -- never on the request path ------------------------------------------------------------------------
 
+
 async def test_current_returns_at_once_while_the_first_fetch_hangs(fake: Fake) -> None:
     fake.answer(uk_body(actual=149))
     fake.hang = True
@@ -475,6 +533,7 @@ async def test_close_cancels_a_hanging_fetch(fake: Fake) -> None:
 
 
 # -- the token stays secret ---------------------------------------------------------------------------
+
 
 async def test_token_never_in_describe_logs_repr_or_errors(fake: Fake) -> None:
     provider = ElectricityMaps("DE", TOKEN, fake.url)
@@ -529,13 +588,18 @@ def _uk_proxy(servers: Any, start_proxy: Any, fake_upstream: str, body: Any, sta
     from tests.conftest import proxy_config
 
     provider_url = servers.start(lambda: _provider_app(orjson.dumps(body), status))
-    config = proxy_config(fake_upstream, meter={"kind": "estimate"},
-                          carbon={"region": "GBR", "provider": "uk-carbon-intensity", "provider_url": provider_url})
+    config = proxy_config(
+        fake_upstream,
+        meter={"kind": "estimate"},
+        carbon={"region": "GBR", "provider": "uk-carbon-intensity", "provider_url": provider_url},
+    )
     url: str = start_proxy(config=config)
     return url
 
 
-def test_proxy_applies_the_live_value_with_source_and_age(servers: Any, start_proxy: Any, fake_upstream: str) -> None:
+def test_proxy_applies_the_live_value_with_source_and_age(
+    servers: Any, start_proxy: Any, fake_upstream: str
+) -> None:
     import httpx
 
     proxy = _uk_proxy(servers, start_proxy, fake_upstream, uk_body(actual=149))
@@ -562,7 +626,10 @@ def test_proxy_falls_back_to_the_table_flagged(servers: Any, start_proxy: Any, f
     record = httpx.get(f"{proxy}/scer/requests/{resp.headers['x-scer-request-id']}").json()
     assert record["grid_source"] == "table:GBR" and record["grid_age_s"] is None
     assert "grid_fallback" in record["flags"]
-    assert record["grid_intensity_g_per_kwh"] == configured_intensity(CarbonConfig(region="GBR")).intensity_g_per_kwh
+    assert (
+        record["grid_intensity_g_per_kwh"]
+        == configured_intensity(CarbonConfig(region="GBR")).intensity_g_per_kwh
+    )
 
 
 def test_create_app_refuses_electricity_maps_without_a_token() -> None:

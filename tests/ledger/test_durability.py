@@ -28,13 +28,27 @@ MARGIN_S = 0.3  # a flush transaction's own time, scheduling on a busy 2-core ma
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[tuple[str, subprocess.Popen[bytes], Path]]:
     sim_port, proxy_port = free_port(), free_port()
-    sim = spawn_cli(["simulate", "--listen", f"127.0.0.1:{sim_port}", "--time-scale", "20"], tmp_path / "sim.log")
+    sim = spawn_cli(
+        ["simulate", "--listen", f"127.0.0.1:{sim_port}", "--time-scale", "20"], tmp_path / "sim.log"
+    )
     db = tmp_path / "scer.db"
     proxy = None
     try:
         wait_ready(f"http://127.0.0.1:{sim_port}/v1/models", sim, tmp_path / "sim.log")
-        proxy = spawn_cli(["serve", "--upstream", f"http://127.0.0.1:{sim_port}", "--meter", "simulated",
-                           "--db", str(db), "--listen", f"127.0.0.1:{proxy_port}"], tmp_path / "proxy.log")
+        proxy = spawn_cli(
+            [
+                "serve",
+                "--upstream",
+                f"http://127.0.0.1:{sim_port}",
+                "--meter",
+                "simulated",
+                "--db",
+                str(db),
+                "--listen",
+                f"127.0.0.1:{proxy_port}",
+            ],
+            tmp_path / "proxy.log",
+        )
         wait_ready(f"http://127.0.0.1:{proxy_port}/scer/health", proxy, tmp_path / "proxy.log")
         yield f"http://127.0.0.1:{proxy_port}", proxy, db
     finally:
@@ -55,9 +69,15 @@ def stored_ids(db: Path) -> set[str]:
 async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[str, float] | None:
     """POST a chat completion; the ledger id and the time its response completed, or None on failure."""
     try:
-        resp = await client.post(url + "/v1/chat/completions", json={
-            "model": "meta-llama/Llama-3.1-8B-Instruct", "max_tokens": max_tokens, "ignore_eos": True,
-            "messages": [{"role": "user", "content": "Tell me about energy."}]})
+        resp = await client.post(
+            url + "/v1/chat/completions",
+            json={
+                "model": "meta-llama/Llama-3.1-8B-Instruct",
+                "max_tokens": max_tokens,
+                "ignore_eos": True,
+                "messages": [{"role": "user", "content": "Tell me about energy."}],
+            },
+        )
     except httpx.HTTPError:
         return None
     if resp.status_code != 200:
@@ -65,7 +85,9 @@ async def one_request(client: httpx.AsyncClient, url: str, max_tokens: int) -> t
     return resp.headers["X-SCER-Request-Id"], time.time()
 
 
-async def test_sigterm_drains_in_flight_requests_and_flushes(stack: tuple[str, subprocess.Popen[bytes], Path]) -> None:
+async def test_sigterm_drains_in_flight_requests_and_flushes(
+    stack: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
     url, proxy, db = stack
     async with httpx.AsyncClient(timeout=30.0) as client:
         warm = [await one_request(client, url, 8) for _ in range(3)]
@@ -79,12 +101,18 @@ async def test_sigterm_drains_in_flight_requests_and_flushes(stack: tuple[str, s
     assert len(answered) == 19, "every in-flight request is drained, not cut"
     assert set(answered) <= stored_ids(db)
     # The serve command tuned the collector once its start-up was done (and said so).
-    lines = [json.loads(line) for line in (db.parent / "proxy.log").read_text().splitlines() if line.startswith("{")]
+    lines = [
+        json.loads(line)
+        for line in (db.parent / "proxy.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
     listening = next(line for line in lines if line.get("event") == "listening")
     assert listening["gc_young_threshold"] == 10_000 and listening["gc_frozen_objects"] > 1000
 
 
-async def test_kill_9_loses_at_most_the_last_flush_interval(stack: tuple[str, subprocess.Popen[bytes], Path]) -> None:
+async def test_kill_9_loses_at_most_the_last_flush_interval(
+    stack: tuple[str, subprocess.Popen[bytes], Path],
+) -> None:
     url, proxy, db = stack
     done: list[tuple[str, float]] = []
 
@@ -112,5 +140,7 @@ async def test_kill_9_loses_at_most_the_last_flush_interval(stack: tuple[str, su
     missing = [rid for rid in old_enough if rid not in stored]
     assert not missing, f"{len(missing)} of {len(old_enough)} records older than one flush interval were lost"
     recent_missing = [rid for rid, _ in done if rid not in stored]
-    print(f"responses {len(done)}, stored {len(stored)}, missing (all within the last interval) "
-          f"{len(recent_missing)}")
+    print(
+        f"responses {len(done)}, stored {len(stored)}, missing (all within the last interval) "
+        f"{len(recent_missing)}"
+    )

@@ -67,8 +67,14 @@ def settle(r: Record, rng: random.Random) -> Record:
     if r.energy_j is None:
         return r
     energy = r.energy_j * rng.uniform(0.8, 1.2)
-    return dataclasses.replace(r, energy_j=energy, carbon_g=energy * 0.11, carbon_operational_g=energy * 0.1,
-                               carbon_embodied_g=energy * 0.01, settled=True)
+    return dataclasses.replace(
+        r,
+        energy_j=energy,
+        carbon_g=energy * 0.11,
+        carbon_operational_g=energy * 0.1,
+        carbon_embodied_g=energy * 0.01,
+        settled=True,
+    )
 
 
 def raw_records(path: Path) -> list[Record]:
@@ -87,7 +93,9 @@ def assert_summaries_equal(got: dict, want: dict) -> None:
         else:
             assert a == b
 
-    assert got["window"]["start"] == pytest.approx(want["window"]["start"]) if want["window"]["start"] else True
+    assert (
+        got["window"]["start"] == pytest.approx(want["window"]["start"]) if want["window"]["start"] else True
+    )
     for key in want["totals"]:
         close(got["totals"][key], want["totals"][key])
     for section in ("models", "tenants"):
@@ -122,8 +130,12 @@ async def test_put_get_recent_before_and_after_flush(tmp_path: Path) -> None:
         more = [make_record(i, rng=rng) for i in range(50, 53)]
         for r in more:
             ledger.put(r)
-        assert [r.request_id for r in ledger.recent(4)] == [more[2].request_id, more[1].request_id,
-                                                            more[0].request_id, records[-1].request_id]
+        assert [r.request_id for r in ledger.recent(4)] == [
+            more[2].request_id,
+            more[1].request_id,
+            more[0].request_id,
+            records[-1].request_id,
+        ]
         assert ledger.get("scer-nope") is None
     finally:
         await ledger.close()
@@ -155,11 +167,22 @@ async def test_summary_totals_equal_the_sum_of_the_records(tmp_path: Path) -> No
                 assert await ledger.flush()
         assert ledger.pending > 0
         now = time.time()
-        for since, model, tenant in [(None, None, None), (3600.0, None, None), (86400.0 + 1234.5, None, None),
-                                     (None, "llama-8b", None), (7200.0, None, "team-x"), (None, "nope", None)]:
+        for since, model, tenant in [
+            (None, None, None),
+            (3600.0, None, None),
+            (86400.0 + 1234.5, None, None),
+            (None, "llama-8b", None),
+            (7200.0, None, "team-x"),
+            (None, "nope", None),
+        ]:
             got = await ledger.summary(since, model, tenant, now=now)
-            want = summarize(records.values(), start=None if since is None else now - since, end=now,
-                             model=model, tenant=tenant)
+            want = summarize(
+                records.values(),
+                start=None if since is None else now - since,
+                end=now,
+                model=model,
+                tenant=tenant,
+            )
             assert_summaries_equal(got, want)
         assert await ledger.flush()
         got = await ledger.summary(now=now)
@@ -181,15 +204,20 @@ async def test_migrates_a_v1_database(tmp_path: Path) -> None:
         conn.execute(statement)
     conn.execute("PRAGMA user_version = 1")
     rng = random.Random(3)
-    records = [dataclasses.replace(make_record(i, rng=rng), energy_uncertainty_rel=None, energy_gpu_j=None,
-                                   grid_age_s=None)
-               for i in range(200)]
+    records = [
+        dataclasses.replace(
+            make_record(i, rng=rng), energy_uncertainty_rel=None, energy_gpu_j=None, grid_age_s=None
+        )
+        for i in range(200)
+    ]
     v1 = [c for c in COLUMNS if c not in ("energy_uncertainty_rel", "energy_gpu_j", "grid_age_s")]
     conn.execute("BEGIN")
     for r in records:
         values = dict(zip(COLUMNS, _to_row_for_test(r), strict=True))
-        conn.execute(f"INSERT INTO requests ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})",
-                     [values[c] for c in v1])
+        conn.execute(
+            f"INSERT INTO requests ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})",
+            [values[c] for c in v1],
+        )
     conn.execute("COMMIT")
     conn.close()
     ledger = SqliteLedger(path)
@@ -231,12 +259,16 @@ async def test_newer_schema_and_bad_files_are_clear_errors(tmp_path: Path) -> No
         await SqliteLedger(tmp_path / "absent.db", read_only=True).open()
 
 
-@pytest.mark.parametrize(("fault", "undo", "message"), [
-    ("PRAGMA max_page_count = 1", "PRAGMA max_page_count = 1073741823", "database or disk is full"),
-    ("PRAGMA query_only = ON", "PRAGMA query_only = OFF", "readonly database"),
-])
+@pytest.mark.parametrize(
+    ("fault", "undo", "message"),
+    [
+        ("PRAGMA max_page_count = 1", "PRAGMA max_page_count = 1073741823", "database or disk is full"),
+        ("PRAGMA query_only = ON", "PRAGMA query_only = OFF", "readonly database"),
+    ],
+)
 async def test_full_or_read_only_database_keeps_records_and_recovers(
-        tmp_path: Path, fault: str, undo: str, message: str) -> None:
+    tmp_path: Path, fault: str, undo: str, message: str
+) -> None:
     rng = random.Random(11)
     path = tmp_path / "scer.db"
     ledger = SqliteLedger(path, flush_interval_s=0.02, max_pending=300)
@@ -261,8 +293,10 @@ async def test_full_or_read_only_database_keeps_records_and_recovers(
         summary = await ledger.summary(now=time.time())
         kept = first + batch[200:]
         assert summary["totals"] == summarize(kept, start=None, end=time.time())["totals"] | {
-            k: pytest.approx(v) for k, v in summarize(kept, start=None, end=time.time())["totals"].items()
-            if isinstance(v, float)}
+            k: pytest.approx(v)
+            for k, v in summarize(kept, start=None, end=time.time())["totals"].items()
+            if isinstance(v, float)
+        }
         await ledger.on_writer(undo)
         assert await ledger.flush()
         health = ledger.health()
@@ -279,7 +313,9 @@ async def test_retention_deletes_old_records_and_keeps_the_rollup_exact(tmp_path
     await ledger.open()
     try:
         old = [make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(1.01, 30)) for i in range(300)]
-        new = [make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(0, 0.99)) for i in range(300, 600)]
+        new = [
+            make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(0, 0.99)) for i in range(300, 600)
+        ]
         for r in old + new:
             ledger.put(r)
         assert await ledger.flush()

@@ -68,8 +68,13 @@ def test_parse_keeps_only_the_energy_metric_with_its_labels() -> None:
         "1": (2500.5, {"gpu": "1", "UUID": "GPU-bbbb", "modelName": "NVIDIA H100 80GB HBM3"}),
     }
     # Lines that are not a sample of the metric (a longer name, a bad value, no value) are skipped.
-    assert parse_energy_mj("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu=\"0\"} nan-ish\n"
-                           "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTIONX 5\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\n") == {}
+    assert (
+        parse_energy_mj(
+            'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0"} nan-ish\n'
+            "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTIONX 5\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\n"
+        )
+        == {}
+    )
 
 
 def test_select_devices_by_index_or_uuid_in_joules() -> None:
@@ -88,14 +93,20 @@ async def test_reading_sums_the_selected_gpus_and_names_them(exporter: Exporter)
         await meter.close()
     assert reading.energy_j == pytest.approx(4.0005)
     assert reading.devices_j == {"0": 1.5, "1": 2.5005}
-    assert meter.describe() == {"kind": "dcgm", "url": exporter.url,
-                                "devices": ["0: NVIDIA H100 80GB HBM3", "1: NVIDIA H100 80GB HBM3"]}
+    assert meter.describe() == {
+        "kind": "dcgm",
+        "url": exporter.url,
+        "devices": ["0: NVIDIA H100 80GB HBM3", "1: NVIDIA H100 80GB HBM3"],
+    }
 
 
-@pytest.mark.parametrize(("status", "body", "message"), [
-    (503, "busy", "answered HTTP 503"),
-    (200, "# nothing here\n", "has no DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION sample for GPUs [3]"),
-])
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (503, "busy", "answered HTTP 503"),
+        (200, "# nothing here\n", "has no DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION sample for GPUs [3]"),
+    ],
+)
 async def test_failures_are_meter_errors(exporter: Exporter, status: int, body: str, message: str) -> None:
     exporter.status, exporter.body = status, body
     meter = DcgmMeter(exporter.url, gpus=[3] if status == 200 else [])

@@ -33,8 +33,13 @@ def test_stated_uncertainty_covers_the_measurements() -> None:
     rows = [r for r in csv.DictReader(io.StringIO(text)) if r["task"] == "lm-arena-chat"]
     ratios = []
     for r in rows:
-        estimate = model.j_per_output_token(float(r["activated_params_billions"]), float(r["avg_batch_size"]),
-                                            r["gpu_model"], int(r["num_gpus"]), float(r["total_params_billions"]))
+        estimate = model.j_per_output_token(
+            float(r["activated_params_billions"]),
+            float(r["avg_batch_size"]),
+            r["gpu_model"],
+            int(r["num_gpus"]),
+            float(r["total_params_billions"]),
+        )
         ratios.append(abs(math.log(estimate / float(r["energy_per_token_joules"]))))
     within_1 = sum(x <= model.sigma_log for x in ratios) / len(ratios)
     within_2 = sum(x <= 2 * model.sigma_log for x in ratios) / len(ratios)
@@ -48,22 +53,26 @@ def test_prefill_per_token_from_first_principles() -> None:
     assert j_per_prompt_token(8.0, "B200") < j_per_prompt_token(8.0, "H100")
 
 
-@pytest.mark.parametrize(("name", "configured", "expected"), [
-    ("anything", 13.0, (13.0, "configured")),
-    ("meta-llama/Llama-3.1-8B-Instruct", 0.0, (8.0, "table")),
-    ("Llama-3.1-70B-Instruct", 0.0, (70.0, "table")),
-    ("Qwen2.5-7B-Instruct", 0.0, (7.0, "name")),
-    ("mistral-7b-v0.3", 0.0, (7.0, "name")),
-    ("tiny-llama", 0.0, (8.0, "assumed")),
-])
+@pytest.mark.parametrize(
+    ("name", "configured", "expected"),
+    [
+        ("anything", 13.0, (13.0, "configured")),
+        ("meta-llama/Llama-3.1-8B-Instruct", 0.0, (8.0, "table")),
+        ("Llama-3.1-70B-Instruct", 0.0, (70.0, "table")),
+        ("Qwen2.5-7B-Instruct", 0.0, (7.0, "name")),
+        ("mistral-7b-v0.3", 0.0, (7.0, "name")),
+        ("tiny-llama", 0.0, (8.0, "assumed")),
+    ],
+)
 def test_model_size_sources(name: str, configured: float, expected: tuple[float, str]) -> None:
     assert model_params_b(name, configured) == expected
 
 
 def test_share_is_settled_at_once_and_flags_an_assumed_size() -> None:
     meter = EstimateMeter(gpu="H100", gpus=1)
-    share, flags = meter.share("r", model="tiny-llama", prompt_tokens=100, completion_tokens=50, concurrency=4,
-                               duration_s=2.0)
+    share, flags = meter.share(
+        "r", model="tiny-llama", prompt_tokens=100, completion_tokens=50, concurrency=4, duration_s=2.0
+    )
     assert share.settled and flags == ("model_size_assumed",)
     assert share.energy_j == pytest.approx(share.prefill_j + share.decode_j)
     assert share.decode_j == pytest.approx(50 * fitted_model().j_per_output_token(8.0, 4, "H100", 1))
@@ -72,12 +81,14 @@ def test_share_is_settled_at_once_and_flags_an_assumed_size() -> None:
 
 def test_proxy_with_the_estimate_meter(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "estimate"})
-    resp = httpx.post(f"{proxy}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user",
-                                                                                        "content": "hi"}]})
+    resp = httpx.post(
+        f"{proxy}/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    )
     assert resp.headers["x-scer-energy-source"] == "estimate"
     assert float(resp.headers["x-scer-energy-j"]) > 0
-    assert float(resp.headers["x-scer-energy-uncertainty"]) == pytest.approx(fitted_model().uncertainty_rel,
-                                                                              rel=1e-6)
+    assert float(resp.headers["x-scer-energy-uncertainty"]) == pytest.approx(
+        fitted_model().uncertainty_rel, rel=1e-6
+    )
     record = httpx.get(f"{proxy}/scer/requests/{resp.headers['x-scer-request-id']}").json()
     assert record["settled"] is True and record["energy_source"] == "estimate"
     assert "model_size_assumed" in record["flags"]  # "fake-model" names no size

@@ -44,8 +44,9 @@ def _wait(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
         time.sleep(0.02)
 
 
-def test_meter_failure_and_recovery_and_counter_reset(servers: ThreadedServers,
-                                                      start_proxy: Callable[..., str]) -> None:
+def test_meter_failure_and_recovery_and_counter_reset(
+    servers: ThreadedServers, start_proxy: Callable[..., str]
+) -> None:
     sim = servers.start(lambda: create_sim_app(time_scale=20.0))
     meter = SwitchableMeter(sim)
     proxy = start_proxy(sim, meter={"kind": "simulated", "interval_ms": 20}, meters={"up": meter})

@@ -56,7 +56,9 @@ def workload(engine: Engine, step: int) -> None:
         engine.submit(f"r{len(engine.records())}", prompt_tokens=500 + 37 * step, target_tokens=40 + step)
 
 
-async def run(clock: FakeClock, engine: Engine, meter: NvmlMeter, steps: int, interval_s: float = 0.1) -> list[Any]:
+async def run(
+    clock: FakeClock, engine: Engine, meter: NvmlMeter, steps: int, interval_s: float = 0.1
+) -> list[Any]:
     readings = []
     for step in range(steps):
         workload(engine, step)
@@ -65,8 +67,9 @@ async def run(clock: FakeClock, engine: Engine, meter: NvmlMeter, steps: int, in
     return readings
 
 
-@pytest.mark.parametrize(("profile", "by_uuid"), [(ONE_GPU, False), (ONE_GPU, True), (FOUR_GPUS, False),
-                                                  (FOUR_GPUS, True)])
+@pytest.mark.parametrize(
+    ("profile", "by_uuid"), [(ONE_GPU, False), (ONE_GPU, True), (FOUR_GPUS, False), (FOUR_GPUS, True)]
+)
 async def test_joules_equal_the_engine_counter_delta(profile: str, by_uuid: bool) -> None:
     clock, engine, fake = setup(profile)
     n = fake.num_gpus
@@ -88,7 +91,12 @@ async def test_joules_equal_the_engine_counter_delta(profile: str, by_uuid: bool
     info = meter.describe()
     assert info["kind"] == "nvml" and info["method"] == "energy_counter"
     assert info["devices"][0] == f"0: NVIDIA H100 80GB HBM3 ({fake.uuids[0]})"
-    assert len(info["devices"]) == n and info["mig"] is False and info["resets"] == 0 and info["stalled"] is False
+    assert (
+        len(info["devices"]) == n
+        and info["mig"] is False
+        and info["resets"] == 0
+        and info["stalled"] is False
+    )
     assert all(b.energy_j >= a.energy_j for a, b in itertools.pairwise(readings))
     await meter.close()
     assert fake.inits == fake.shutdowns == 1
@@ -221,7 +229,9 @@ async def test_errors_become_meter_errors_naming_the_device() -> None:
     meter = meter_for(clock, fake)
     first = await meter.read()
     fake.fail_next(1, pynvml.NVML_ERROR_UNKNOWN)
-    with pytest.raises(MeterError, match=r"nvmlDeviceGetTotalEnergyConsumption for GPU 0: NVIDIA H100") as info:
+    with pytest.raises(
+        MeterError, match=r"nvmlDeviceGetTotalEnergyConsumption for GPU 0: NVIDIA H100"
+    ) as info:
         await meter.read()
     assert isinstance(info.value.__cause__, pynvml.NVMLError)
     clock.advance(0.2)
@@ -315,12 +325,15 @@ def test_whole_proxy_reports_nvml(servers: ThreadedServers, start_proxy: Callabl
 
     sim_url = servers.start(make_sim, handler_cancellation=True)
     fake = FakeNvml(captured["sim"][SIM_STATE].engine)
-    proxy = start_proxy(sim_url, meter={"kind": "simulated", "interval_ms": 20},
-                        meters={"up": NvmlMeter((0,), nvml=fake)})
+    proxy = start_proxy(
+        sim_url, meter={"kind": "simulated", "interval_ms": 20}, meters={"up": NvmlMeter((0,), nvml=fake)}
+    )
     with httpx.Client(timeout=10) as client:
         model = client.get(f"{sim_url}/v1/models").json()["data"][0]["id"]
-        response = client.post(f"{proxy}/v1/chat/completions", json={
-            "model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "Hello there"}]})
+        response = client.post(
+            f"{proxy}/v1/chat/completions",
+            json={"model": model, "max_tokens": 16, "messages": [{"role": "user", "content": "Hello there"}]},
+        )
         assert response.status_code == 200
         assert response.headers["x-scer-energy-source"] == "nvml"
         energy_j = float(response.headers["x-scer-energy-j"])
@@ -347,7 +360,9 @@ def test_the_proxy_samples_no_faster_than_the_detected_update_period(servers: An
 
     sim = servers.start(make)
     fake = FakeNvml(holder["app"][SIM_STATE].engine)  # the engine publishes every 100 ms
-    proxy = start_proxy(sim, meter={"kind": "simulated", "interval_ms": 20}, meters={"up": NvmlMeter((0,), nvml=fake)})
+    proxy = start_proxy(
+        sim, meter={"kind": "simulated", "interval_ms": 20}, meters={"up": NvmlMeter((0,), nvml=fake)}
+    )
     meter = httpx.get(f"{proxy}/scer/health").json()["meter"]["upstreams"][0]
     assert meter["kind"] == "nvml"
     assert meter["update_period_ms"] is None or meter["update_period_ms"] >= 90

@@ -55,7 +55,10 @@ async def test_sums_packages_only_by_default(tree: dict[str, Path]) -> None:
     assert reading.energy_j == pytest.approx(3.5, abs=1e-12)
     assert reading.devices_j == {"intel-rapl:0": 3.0, "intel-rapl:1": 0.5}
     info = meter.describe()
-    assert info["kind"] == "rapl" and info["devices"] == ["intel-rapl:0: package-0", "intel-rapl:1: package-1"]
+    assert info["kind"] == "rapl" and info["devices"] == [
+        "intel-rapl:0: package-0",
+        "intel-rapl:1: package-1",
+    ]
     assert info["wraps"] == 0
     await meter.close()
 
@@ -82,7 +85,9 @@ async def test_wrap_around_is_exact(tree: dict[str, Path]) -> None:
     await meter.close()
 
 
-async def test_permission_denied_is_a_clear_meter_error(tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_permission_denied_is_a_clear_meter_error(
+    tree: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     target = tree["pkg0"] / "energy_uj"
     os.chmod(target, 0o000)
     if os.geteuid() == 0:  # root reads anything: deny it the way the kernel does for others

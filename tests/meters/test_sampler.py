@@ -11,8 +11,13 @@ from scer_proxy.meters.sampler import SETTLE_BATCH, UpstreamMeter
 
 
 def _meter(got: list[str]) -> UpstreamMeter:
-    return UpstreamMeter("local", None, Timeline(prefill_weight=None, idle="separate"), interval_s=0.1,
-                         on_settled=lambda upstream, share: got.append(share.rid))
+    return UpstreamMeter(
+        "local",
+        None,
+        Timeline(prefill_weight=None, idle="separate"),
+        interval_s=0.1,
+        on_settled=lambda upstream, share: got.append(share.rid),
+    )
 
 
 SHARES = tuple(Share(f"scer-{i}", 1.0, 0.25, 0.75, 0.01, True) for i in range(5 * SETTLE_BATCH + 3))

@@ -19,8 +19,11 @@ def _open_stream(proxy: str, body: dict) -> tuple[socket.socket, bytes]:
     host, port = proxy.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
     payload = orjson.dumps(body)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+        + payload
+    )
     return sock, b""
 
 
@@ -31,21 +34,30 @@ def _wait(predicate: Callable[[], bool], seconds: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-def test_disconnect_cancels_upstream_within_one_engine_step(servers: ThreadedServers,
-                                                            start_proxy: Callable[..., str]) -> None:
+def test_disconnect_cancels_upstream_within_one_engine_step(
+    servers: ThreadedServers, start_proxy: Callable[..., str]
+) -> None:
     # Real time (time_scale 1): a decode step of the 8B profile at batch 1 lasts about 7 ms.
     sim = servers.start(lambda: create_sim_app(time_scale=1.0), handler_cancellation=True)
     proxy = start_proxy(sim, meter={"kind": "simulated", "interval_ms": 20})
     model = httpx.get(f"{sim}/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": "go on"}], "max_tokens": 2000,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": 2000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     sock, _ = _open_stream(proxy, body)
     received = b""
     while received.count(b"data: {") < 20:
         received += sock.recv(65536)
     head, _, stream = received.partition(b"\r\n\r\n")
-    rid = next(line.split(b": ", 1)[1].decode() for line in head.split(b"\r\n")
-               if line.lower().startswith(b"x-scer-request-id"))
+    rid = next(
+        line.split(b": ", 1)[1].decode()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"x-scer-request-id")
+    )
     first = next(json.loads(line[6:]) for line in stream.split(b"\n") if line.startswith(b"data: {"))
     completion_id = first["id"]
     sock.close()  # the client goes away mid-stream
@@ -68,13 +80,18 @@ def test_disconnect_cancels_upstream_within_one_engine_step(servers: ThreadedSer
     assert record["energy_j"] is not None and record["energy_j"] > 0
 
 
-def test_non_streamed_client_that_gives_up_cancels_the_upstream(servers: ThreadedServers,
-                                                                start_proxy: Callable[..., str]) -> None:
+def test_non_streamed_client_that_gives_up_cancels_the_upstream(
+    servers: ThreadedServers, start_proxy: Callable[..., str]
+) -> None:
     sim = servers.start(lambda: create_sim_app(time_scale=1.0), handler_cancellation=True)
     proxy = start_proxy(sim, meter={"kind": "simulated", "interval_ms": 20})
     model = httpx.get(f"{sim}/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": "long"}], "max_tokens": 3000,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "long"}],
+        "max_tokens": 3000,
+        "ignore_eos": True,
+    }
     try:
         httpx.post(f"{proxy}/v1/chat/completions", json=body, timeout=0.3)
     except httpx.ReadTimeout:

@@ -46,8 +46,9 @@ def test_responses_api_non_streamed_and_streamed(fake_upstream: str, start_proxy
     assert b": scer" not in streamed.content
 
 
-def test_missing_usage_is_counted_with_the_upstreams_tokenize(fake_upstream: str, start_proxy: Callable[..., str],
-                                                              servers: ThreadedServers) -> None:
+def test_missing_usage_is_counted_with_the_upstreams_tokenize(
+    fake_upstream: str, start_proxy: Callable[..., str], servers: ThreadedServers
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     resp = httpx.post(f"{proxy}/v1/chat/completions", json=CHAT, headers={"X-Fake-Scenario": "no-usage"})
     assert resp.headers["x-scer-token-source"] == "tokenizer"
@@ -55,33 +56,48 @@ def test_missing_usage_is_counted_with_the_upstreams_tokenize(fake_upstream: str
     assert resp.headers["x-scer-completion-tokens"] == "5"
     assert resp.headers["x-scer-prompt-tokens"] == str(count_prompt("chat", CHAT))
     assert any(r["path"] == "/tokenize" for r in servers._runners[0].app[RECEIVED])
-    streamed = httpx.post(f"{proxy}/v1/chat/completions", json={**CHAT, "stream": True},
-                          headers={"X-Fake-Scenario": "no-stream-usage"})
+    streamed = httpx.post(
+        f"{proxy}/v1/chat/completions",
+        json={**CHAT, "stream": True},
+        headers={"X-Fake-Scenario": "no-stream-usage"},
+    )
     comment = orjson.loads(next(x for x in streamed.text.splitlines() if x.startswith(": scer "))[7:])
     assert comment["token_source"] == "tokenizer" and comment["completion_tokens"] == 5
 
 
 @pytest.mark.parametrize("tokenize_endpoint", [True, False])
-def test_stream_without_usage_is_counted_exactly(servers: ThreadedServers, start_proxy: Callable[..., str],
-                                                 tokenize_endpoint: bool) -> None:
+def test_stream_without_usage_is_counted_exactly(
+    servers: ThreadedServers, start_proxy: Callable[..., str], tokenize_endpoint: bool
+) -> None:
     # A server that never sends usage on streams (llama-cpp-python's behaviour), with and without /tokenize.
-    sim = servers.start(lambda: create_sim_app(time_scale=50.0, usage_on_streams=False,
-                                               tokenize_endpoint=tokenize_endpoint))
+    sim = servers.start(
+        lambda: create_sim_app(time_scale=50.0, usage_on_streams=False, tokenize_endpoint=tokenize_endpoint)
+    )
     proxy = start_proxy(sim, meter={"kind": "simulated"})
     model = httpx.get(f"{sim}/v1/models").json()["data"][0]["id"]
-    body = {"model": model, "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 25, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": "tell me"}],
+        "max_tokens": 25,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     resp = httpx.post(f"{proxy}/v1/chat/completions", json=body)
     lines = resp.text.splitlines()
-    text = "".join(orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
-                   for line in lines if line.startswith("data: {"))
+    text = "".join(
+        orjson.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+        for line in lines
+        if line.startswith("data: {")
+    )
     comment = orjson.loads(next(line for line in lines if line.startswith(": scer "))[7:])
     assert comment["token_source"] == "tokenizer"
     assert comment["completion_tokens"] == count_text(text)
     assert comment["prompt_tokens"] == count_prompt("chat", body)
 
 
-def test_simulator_faults_pass_through_unchanged(servers: ThreadedServers, start_proxy: Callable[..., str]) -> None:
+def test_simulator_faults_pass_through_unchanged(
+    servers: ThreadedServers, start_proxy: Callable[..., str]
+) -> None:
     sim = servers.start(lambda: create_sim_app(time_scale=50.0))
     proxy = start_proxy(sim, meter={"kind": "simulated"})
     model = httpx.get(f"{sim}/v1/models").json()["data"][0]["id"]
@@ -104,14 +120,24 @@ def _ollama_like() -> web.Application:
         asked = (body.get("stream_options") or {}).get("include_usage") is True
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "system_fingerprint": "fp"}
+        base = {
+            "id": "cmpl-1",
+            "object": "text_completion",
+            "created": 1,
+            "model": "m",
+            "system_fingerprint": "fp",
+        }
         for text, reason in [("A", None), (" b", None), (" c", None), ("", "stop")]:
             chunk: dict = {**base, "choices": [{"text": text, "index": 0, "finish_reason": reason}]}
             if asked:
                 chunk["usage"] = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
             await resp.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
         if asked:
-            final = {**base, "choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+            final = {
+                **base,
+                "choices": [],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+            }
             await resp.write(b"data: " + orjson.dumps(final) + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         return resp
@@ -123,7 +149,8 @@ def _ollama_like() -> web.Application:
 
 @pytest.mark.parametrize("asked", [True, False])
 def test_placeholder_usage_on_content_chunks_is_not_the_final_usage(
-        servers: ThreadedServers, start_proxy: Callable[..., str], asked: bool) -> None:
+    servers: ThreadedServers, start_proxy: Callable[..., str], asked: bool
+) -> None:
     proxy = start_proxy(servers.start(_ollama_like), meter={"kind": "auto"})
     body: dict = {"model": "m", "prompt": "x", "stream": True}
     if asked:
@@ -134,10 +161,18 @@ def test_placeholder_usage_on_content_chunks_is_not_the_final_usage(
     chunks = [orjson.loads(line[6:]) for line in resp.content.splitlines() if line.startswith(b"data: {")]
     assert [c["choices"][0]["text"] for c in chunks if c["choices"]] == ["A", " b", " c", ""]
     if asked:
-        scer = [c["usage"]["scer"] for c in chunks if isinstance(c.get("usage"), dict) and "scer" in c["usage"]]
+        scer = [
+            c["usage"]["scer"] for c in chunks if isinstance(c.get("usage"), dict) and "scer" in c["usage"]
+        ]
         assert len(scer) == 1 and scer[0]["completion_tokens"] == 3
         # The placeholder usage passes as the server sent it.
-        assert sum(1 for c in chunks if c.get("usage") == {"prompt_tokens": 0, "completion_tokens": 0,
-                                                             "total_tokens": 0}) == 4
+        assert (
+            sum(
+                1
+                for c in chunks
+                if c.get("usage") == {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+            )
+            == 4
+        )
     else:
         assert all("usage" not in c for c in chunks)

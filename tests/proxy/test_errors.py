@@ -45,12 +45,17 @@ def test_upstream_refused_is_502(start_proxy: Callable[..., str]) -> None:
 
 
 def test_upstream_timeout_is_504(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    config = dataclasses.replace(proxy_config(fake_upstream, meter={"kind": "auto"}),
-                                 upstreams=(UpstreamConfig(name="up", url=fake_upstream, timeout_s=0.3),))
+    config = dataclasses.replace(
+        proxy_config(fake_upstream, meter={"kind": "auto"}),
+        upstreams=(UpstreamConfig(name="up", url=fake_upstream, timeout_s=0.3),),
+    )
     proxy = start_proxy(config=config)
     with httpx.Client(timeout=10) as client:
-        resp = client.post(f"{proxy}/v1/chat/completions", json=CHAT,
-                           headers={"X-Fake-Scenario": "slow", "X-Fake-Delay": "2"})
+        resp = client.post(
+            f"{proxy}/v1/chat/completions",
+            json=CHAT,
+            headers={"X-Fake-Scenario": "slow", "X-Fake-Delay": "2"},
+        )
         _assert_openai_error(resp, 504, "upstream_timeout")
         assert client.post(f"{proxy}/v1/chat/completions", json=CHAT).status_code == 200
 
@@ -64,23 +69,30 @@ def test_upstream_dropping_the_connection_is_502(fake_upstream: str, start_proxy
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_body_over_the_limit_is_413(fake_upstream: str, start_proxy: Callable[..., str], chunked: bool) -> None:
+def test_body_over_the_limit_is_413(
+    fake_upstream: str, start_proxy: Callable[..., str], chunked: bool
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"}, server={"max_body_bytes": 1000})
     big = orjson.dumps({**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
     with httpx.Client() as client:
         content = iter([big[:500], big[500:]]) if chunked else big
-        resp = client.post(f"{proxy}/v1/chat/completions", content=content,
-                           headers={"Content-Type": "application/json"})
+        resp = client.post(
+            f"{proxy}/v1/chat/completions", content=content, headers={"Content-Type": "application/json"}
+        )
         _assert_openai_error(resp, 413, "request_too_large")
         assert client.post(f"{proxy}/v1/chat/completions", json=CHAT).status_code == 200
 
 
 def test_no_upstream_for_the_model_is_404(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
-    config = dataclasses.replace(proxy_config(fake_upstream, meter={"kind": "auto"}),
-                                 upstreams=(UpstreamConfig(name="only-llama", url=fake_upstream, models=("llama-*",)),))
+    config = dataclasses.replace(
+        proxy_config(fake_upstream, meter={"kind": "auto"}),
+        upstreams=(UpstreamConfig(name="only-llama", url=fake_upstream, models=("llama-*",)),),
+    )
     proxy = start_proxy(config=config)
     with httpx.Client() as client:
-        error = _assert_openai_error(client.post(f"{proxy}/v1/chat/completions", json=CHAT), 404, "model_not_found")
+        error = _assert_openai_error(
+            client.post(f"{proxy}/v1/chat/completions", json=CHAT), 404, "model_not_found"
+        )
         assert MODEL in error["message"]
         _healthy(proxy, client)
 
@@ -89,13 +101,21 @@ def test_routing_by_model_is_remembered_within_a_bound(fake_upstream: str) -> No
     # Any client can name any model: the handler remembers each model's upstream, in a map kept bounded.
     from scer_proxy.proxy.handler import ProxyHandler
 
-    config = dataclasses.replace(proxy_config(fake_upstream, meter={"kind": "auto"}), upstreams=(
-        UpstreamConfig(name="llama", url=fake_upstream, models=("llama-*",)),
-        UpstreamConfig(name="rest", url=fake_upstream, models=("qwen-*", "mistral")),
-    ))
+    config = dataclasses.replace(
+        proxy_config(fake_upstream, meter={"kind": "auto"}),
+        upstreams=(
+            UpstreamConfig(name="llama", url=fake_upstream, models=("llama-*",)),
+            UpstreamConfig(name="rest", url=fake_upstream, models=("qwen-*", "mistral")),
+        ),
+    )
     handler = ProxyHandler(config, upstreams=None, accounting=None)  # type: ignore[arg-type]
     for i in range(10_000):
-        for model, expected in ((f"llama-{i}", "llama"), (f"qwen-{i}", "rest"), (f"gpt-{i}", None), ("mistral", "rest")):
+        for model, expected in (
+            (f"llama-{i}", "llama"),
+            (f"qwen-{i}", "rest"),
+            (f"gpt-{i}", None),
+            ("mistral", "rest"),
+        ):
             upstream = handler._upstream_for(model)
             assert (upstream.name if upstream is not None else None) == expected, model
         assert len(handler._routes) <= 4096
@@ -105,19 +125,27 @@ def test_routing_by_model_is_remembered_within_a_bound(fake_upstream: str) -> No
 def test_malformed_body_is_forwarded_untouched(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
-        direct = client.post(f"{fake_upstream}/v1/chat/completions", content=b"{oops",
-                             headers={"Content-Type": "application/json"})
-        via = client.post(f"{proxy}/v1/chat/completions", content=b"{oops",
-                          headers={"Content-Type": "application/json"})
+        direct = client.post(
+            f"{fake_upstream}/v1/chat/completions",
+            content=b"{oops",
+            headers={"Content-Type": "application/json"},
+        )
+        via = client.post(
+            f"{proxy}/v1/chat/completions", content=b"{oops", headers={"Content-Type": "application/json"}
+        )
         assert via.status_code == direct.status_code == 400
         assert via.content == direct.content
         _healthy(proxy, client)
 
 
-def test_upstream_error_passes_through_with_request_id(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
+def test_upstream_error_passes_through_with_request_id(
+    fake_upstream: str, start_proxy: Callable[..., str]
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     with httpx.Client() as client:
-        resp = client.post(f"{proxy}/v1/chat/completions", json=CHAT, headers={"X-Fake-Scenario": "upstream-400"})
+        resp = client.post(
+            f"{proxy}/v1/chat/completions", json=CHAT, headers={"X-Fake-Scenario": "upstream-400"}
+        )
         assert resp.status_code == 400
         assert resp.json()["error"]["type"] == "exceed_context_size_error"
         rid = resp.headers["x-scer-request-id"]
@@ -135,7 +163,9 @@ def test_unknown_proxy_path_and_bad_query(fake_upstream: str, start_proxy: Calla
         _healthy(proxy, client)
 
 
-def test_admin_token_gates_scer_and_metrics_but_not_v1(fake_upstream: str, start_proxy: Callable[..., str]) -> None:
+def test_admin_token_gates_scer_and_metrics_but_not_v1(
+    fake_upstream: str, start_proxy: Callable[..., str]
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"}, server={"admin_token": "s3cret"})
     with httpx.Client() as client:
         assert client.post(f"{proxy}/v1/chat/completions", json=CHAT).status_code == 200

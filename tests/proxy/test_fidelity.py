@@ -34,8 +34,9 @@ def _scer_free(headers: httpx.Headers) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("scenario", ["", "gzip"])
-def test_non_streamed_body_and_headers_equal_direct(fake_upstream: str, start_proxy: Callable[..., str],
-                                                    scenario: str) -> None:
+def test_non_streamed_body_and_headers_equal_direct(
+    fake_upstream: str, start_proxy: Callable[..., str], scenario: str
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     headers = {"X-Fake-Scenario": scenario, "Accept-Encoding": "gzip"}
     with httpx.Client() as client:
@@ -51,13 +52,16 @@ def test_non_streamed_body_and_headers_equal_direct(fake_upstream: str, start_pr
     if scenario == "gzip":
         assert via.headers["content-encoding"] == "gzip"
         raw = _raw_get(proxy, "/v1/chat/completions", orjson.dumps(CHAT), headers)
-        assert gzip.compress(CHAT_BODY)[10:] in raw  # the compressed payload passes untouched (gzip header aside)
+        assert (
+            gzip.compress(CHAT_BODY)[10:] in raw
+        )  # the compressed payload passes untouched (gzip header aside)
 
 
 @pytest.mark.parametrize("scenario", ["", "crlf", "split"])
 @pytest.mark.parametrize("asked", [True, False])
-def test_stream_bytes_equal_direct_except_additions(fake_upstream: str, start_proxy: Callable[..., str],
-                                                    scenario: str, asked: bool) -> None:
+def test_stream_bytes_equal_direct_except_additions(
+    fake_upstream: str, start_proxy: Callable[..., str], scenario: str, asked: bool
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {**CHAT, "stream": True, **({"stream_options": {"include_usage": True}} if asked else {})}
     headers = {"X-Fake-Scenario": scenario}
@@ -87,16 +91,19 @@ def test_stream_bytes_equal_direct_except_additions(fake_upstream: str, start_pr
         assert without == direct_events
         assert via_events.index(comments[0]) == len(via_events) - 2
         assert via_events[-1] == b"data: [DONE]"
-        figures = orjson.loads(comments[0][len(b": scer "):])
+        figures = orjson.loads(comments[0][len(b": scer ") :])
         assert figures["completion_tokens"] == 6 and figures["token_source"] == "upstream"
 
 
 def test_usage_in_finish_chunk_is_removed_for_clients_that_did_not_ask(
-        fake_upstream: str, start_proxy: Callable[..., str]) -> None:
+    fake_upstream: str, start_proxy: Callable[..., str]
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {"model": MODEL, "prompt": "x", "stream": True}
     with httpx.Client() as client:
-        via = client.post(f"{proxy}/v1/completions", json=body, headers={"X-Fake-Scenario": "llamacpp-completions"})
+        via = client.post(
+            f"{proxy}/v1/completions", json=body, headers={"X-Fake-Scenario": "llamacpp-completions"}
+        )
     data = [orjson.loads(line[6:]) for line in via.text.splitlines() if line.startswith("data: {")]
     assert data and all("usage" not in c for c in data)
     assert data[-1]["choices"][0]["finish_reason"] == "length"
@@ -104,15 +111,23 @@ def test_usage_in_finish_chunk_is_removed_for_clients_that_did_not_ask(
     assert orjson.loads(comment[0][7:])["completion_tokens"] == 3
 
 
-def test_request_forwarded_unchanged_except_hop_by_hop(fake_upstream: str, start_proxy: Callable[..., str],
-                                                       servers) -> None:  # type: ignore[no-untyped-def]
+def test_request_forwarded_unchanged_except_hop_by_hop(
+    fake_upstream: str, start_proxy: Callable[..., str], servers
+) -> None:  # type: ignore[no-untyped-def]
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     payload = bytes(range(256)) * 1000
     with httpx.Client() as client:
-        resp = client.put(f"{proxy}/v1/echo/a/b?x=1&y=%20z", content=payload,
-                          headers={"Authorization": "Bearer sk-secret", "X-Custom": "v",
-                                   "Connection": "keep-alive, X-Drop-Me", "X-Drop-Me": "1",
-                                   "Proxy-Authorization": "Basic abc"})
+        resp = client.put(
+            f"{proxy}/v1/echo/a/b?x=1&y=%20z",
+            content=payload,
+            headers={
+                "Authorization": "Bearer sk-secret",
+                "X-Custom": "v",
+                "Connection": "keep-alive, X-Drop-Me",
+                "X-Drop-Me": "1",
+                "Proxy-Authorization": "Basic abc",
+            },
+        )
     assert resp.status_code == 201
     assert resp.content == payload
     assert resp.headers["x-echo-method"] == "PUT"
@@ -133,8 +148,9 @@ def _received(servers) -> list[dict]:  # type: ignore[no-untyped-def]
     return runner.app[RECEIVED]
 
 
-def test_stream_request_asks_upstream_for_usage(fake_upstream: str, start_proxy: Callable[..., str],
-                                                servers) -> None:  # type: ignore[no-untyped-def]
+def test_stream_request_asks_upstream_for_usage(
+    fake_upstream: str, start_proxy: Callable[..., str], servers
+) -> None:  # type: ignore[no-untyped-def]
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {**CHAT, "stream": True, "stream_options": {"something": 1}}
     with httpx.Client() as client:
@@ -157,12 +173,17 @@ def test_keep_alive_both_ways(fake_upstream: str, start_proxy: Callable[..., str
     assert len(ports) == 1  # one client connection reused for all five requests
 
 
-def test_stream_events_reach_the_client_before_the_upstream_finishes(fake_upstream: str,
-                                                                     start_proxy: Callable[..., str]) -> None:
+def test_stream_events_reach_the_client_before_the_upstream_finishes(
+    fake_upstream: str, start_proxy: Callable[..., str]
+) -> None:
     proxy = start_proxy(fake_upstream, meter={"kind": "auto"})
     body = {**CHAT, "stream": True}
-    with httpx.Client(timeout=10) as client, client.stream(
-            "POST", f"{proxy}/v1/chat/completions", json=body, headers={"X-Fake-Scenario": "hold"}) as resp:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", f"{proxy}/v1/chat/completions", json=body, headers={"X-Fake-Scenario": "hold"}
+        ) as resp,
+    ):
         lines = resp.iter_lines()
         first = next(line for line in lines if line.startswith("data: "))
         # The upstream is still holding the rest of its stream: the first event was not buffered.

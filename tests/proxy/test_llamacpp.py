@@ -90,7 +90,7 @@ def _sse_data(raw: bytes) -> list[dict[str, Any]]:
 def _scer_comment(raw: bytes) -> dict[str, Any]:
     lines = [line for line in raw.splitlines() if line.startswith(b": scer ")]
     assert len(lines) == 1, raw[-500:]
-    figures: dict[str, Any] = orjson.loads(lines[0][len(b": scer "):])
+    figures: dict[str, Any] = orjson.loads(lines[0][len(b": scer ") :])
     return figures
 
 
@@ -99,7 +99,9 @@ def _text(chunks: list[dict[str, Any]]) -> str:
     for chunk in chunks:
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta")
-            out.append((delta.get("content") or "") if isinstance(delta, dict) else (choice.get("text") or ""))
+            out.append(
+                (delta.get("content") or "") if isinstance(delta, dict) else (choice.get("text") or "")
+            )
     return "".join(out)
 
 
@@ -117,12 +119,18 @@ def _without(chunk: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 # --- non-streamed -----------------------------------------------------------------------------------
 
-def test_chat_non_streamed_token_headers_equal_llamacpp_usage(clients: tuple[openai.OpenAI, openai.OpenAI],
-                                                              proxy: str) -> None:
+
+def test_chat_non_streamed_token_headers_equal_llamacpp_usage(
+    clients: tuple[openai.OpenAI, openai.OpenAI], proxy: str
+) -> None:
     direct, via = clients
     d = direct.chat.completions.create(model=ALIAS, messages=MSGS, max_tokens=24, **GREEDY)  # type: ignore[arg-type]
-    raw = via.chat.completions.with_raw_response.create(model=ALIAS, messages=MSGS, max_tokens=24,  # type: ignore[arg-type]
-                                                        **GREEDY)
+    raw = via.chat.completions.with_raw_response.create(
+        model=ALIAS,
+        messages=MSGS,
+        max_tokens=24,  # type: ignore[arg-type]
+        **GREEDY,
+    )
     v = raw.parse()
     assert v.choices[0].message.content == d.choices[0].message.content
     assert v.choices[0].finish_reason == "length"  # the biased model never stops early
@@ -141,7 +149,8 @@ def test_chat_non_streamed_token_headers_equal_llamacpp_usage(clients: tuple[ope
 
 
 def test_completions_non_streamed_token_headers_equal_llamacpp_usage(
-        clients: tuple[openai.OpenAI, openai.OpenAI], llama: LlamaServer) -> None:
+    clients: tuple[openai.OpenAI, openai.OpenAI], llama: LlamaServer
+) -> None:
     direct, via = clients
     d = direct.completions.create(model=ALIAS, prompt=PROMPT, max_tokens=16, **GREEDY)
     raw = via.completions.with_raw_response.create(model=ALIAS, prompt=PROMPT, max_tokens=16, **GREEDY)
@@ -158,15 +167,24 @@ def test_completions_non_streamed_token_headers_equal_llamacpp_usage(
 
 # --- streamed ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])
-def test_chat_stream_with_openai_client(clients: tuple[openai.OpenAI, openai.OpenAI], proxy: str,
-                                        include_usage: bool) -> None:
+def test_chat_stream_with_openai_client(
+    clients: tuple[openai.OpenAI, openai.OpenAI], proxy: str, include_usage: bool
+) -> None:
     direct, via = clients
     options: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
-    d_chunks = cast(list[ChatCompletionChunk], list(direct.chat.completions.create(
-        model=ALIAS, messages=MSGS, max_tokens=20, stream=True, **GREEDY, **options)))  # type: ignore[arg-type]
+    d_chunks = cast(
+        list[ChatCompletionChunk],
+        list(
+            direct.chat.completions.create(
+                model=ALIAS, messages=MSGS, max_tokens=20, stream=True, **GREEDY, **options
+            )
+        ),
+    )  # type: ignore[arg-type]
     with via.chat.completions.with_streaming_response.create(
-            model=ALIAS, messages=MSGS, max_tokens=20, stream=True, **GREEDY, **options) as resp:  # type: ignore[arg-type]
+        model=ALIAS, messages=MSGS, max_tokens=20, stream=True, **GREEDY, **options
+    ) as resp:  # type: ignore[arg-type]
         rid = resp.headers["x-scer-request-id"]
         assert resp.headers["x-scer-model"] == ALIAS
         v_chunks = cast(list[ChatCompletionChunk], list(resp.parse()))
@@ -182,7 +200,10 @@ def test_chat_stream_with_openai_client(clients: tuple[openai.OpenAI, openai.Ope
         assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
         usage = usage_chunks[0].usage
         assert usage is not None
-        assert (usage.prompt_tokens, usage.completion_tokens) == (d_usage.prompt_tokens, d_usage.completion_tokens)
+        assert (usage.prompt_tokens, usage.completion_tokens) == (
+            d_usage.prompt_tokens,
+            d_usage.completion_tokens,
+        )
         scer = usage.model_extra["scer"]  # type: ignore[index]
         assert scer["request_id"] == rid and scer["token_source"] == "upstream"
         assert scer["completion_tokens"] == 20 and scer["energy_source"] == "estimate"
@@ -192,14 +213,22 @@ def test_chat_stream_with_openai_client(clients: tuple[openai.OpenAI, openai.Ope
 
 
 @pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])
-def test_completions_stream_with_openai_client(clients: tuple[openai.OpenAI, openai.OpenAI], proxy: str,
-                                               include_usage: bool) -> None:
+def test_completions_stream_with_openai_client(
+    clients: tuple[openai.OpenAI, openai.OpenAI], proxy: str, include_usage: bool
+) -> None:
     direct, via = clients
     options: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
-    d_chunks = cast(list[Completion], list(direct.completions.create(
-        model=ALIAS, prompt=PROMPT, max_tokens=20, stream=True, **GREEDY, **options)))
-    with via.completions.with_streaming_response.create(model=ALIAS, prompt=PROMPT, max_tokens=20, stream=True,
-                                                        **GREEDY, **options) as resp:
+    d_chunks = cast(
+        list[Completion],
+        list(
+            direct.completions.create(
+                model=ALIAS, prompt=PROMPT, max_tokens=20, stream=True, **GREEDY, **options
+            )
+        ),
+    )
+    with via.completions.with_streaming_response.create(
+        model=ALIAS, prompt=PROMPT, max_tokens=20, stream=True, **GREEDY, **options
+    ) as resp:
         rid = resp.headers["x-scer-request-id"]
         v_chunks = cast(list[Completion], list(resp.parse()))
     assert _completion_text(v_chunks) == _completion_text(d_chunks) and _completion_text(v_chunks)
@@ -207,7 +236,9 @@ def test_completions_stream_with_openai_client(clients: tuple[openai.OpenAI, ope
     d_usage = [c for c in d_chunks if c.usage is not None]
     assert len(d_usage) == 1 and d_usage[0].choices and d_usage[0].choices[0].finish_reason == "length"
     v_usage = [c for c in v_chunks if c.usage is not None]
-    assert [c.choices[0].finish_reason for c in v_chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert [c.choices[0].finish_reason for c in v_chunks if c.choices and c.choices[0].finish_reason] == [
+        "length"
+    ]
     record = _record(proxy, rid)
     assert record["completion_tokens"] == 20 and record["token_source"] == "upstream"
     if include_usage:
@@ -221,7 +252,8 @@ def test_completions_stream_with_openai_client(clients: tuple[openai.OpenAI, ope
 
 
 def test_completions_stream_usage_in_finish_chunk_is_removed_for_clients_that_did_not_ask(
-        llama: LlamaServer, proxy: str) -> None:
+    llama: LlamaServer, proxy: str
+) -> None:
     """On the wire: llama-server puts usage in the finish chunk unasked; the proxy's client sees none."""
     body = {"model": ALIAS, "prompt": PROMPT, "max_tokens": 12, "stream": True, **GREEDY}
     direct = httpx.post(f"{llama.url}/v1/completions", json=body, timeout=30)
@@ -238,7 +270,8 @@ def test_completions_stream_usage_in_finish_chunk_is_removed_for_clients_that_di
     # differ between two runs (clock, id, timings) are compared by key only.
     assert set(via_chunks[-1]) == set(direct_chunks[-1]) - {"usage"}
     assert _without(via_chunks[-1], "usage", "created", "id", "timings") == _without(
-        direct_chunks[-1], "usage", "created", "id", "timings")
+        direct_chunks[-1], "usage", "created", "id", "timings"
+    )
     assert via.content.rstrip().endswith(b"data: [DONE]")
     figures = _scer_comment(via.content)
     assert figures["completion_tokens"] == 12 and figures["token_source"] == "upstream"
@@ -258,7 +291,8 @@ def test_chat_stream_raw_wire_without_usage(llama: LlamaServer, proxy: str) -> N
 
 
 def test_chat_stream_finish_chunk_keeps_llamacpp_timings_for_clients_that_did_not_ask(
-        llama: LlamaServer, proxy: str) -> None:
+    llama: LlamaServer, proxy: str
+) -> None:
     body = {"model": ALIAS, "messages": MSGS, "max_tokens": 6, "stream": True, **GREEDY}
     direct = _sse_data(httpx.post(f"{llama.url}/v1/chat/completions", json=body, timeout=30).content)
     assert direct[-1]["choices"][0]["finish_reason"] == "length" and "timings" in direct[-1]
@@ -289,9 +323,12 @@ def _usage_stripping_relay(upstream: str) -> web.Application:
         parsed = orjson.loads(body) if body else {}
         if isinstance(parsed, dict):
             parsed.pop("stream_options", None)  # never asked for usage: this server does not know it
-        async with request.app[SESSION].request(request.method, upstream + request.path_qs,
-                                                data=orjson.dumps(parsed) if body else None,
-                                                headers={"Content-Type": "application/json"}) as resp:
+        async with request.app[SESSION].request(
+            request.method,
+            upstream + request.path_qs,
+            data=orjson.dumps(parsed) if body else None,
+            headers={"Content-Type": "application/json"},
+        ) as resp:
             if resp.headers.get("Content-Type", "").startswith("text/event-stream"):
                 out = web.StreamResponse(status=resp.status, headers={"Content-Type": "text/event-stream"})
                 await out.prepare(request)
@@ -318,9 +355,9 @@ def _usage_stripping_relay(upstream: str) -> web.Application:
     return app
 
 
-
-def test_tokenize_counts_completion_when_usage_is_absent(llama: LlamaServer, servers: ThreadedServers,
-                                                         start_proxy: Callable[..., str]) -> None:
+def test_tokenize_counts_completion_when_usage_is_absent(
+    llama: LlamaServer, servers: ThreadedServers, start_proxy: Callable[..., str]
+) -> None:
     relay_url = servers.start(lambda: _usage_stripping_relay(llama.url))
     relay_app = servers._runners[-1].app
     proxy = start_proxy(relay_url, meter={"kind": METER})
@@ -353,6 +390,7 @@ def test_tokenize_counts_completion_when_usage_is_absent(llama: LlamaServer, ser
 
 # --- errors -----------------------------------------------------------------------------------------
 
+
 def _overflowing_prompt(llama: LlamaServer) -> str:
     # Byte-level vocabulary: digits and punctuation are one token each, well over one slot's context.
     prompt = "0,1;2.3:4!5?6-7+8=9 " * 160
@@ -362,8 +400,12 @@ def _overflowing_prompt(llama: LlamaServer) -> str:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 def test_context_overflow_error_passes_through_intact(llama: LlamaServer, proxy: str, stream: bool) -> None:
-    body = {"model": ALIAS, "messages": [{"role": "user", "content": _overflowing_prompt(llama)}],
-            "max_tokens": 8, "stream": stream}
+    body = {
+        "model": ALIAS,
+        "messages": [{"role": "user", "content": _overflowing_prompt(llama)}],
+        "max_tokens": 8,
+        "stream": stream,
+    }
     direct = httpx.post(f"{llama.url}/v1/chat/completions", json=body, timeout=30)
     via = httpx.post(f"{proxy}/v1/chat/completions", json=body, timeout=30)
     assert direct.status_code == 400
@@ -377,8 +419,9 @@ def test_context_overflow_error_passes_through_intact(llama: LlamaServer, proxy:
     assert record["completion_tokens"] == 0
 
 
-def test_context_overflow_error_reaches_the_openai_client(clients: tuple[openai.OpenAI, openai.OpenAI],
-                                                          llama: LlamaServer) -> None:
+def test_context_overflow_error_reaches_the_openai_client(
+    clients: tuple[openai.OpenAI, openai.OpenAI], llama: LlamaServer
+) -> None:
     _direct, via = clients
     with pytest.raises(openai.BadRequestError) as caught:
         via.completions.create(model=ALIAS, prompt=_overflowing_prompt(llama), max_tokens=4)
@@ -388,12 +431,20 @@ def test_context_overflow_error_reaches_the_openai_client(clients: tuple[openai.
 
 # --- concurrency and cancellation -----------------------------------------------------------------
 
+
 def test_four_concurrent_streams_one_cancelled(llama: LlamaServer, proxy: str) -> None:
     full = 48
 
-    async def stream(client: httpx.AsyncClient, i: int, max_tokens: int, stop_after: int | None) -> dict[str, Any]:
-        body = {"model": ALIAS, "messages": [{"role": "user", "content": f"stream {i}"}], "max_tokens": max_tokens,
-                "stream": True, "stream_options": {"include_usage": True}}
+    async def stream(
+        client: httpx.AsyncClient, i: int, max_tokens: int, stop_after: int | None
+    ) -> dict[str, Any]:
+        body = {
+            "model": ALIAS,
+            "messages": [{"role": "user", "content": f"stream {i}"}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         chunks: list[dict[str, Any]] = []
         async with client.stream("POST", f"{proxy}/v1/chat/completions", json=body) as resp:
             rid = resp.headers["x-scer-request-id"]
@@ -416,8 +467,11 @@ def test_four_concurrent_streams_one_cancelled(llama: LlamaServer, proxy: str) -
     for result in finished:
         usage = [c["usage"] for c in result["chunks"] if c.get("usage")]
         assert len(usage) == 1 and usage[0]["completion_tokens"] == full
-        assert [c["choices"][0]["finish_reason"] for c in result["chunks"]
-                if c["choices"] and c["choices"][0].get("finish_reason")] == ["length"]
+        assert [
+            c["choices"][0]["finish_reason"]
+            for c in result["chunks"]
+            if c["choices"] and c["choices"][0].get("finish_reason")
+        ] == ["length"]
         record = _record(proxy, result["rid"])
         assert record["status"] == "ok" and record["completion_tokens"] == full
     deadline = time.monotonic() + 5
@@ -436,11 +490,14 @@ def test_four_concurrent_streams_one_cancelled(llama: LlamaServer, proxy: str) -
     generated = llama.metrics()["llamacpp:tokens_predicted_total"] - before - 3 * full
     assert generated < 1000, generated
     assert httpx.get(f"{llama.url}/health").json() == {"status": "ok"}
-    after = httpx.post(f"{proxy}/v1/chat/completions", json={"model": ALIAS, "messages": MSGS, "max_tokens": 8})
+    after = httpx.post(
+        f"{proxy}/v1/chat/completions", json={"model": ALIAS, "messages": MSGS, "max_tokens": 8}
+    )
     assert after.status_code == 200 and after.headers["x-scer-completion-tokens"] == "8"
 
 
 # --- the server's own counters ---------------------------------------------------------------------
+
 
 def test_proxy_token_totals_equal_llamacpp_metrics(llama: LlamaServer, proxy: str) -> None:
     """Sum of the proxy's records equals llama-server's Prometheus counters over the same requests."""
@@ -448,12 +505,20 @@ def test_proxy_token_totals_equal_llamacpp_metrics(llama: LlamaServer, proxy: st
     no_cache = {"cache_prompt": False}  # llama.cpp's prompt counter leaves out tokens reused from its cache
     bodies: list[tuple[str, dict[str, Any]]] = [
         ("chat/completions", {"messages": [{"role": "user", "content": "alpha"}], "max_tokens": 9}),
-        ("chat/completions", {"messages": [{"role": "user", "content": "beta"}], "max_tokens": 7, "stream": True}),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": "beta"}], "max_tokens": 7, "stream": True},
+        ),
         ("completions", {"prompt": "gamma delta", "max_tokens": 5}),
         ("completions", {"prompt": "epsilon", "max_tokens": 6, "stream": True}),
     ]
     for path, body in bodies:
-        assert httpx.post(f"{proxy}/v1/{path}", json={"model": ALIAS, **body, **no_cache}, timeout=30).status_code == 200
+        assert (
+            httpx.post(
+                f"{proxy}/v1/{path}", json={"model": ALIAS, **body, **no_cache}, timeout=30
+            ).status_code
+            == 200
+        )
     records = httpx.get(f"{proxy}/scer/requests?limit=10").json()["data"]
     assert len(records) == 4
     deadline = time.monotonic() + 5

@@ -39,8 +39,21 @@ def simulator(tmp_path: Path) -> Iterator[str]:
 def run_proxy(sim_url: str, tmp_path: Path, *extra: str) -> tuple[str, subprocess.Popen[bytes], Path]:
     port = free_port()
     log = tmp_path / f"proxy-{port}.log"
-    proxy = spawn_cli(["serve", "--upstream", sim_url, "--meter", "simulated", "--db", str(tmp_path / f"{port}.db"),
-                       "--listen", f"127.0.0.1:{port}", *extra], log)
+    proxy = spawn_cli(
+        [
+            "serve",
+            "--upstream",
+            sim_url,
+            "--meter",
+            "simulated",
+            "--db",
+            str(tmp_path / f"{port}.db"),
+            "--listen",
+            f"127.0.0.1:{port}",
+            *extra,
+        ],
+        log,
+    )
     wait_ready(f"http://127.0.0.1:{port}/scer/health", proxy, log)
     return f"http://127.0.0.1:{port}", proxy, log
 
@@ -54,12 +67,17 @@ def traffic(url: str) -> tuple[dict[str, httpx.Headers], list[str]]:
     metered: dict[str, httpx.Headers] = {}
     completions = []
     with httpx.Client(base_url=url, headers=auth, timeout=30.0) as client:
-        resp = client.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 24})
+        resp = client.post(
+            "/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 24}
+        )
         assert resp.status_code == 200
         metered[resp.headers["X-SCER-Request-Id"]] = resp.headers
         completions.append(resp.json()["choices"][0]["message"]["content"])
-        with client.stream("POST", "/v1/chat/completions",
-                           json={"model": MODEL, "messages": messages, "max_tokens": 24, "stream": True}) as stream:
+        with client.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={"model": MODEL, "messages": messages, "max_tokens": 24, "stream": True},
+        ) as stream:
             assert stream.status_code == 200
             metered[stream.headers["X-SCER-Request-Id"]] = stream.headers
             text = []
@@ -83,7 +101,8 @@ def stop_and_read(proxy: subprocess.Popen[bytes], log: Path) -> tuple[str, list[
 
 
 def test_one_request_line_per_metered_request_without_prompt_completion_or_key(
-        simulator: str, tmp_path: Path) -> None:
+    simulator: str, tmp_path: Path
+) -> None:
     url, proxy, log = run_proxy(simulator, tmp_path)
     metered, completions = traffic(url)
     text, lines = stop_and_read(proxy, log)
@@ -96,7 +115,11 @@ def test_one_request_line_per_metered_request_without_prompt_completion_or_key(
         assert line["tenant"].startswith("key-") and len(line["tenant"]) == 20
         assert line["duration_ms"] >= line["ttfb_ms"] > 0
         if line["model"] == "no-such-model":
-            assert (line["status"], line["http_status"], line["completion_tokens"]) == ("upstream_error", 404, 0)
+            assert (line["status"], line["http_status"], line["completion_tokens"]) == (
+                "upstream_error",
+                404,
+                0,
+            )
             continue
         assert line["model"] == MODEL and (line["status"], line["http_status"]) == ("ok", 200)
         assert line["token_source"] == "upstream" and line["completion_tokens"] == 24

@@ -15,14 +15,27 @@ from scer_proxy.wire.tokens import count_text
 from tests.servers import ThreadedServers
 
 MSGS = [{"role": "user", "content": "Tell me about rivers and the sea."}]
-SCER_KEYS = {"request_id", "prompt_tokens", "completion_tokens", "token_source", "energy_j", "energy_source",
-             "carbon_g", "carbon_operational_g", "carbon_embodied_g", "grid_intensity_g_per_kwh", "sci", "rating"}
+SCER_KEYS = {
+    "request_id",
+    "prompt_tokens",
+    "completion_tokens",
+    "token_source",
+    "energy_j",
+    "energy_source",
+    "carbon_g",
+    "carbon_operational_g",
+    "carbon_embodied_g",
+    "grid_intensity_g_per_kwh",
+    "sci",
+    "rating",
+}
 
 
 @pytest.fixture
 def sim(servers: ThreadedServers) -> str:
-    return servers.start(lambda: create_sim_app(time_scale=50.0, metrics_period_ms=100.0),
-                         handler_cancellation=True)
+    return servers.start(
+        lambda: create_sim_app(time_scale=50.0, metrics_period_ms=100.0), handler_cancellation=True
+    )
 
 
 @pytest.fixture
@@ -44,8 +57,9 @@ def clients(sim: str, proxy: str) -> Iterator[tuple[openai.OpenAI, openai.OpenAI
     via.close()
 
 
-def test_sync_non_streamed_same_content_and_token_headers(clients: tuple[openai.OpenAI, openai.OpenAI],
-                                                          model: str, proxy: str) -> None:
+def test_sync_non_streamed_same_content_and_token_headers(
+    clients: tuple[openai.OpenAI, openai.OpenAI], model: str, proxy: str
+) -> None:
     direct, via = clients
     d = direct.chat.completions.create(model=model, messages=MSGS, max_tokens=24)
     raw = via.chat.completions.with_raw_response.create(model=model, messages=MSGS, max_tokens=24)
@@ -59,8 +73,10 @@ def test_sync_non_streamed_same_content_and_token_headers(clients: tuple[openai.
     assert raw.headers["x-scer-energy-source"] == "simulated"
     assert float(raw.headers["x-scer-energy-j"]) > 0
     assert float(raw.headers["x-scer-carbon-gco2e"]) == pytest.approx(
-        float(raw.headers["x-scer-carbon-operational-gco2e"]) + float(raw.headers["x-scer-carbon-embodied-gco2e"]),
-        rel=1e-6)
+        float(raw.headers["x-scer-carbon-operational-gco2e"])
+        + float(raw.headers["x-scer-carbon-embodied-gco2e"]),
+        rel=1e-6,
+    )
     assert raw.headers["x-scer-rating"] == "unrated"
     assert raw.headers["x-scer-model"] == model
     record = httpx.get(f"{proxy}/scer/requests/{raw.headers['x-scer-request-id']}").json()
@@ -68,7 +84,9 @@ def test_sync_non_streamed_same_content_and_token_headers(clients: tuple[openai.
     assert record["tenant"].startswith("key-") and "sk-test" not in str(record)
 
 
-def test_completions_endpoint_through_the_proxy(clients: tuple[openai.OpenAI, openai.OpenAI], model: str) -> None:
+def test_completions_endpoint_through_the_proxy(
+    clients: tuple[openai.OpenAI, openai.OpenAI], model: str
+) -> None:
     direct, via = clients
     d = direct.completions.create(model=model, prompt="Once upon a time", max_tokens=12)
     raw = via.completions.with_raw_response.create(model=model, prompt="Once upon a time", max_tokens=12)
@@ -78,13 +96,17 @@ def test_completions_endpoint_through_the_proxy(clients: tuple[openai.OpenAI, op
 
 
 @pytest.mark.parametrize("include_usage", [True, False])
-def test_sync_stream_same_content_usage_kept_or_stripped(clients: tuple[openai.OpenAI, openai.OpenAI], model: str,
-                                                         include_usage: bool, proxy: str) -> None:
+def test_sync_stream_same_content_usage_kept_or_stripped(
+    clients: tuple[openai.OpenAI, openai.OpenAI], model: str, include_usage: bool, proxy: str
+) -> None:
     direct, via = clients
     options = {"stream_options": {"include_usage": True}} if include_usage else {}
-    d_chunks = list(direct.chat.completions.create(model=model, messages=MSGS, max_tokens=20, stream=True, **options))
-    with via.chat.completions.with_streaming_response.create(model=model, messages=MSGS, max_tokens=20, stream=True,
-                                                             **options) as resp:
+    d_chunks = list(
+        direct.chat.completions.create(model=model, messages=MSGS, max_tokens=20, stream=True, **options)
+    )
+    with via.chat.completions.with_streaming_response.create(
+        model=model, messages=MSGS, max_tokens=20, stream=True, **options
+    ) as resp:
         rid = resp.headers["x-scer-request-id"]
         assert resp.headers["x-scer-model"] == model
         v_chunks = list(resp.parse())
@@ -118,13 +140,19 @@ def test_async_client_streamed_and_not(sim: str, proxy: str, model: str) -> None
         )
         assert v.choices[0].message.content == d.choices[0].message.content
         assert v.usage == d.usage
-        stream = await via.chat.completions.create(model=model, messages=MSGS, max_tokens=16, stream=True,
-                                                   stream_options={"include_usage": True})
+        stream = await via.chat.completions.create(
+            model=model, messages=MSGS, max_tokens=16, stream=True, stream_options={"include_usage": True}
+        )
         chunks = [c async for c in stream]
         assert sum(1 for c in chunks if c.usage is not None) == 1
-        results = await asyncio.gather(*(
-            via.chat.completions.create(model=model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8)
-            for i in range(16)))
+        results = await asyncio.gather(
+            *(
+                via.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": f"q{i}"}], max_tokens=8
+                )
+                for i in range(16)
+            )
+        )
         assert all(r.usage is not None and r.usage.completion_tokens <= 8 for r in results)
         await direct.close()
         await via.close()
@@ -132,8 +160,9 @@ def test_async_client_streamed_and_not(sim: str, proxy: str, model: str) -> None
     asyncio.run(run())
 
 
-def test_records_settle_against_the_next_reading(clients: tuple[openai.OpenAI, openai.OpenAI], model: str,
-                                                 proxy: str) -> None:
+def test_records_settle_against_the_next_reading(
+    clients: tuple[openai.OpenAI, openai.OpenAI], model: str, proxy: str
+) -> None:
     _direct, via = clients
     raw = via.chat.completions.with_raw_response.create(model=model, messages=MSGS, max_tokens=30)
     rid = raw.headers["x-scer-request-id"]
@@ -147,11 +176,14 @@ def test_records_settle_against_the_next_reading(clients: tuple[openai.OpenAI, o
     assert record["energy_j"] > 0 and header_j > 0
 
 
-def test_summary_totals_equal_the_sum_of_records(clients: tuple[openai.OpenAI, openai.OpenAI], model: str,
-                                                 proxy: str) -> None:
+def test_summary_totals_equal_the_sum_of_records(
+    clients: tuple[openai.OpenAI, openai.OpenAI], model: str, proxy: str
+) -> None:
     _direct, via = clients
     for i in range(6):
-        via.chat.completions.create(model=model, messages=[{"role": "user", "content": f"n{i}"}], max_tokens=10)
+        via.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"n{i}"}], max_tokens=10
+        )
     summary = httpx.get(f"{proxy}/scer/summary").json()
     records = httpx.get(f"{proxy}/scer/requests?limit=100").json()["data"]
     assert summary["totals"]["requests"] == len(records) == 6

@@ -23,8 +23,9 @@ def test_gc_tuning_freezes_the_start_up_heap_and_raises_the_young_threshold() ->
         "print(json.dumps({'before': before, 'after': gc.get_threshold(), 'frozen': frozen, "
         "'freeze_count': gc.get_freeze_count(), 'young': young, 'enabled': gc.isenabled()}))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=60
+    )
     got = json.loads(out.stdout)
     assert got["enabled"], "the collector stays on; only its pace changes"
     assert got["after"][0] == got["young"] == GC_YOUNG_THRESHOLD > got["before"][0]
@@ -48,10 +49,18 @@ def test_role_counts_are_remembered_only_for_short_roles() -> None:
 
     tokens._count_role.cache_clear()
     long_role = "narrator " * 50
-    messages = [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"},
-                {"role": long_role, "content": "x"}]
-    expected = (tokens.TOKENS_REPLY_PRIMING + 3 * tokens.TOKENS_PER_MESSAGE + 2 * tokens.count_text("user")
-                + tokens.count_text(long_role) + sum(tokens.count_text(m["content"]) for m in messages))
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "user", "content": "again"},
+        {"role": long_role, "content": "x"},
+    ]
+    expected = (
+        tokens.TOKENS_REPLY_PRIMING
+        + 3 * tokens.TOKENS_PER_MESSAGE
+        + 2 * tokens.count_text("user")
+        + tokens.count_text(long_role)
+        + sum(tokens.count_text(m["content"]) for m in messages)
+    )
     assert tokens.count_chat_messages(messages) == expected
     info = tokens._count_role.cache_info()
     assert (info.hits, info.misses, info.currsize) == (1, 1, 1), "one short role remembered, the long one not"

@@ -43,22 +43,32 @@ def test_bench_energy_matches_the_published_figure_at_that_batch(sim_proxy: tupl
     model = "meta-llama/Llama-3.1-8B-Instruct"
     # 40 in flight keep the 32 batch slots full, as the leaderboard's saturated queue does.
     submission = asyncio.run(run_bench(proxy, model, concurrency=40, requests=160, repeats=3, progress=False))
-    published = next(p for p in published_entries(published_csv(), concurrency=32)
-                     if p.name == model and p.category.gpu_model == "H100" and p.category.gpu_count == 1)
+    published = next(
+        p
+        for p in published_entries(published_csv(), concurrency=32)
+        if p.name == model and p.category.gpu_model == "H100" and p.category.gpu_count == 1
+    )
     measured = submission["result"]["j_per_1k_output_tokens"]
     assert abs(measured / published.j_per_1k_output_tokens - 1) <= 0.10, (measured, published)
     assert len(submission["repeats"]) == 3 and submission["workload"]["warmup_repeats_excluded"] == 1
     lengths = [p.get("max_tokens", 400) for p in load_workload("standard-chat-v1").prompts[:160]]
     assert all(r["output_tokens"] == sum(lengths) for r in submission["repeats"])
     assert submission["hardware"]["gpu_model"] == "H100" and submission["hardware"]["gpu_count"] == 1
-    assert submission["category"] == {"task": "chat", "size_class": "<=20B", "gpu_model": "H100", "gpu_count": 1}
+    assert submission["category"] == {
+        "task": "chat",
+        "size_class": "<=20B",
+        "gpu_model": "H100",
+        "gpu_count": 1,
+    }
     assert submission["meter"]["kind"] == "simulated" and model in submission["server"]["models"]
     assert submission["result"]["spread_rel"] < 0.05
     # Registered with the proxy, the submission gives the model its grade in headers and the summary.
     rated = httpx.post(f"{proxy}/scer/submissions", json=submission).json()
     assert rated["grade"] in ("A", "B", "C") and rated["peers"] >= 2
-    resp = httpx.post(f"{proxy}/v1/chat/completions", json={"model": model, "max_tokens": 4,
-                                                             "messages": [{"role": "user", "content": "x"}]})
+    resp = httpx.post(
+        f"{proxy}/v1/chat/completions",
+        json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]},
+    )
     assert resp.headers["x-scer-rating"] == rated["grade"]
     summary = httpx.get(f"{proxy}/scer/summary").json()
     row = next(m for m in summary["models"] if m["model"] == model)
@@ -72,9 +82,13 @@ def test_bad_submission_is_a_400(sim_proxy: tuple[str, str]) -> None:
 
 
 def _submission(model: str, j_per_1k: float, size: str = "<=20B") -> dict:
-    return {"model": model, "created_at": "2026-11-26T00:00:00Z",
-            "category": {"task": "chat", "size_class": size, "gpu_model": "H100", "gpu_count": 1},
-            "workload": {"concurrency": 32}, "result": {"j_per_1k_output_tokens": j_per_1k}}
+    return {
+        "model": model,
+        "created_at": "2026-11-26T00:00:00Z",
+        "category": {"task": "chat", "size_class": size, "gpu_model": "H100", "gpu_count": 1},
+        "workload": {"concurrency": 32},
+        "result": {"j_per_1k_output_tokens": j_per_1k},
+    }
 
 
 def test_rate_command_prints_percentiles(tmp_path: Path) -> None:
@@ -85,13 +99,16 @@ def test_rate_command_prints_percentiles(tmp_path: Path) -> None:
         files.append(str(path))
     out = subprocess.run([sys.executable, "-m", "scer_proxy", "rate", *files], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    rows = {name: line for line in out.stdout.splitlines() for name in ("ours-a", "ours-b") if f" {name} " in line}
+    rows = {
+        name: line for line in out.stdout.splitlines() for name in ("ours-a", "ours-b") if f" {name} " in line
+    }
     assert set(rows) == {"ours-a", "ours-b"}
     assert "published" in out.stdout and "percentile" in out.stdout
     # 90 J per 1,000 tokens beats every published <=20B H100 chat row at batch 32: the top, grade A.
     assert rows["ours-a"].split()[-1] == "A" and rows["ours-a"].split()[-2] == "100.0"
-    quint = subprocess.run([sys.executable, "-m", "scer_proxy", "rate", "--quintiles", *files], capture_output=True,
-                           text=True)
+    quint = subprocess.run(
+        [sys.executable, "-m", "scer_proxy", "rate", "--quintiles", *files], capture_output=True, text=True
+    )
     assert quint.returncode == 0 and "not the SCER default" in quint.stdout
 
 
@@ -100,7 +117,11 @@ def test_rate_command_bad_input(tmp_path: Path) -> None:
     bad.write_text("{nope")
     for argv in (["rate", str(tmp_path / "missing.json")], ["rate", str(bad)]):
         out = subprocess.run([sys.executable, "-m", "scer_proxy", *argv], capture_output=True, text=True)
-        assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1 and "Traceback" not in out.stderr
+        assert (
+            out.returncode == 2
+            and len(out.stderr.strip().splitlines()) == 1
+            and "Traceback" not in out.stderr
+        )
 
 
 def test_label_and_manifest_served_and_written(sim_proxy: tuple[str, str], tmp_path: Path) -> None:
@@ -132,8 +153,12 @@ def test_label_and_manifest_served_and_written(sim_proxy: tuple[str, str], tmp_p
     sub_path.write_text(json.dumps(submission))
     for extra in (["--proxy", proxy], ["--submission", str(sub_path), "--base-url", proxy]):
         out = tmp_path / f"label-{extra[0][2:]}.svg"
-        done = subprocess.run([sys.executable, "-m", "scer_proxy", "label", "--model", model, "--out", str(out),
-                               *extra], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", "scer_proxy", "label", "--model", model, "--out", str(out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         written = ET.fromstring(out.read_text())
         assert _decode_qr(written) == manifest_url

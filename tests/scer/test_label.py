@@ -43,17 +43,35 @@ EMBODIED = Embodied(gpu_kg=164.0, server_kg=2500.0, gpus_per_server=8, lifetime_
 
 
 def _inputs(**over: Any) -> ManifestInputs:
-    fields: dict[str, Any] = dict(energy_j=1.2e5, carbon_operational_g=12.8, carbon_embodied_g=0.9,
-                                  output_tokens=74_000, embodied=EMBODIED, started_at=1.75e9, duration_s=420.0,
-                                  energy_source="nvml", grid_intensity_g_per_kwh=384.0)
+    fields: dict[str, Any] = dict(
+        energy_j=1.2e5,
+        carbon_operational_g=12.8,
+        carbon_embodied_g=0.9,
+        output_tokens=74_000,
+        embodied=EMBODIED,
+        started_at=1.75e9,
+        duration_s=420.0,
+        energy_source="nvml",
+        grid_intensity_g_per_kwh=384.0,
+    )
     fields.update(over)
     return inputs_from_totals(**fields)
 
 
-def _label(model: str = MODEL, grade: str = "B", peers: int = 12, percentile: float | None = 81.8,
-           **over: Any) -> Label:
-    return make_label(model=model, task="chat", hardware="1 x NVIDIA H100 80GB HBM3", inputs=_inputs(**over),
-                      scoring_date="2025-06-12", grade=grade, peers=peers, percentile=percentile, base_url=BASE)
+def _label(
+    model: str = MODEL, grade: str = "B", peers: int = 12, percentile: float | None = 81.8, **over: Any
+) -> Label:
+    return make_label(
+        model=model,
+        task="chat",
+        hardware="1 x NVIDIA H100 80GB HBM3",
+        inputs=_inputs(**over),
+        scoring_date="2025-06-12",
+        grade=grade,
+        peers=peers,
+        percentile=percentile,
+        base_url=BASE,
+    )
 
 
 def _texts(root: ET.Element) -> list[str]:
@@ -110,7 +128,11 @@ def test_svg_shows_every_contract_element() -> None:
     assert "Hardware 1 x NVIDIA H100 80GB HBM3" in texts
     assert "Scored 2025-06-12" in texts
     value_line = "".join(_by_id(root, "value-line").itertext())
-    assert value_line == f"{label.data.value_text} gCO2eq per 1,000 output tokens" == "0.185 gCO2eq per 1,000 output tokens"
+    assert (
+        value_line
+        == f"{label.data.value_text} gCO2eq per 1,000 output tokens"
+        == "0.185 gCO2eq per 1,000 output tokens"
+    )
     assert "/" not in value_line
     assert "".join(_by_id(root, "energy-line").itertext()) == "0.450 Wh per 1,000 output tokens"
     for letter in ("A", "B", "C"):
@@ -141,12 +163,22 @@ def test_qr_code_in_the_label_decodes_to_the_manifest_url() -> None:
 
 
 def test_qr_code_decodes_for_a_long_url_and_odd_characters() -> None:
-    model = "org/Model with spaces & \"quotes\" ü-70B"
-    label = make_label(model=model, task="chat", hardware="8 x NVIDIA H200", inputs=_inputs(),
-                       scoring_date="2025-06-12", grade="A", peers=3, percentile=100.0,
-                       base_url="https://scer.example.org:8443/some/prefix")
+    model = 'org/Model with spaces & "quotes" ü-70B'
+    label = make_label(
+        model=model,
+        task="chat",
+        hardware="8 x NVIDIA H200",
+        inputs=_inputs(),
+        scoring_date="2025-06-12",
+        grade="A",
+        peers=3,
+        percentile=100.0,
+        base_url="https://scer.example.org:8443/some/prefix",
+    )
     assert _decode_qr(ET.fromstring(label.svg)) == label.data.manifest_url
-    assert label.data.manifest_url.endswith("/scer/manifest/org%2FModel%20with%20spaces%20%26%20%22quotes%22%20%C3%BC-70B.yaml")
+    assert label.data.manifest_url.endswith(
+        "/scer/manifest/org%2FModel%20with%20spaces%20%26%20%22quotes%22%20%C3%BC-70B.yaml"
+    )
 
 
 def test_manifest_sci_equals_the_label_value() -> None:
@@ -202,9 +234,18 @@ def test_manifest_is_an_impact_framework_manifest() -> None:
     assert set(child["pipeline"]["compute"]) <= set(manifest["initialize"]["plugins"])
     observation = {**child["defaults"], **child["inputs"][0]}
     # SCI's inputs, with their units in the parameter metadata
-    for key in ("timestamp", "duration", "energy", "grid/carbon-intensity", "device/emissions-embodied",
-                "time-reserved", "device/expected-lifespan", "resources-reserved", "resources-total",
-                "output-tokens"):
+    for key in (
+        "timestamp",
+        "duration",
+        "energy",
+        "grid/carbon-intensity",
+        "device/emissions-embodied",
+        "time-reserved",
+        "device/expected-lifespan",
+        "resources-reserved",
+        "resources-total",
+        "output-tokens",
+    ):
         assert key in observation, key
     assert observation["duration"] >= 1
     # the pipeline as if-run computes it gives the label's SCI and the outputs written
@@ -213,7 +254,11 @@ def test_manifest_is_an_impact_framework_manifest() -> None:
     assert row == child["outputs"][0]
     # the functional unit and the boundary
     scer = manifest["scer"]
-    assert scer["functional-unit"] == {"name": "1,000 output tokens", "parameter": "output-tokens", "per": 1000}
+    assert scer["functional-unit"] == {
+        "name": "1,000 output tokens",
+        "parameter": "output-tokens",
+        "per": 1000,
+    }
     assert manifest["initialize"]["plugins"]["sci"]["config"]["functional-unit"] == "output-tokens-thousands"
     included = " ".join(scer["boundary"]["included"])
     excluded = " ".join(scer["boundary"]["excluded"])
@@ -234,16 +279,35 @@ def test_manifest_reproduces_the_submitted_carbon() -> None:
 
 def test_inputs_from_records_match_the_summary() -> None:
     records = []
-    for i, (joules, tokens, hw_s, intensity) in enumerate([(900.0, 300, 2.0, 380.0), (450.0, 120, 1.1, 390.0),
-                                                           (1300.0, 512, 3.3, 385.0)]):
-        carbon = request_carbon(energy_j=joules, hw_s=hw_s, intensity_g_per_kwh=intensity, embodied=EMBODIED,
-                                units=tokens)
-        records.append(Record(request_id=f"r{i}", model=MODEL, upstream="u", tenant="t", endpoint="chat/completions",
-                              stream=False, started_at=1000.0 + i, ended_at=1002.0 + i, status="ok",
-                              completion_tokens=tokens, energy_j=joules, energy_source="nvml", hardware_s=hw_s,
-                              carbon_g=carbon.total_g, carbon_operational_g=carbon.operational_g,
-                              carbon_embodied_g=carbon.embodied_g, grid_intensity_g_per_kwh=intensity,
-                              sci=carbon.sci_g_per_unit, settled=True))
+    for i, (joules, tokens, hw_s, intensity) in enumerate(
+        [(900.0, 300, 2.0, 380.0), (450.0, 120, 1.1, 390.0), (1300.0, 512, 3.3, 385.0)]
+    ):
+        carbon = request_carbon(
+            energy_j=joules, hw_s=hw_s, intensity_g_per_kwh=intensity, embodied=EMBODIED, units=tokens
+        )
+        records.append(
+            Record(
+                request_id=f"r{i}",
+                model=MODEL,
+                upstream="u",
+                tenant="t",
+                endpoint="chat/completions",
+                stream=False,
+                started_at=1000.0 + i,
+                ended_at=1002.0 + i,
+                status="ok",
+                completion_tokens=tokens,
+                energy_j=joules,
+                energy_source="nvml",
+                hardware_s=hw_s,
+                carbon_g=carbon.total_g,
+                carbon_operational_g=carbon.operational_g,
+                carbon_embodied_g=carbon.embodied_g,
+                grid_intensity_g_per_kwh=intensity,
+                sci=carbon.sci_g_per_unit,
+                settled=True,
+            )
+        )
     inputs = inputs_from_records(records, embodied=EMBODIED)
     summary = summarize(records, start=None, end=2000.0)
     assert inputs.sci() == pytest.approx(summary["totals"]["sci"], rel=1e-12)
@@ -262,9 +326,17 @@ def test_xml_special_characters_are_escaped() -> None:
     assert _decode_qr(root) == label.data.manifest_url
     manifest = yaml.safe_load(label.yaml)
     assert model in manifest["tree"]["children"]
-    control = LabelData(model="a\x00b\x1bc", task="chat", hardware="h", scoring_date="2025-06-12",
-                        sci_g_per_1k_output_tokens=1.0, energy_wh_per_1k_output_tokens=1.0, grade="C", peers=2,
-                        manifest_url="http://x/m.yaml")
+    control = LabelData(
+        model="a\x00b\x1bc",
+        task="chat",
+        hardware="h",
+        scoring_date="2025-06-12",
+        sci_g_per_1k_output_tokens=1.0,
+        energy_wh_per_1k_output_tokens=1.0,
+        grade="C",
+        peers=2,
+        manifest_url="http://x/m.yaml",
+    )
     assert "abc" in _texts(ET.fromstring(render_label_svg(control)))
 
 
@@ -289,39 +361,111 @@ def test_unrated_label_renders() -> None:
 
 
 def test_bad_label_data_is_refused() -> None:
-    good: dict[str, Any] = dict(model="m", task="chat", hardware="h", scoring_date="2025-06-12",
-                                sci_g_per_1k_output_tokens=1.0, energy_wh_per_1k_output_tokens=1.0, grade="A",
-                                peers=3, manifest_url="http://x/m.yaml")
+    good: dict[str, Any] = dict(
+        model="m",
+        task="chat",
+        hardware="h",
+        scoring_date="2025-06-12",
+        sci_g_per_1k_output_tokens=1.0,
+        energy_wh_per_1k_output_tokens=1.0,
+        grade="A",
+        peers=3,
+        manifest_url="http://x/m.yaml",
+    )
     LabelData(**good)
-    for key, bad in [("grade", "D"), ("sci_g_per_1k_output_tokens", math.nan), ("peers", -1),
-                     ("scoring_date", "yesterday"), ("manifest_url", "")]:
+    for key, bad in [
+        ("grade", "D"),
+        ("sci_g_per_1k_output_tokens", math.nan),
+        ("peers", -1),
+        ("scoring_date", "yesterday"),
+        ("manifest_url", ""),
+    ]:
         with pytest.raises(ValueError):
             LabelData(**{**good, key: bad})
     with pytest.raises(ValueError):
         _inputs(output_tokens=0)
 
 
-@pytest.mark.parametrize(("value", "text"), [
-    (0.18312, "0.183"), (0.18, "0.180"), (12345.0, "12300"), (0.00001234, "0.0000123"), (0.9996, "1.00"),
-    (999.6, "1000"), (1.0, "1.00"), (0.0, "0"), (1.5e-7, "0.000000150"), (2.5e9, "2500000000"),
-])
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (0.18312, "0.183"),
+        (0.18, "0.180"),
+        (12345.0, "12300"),
+        (0.00001234, "0.0000123"),
+        (0.9996, "1.00"),
+        (999.6, "1000"),
+        (1.0, "1.00"),
+        (0.0, "0"),
+        (1.5e-7, "0.000000150"),
+        (2.5e9, "2500000000"),
+    ],
+)
 def test_three_significant_digits_plain_decimals(value: float, text: str) -> None:
     assert format_sig3(value) == text
 
 
-@pytest.mark.parametrize("text", [
-    "plain", "yes", "No", "null", "~", "123", "1.5", "0x1F", "a: b", "- x", "#x", "x #y", "'q'", '"q"', "",
-    " lead", "trail ", "multi\nline", "tab\there", "bell\x07", "ü and 中文", "emoji 😀", "2025-06-12",
-    "a/b", "@x", "`x", "!tag", "&anchor", "*alias", "{x}", "[x]", "%x", "|x", ">x", "?x", "\u2028", "\x85",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "plain",
+        "yes",
+        "No",
+        "null",
+        "~",
+        "123",
+        "1.5",
+        "0x1F",
+        "a: b",
+        "- x",
+        "#x",
+        "x #y",
+        "'q'",
+        '"q"',
+        "",
+        " lead",
+        "trail ",
+        "multi\nline",
+        "tab\there",
+        "bell\x07",
+        "ü and 中文",
+        "emoji 😀",
+        "2025-06-12",
+        "a/b",
+        "@x",
+        "`x",
+        "!tag",
+        "&anchor",
+        "*alias",
+        "{x}",
+        "[x]",
+        "%x",
+        "|x",
+        ">x",
+        "?x",
+        "\u2028",
+        "\x85",
+    ],
+)
 def test_yaml_strings_round_trip(text: str) -> None:
     parsed = yaml.safe_load(f"key: {yaml_string(text)}\n")
     assert parsed == {"key": text}
 
 
 def test_yaml_numbers_round_trip() -> None:
-    values: dict[str, Any] = {"a": 1.5e-7, "b": 0.1 + 0.2, "c": 3812000.0, "d": 1e21, "e": 5, "f": True, "g": None,
-              "h": [], "i": {}, "j": [[1, 2], {"k": "v"}], "k": 2.0**-40}
+    values: dict[str, Any] = {
+        "a": 1.5e-7,
+        "b": 0.1 + 0.2,
+        "c": 3812000.0,
+        "d": 1e21,
+        "e": 5,
+        "f": True,
+        "g": None,
+        "h": [],
+        "i": {},
+        "j": [[1, 2], {"k": "v"}],
+        "k": 2.0**-40,
+    }
     assert yaml.safe_load(to_yaml(values)) == values
 
 

@@ -77,8 +77,10 @@ def test_categories_are_rated_apart() -> None:
     assert rated["big"].grade == "unrated" and rated["e1"].grade == "A"
 
 
-@pytest.mark.parametrize(("params", "name"), [(8, "<=20B"), (20, "<=20B"), (20.5, "<=66B"), (66, "<=66B"),
-                                              (70, ">66B"), (405, ">66B")])
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [(8, "<=20B"), (20, "<=20B"), (20.5, "<=66B"), (66, "<=66B"), (70, ">66B"), (405, ">66B")],
+)
 def test_size_classes(params: float, name: str) -> None:
     assert size_class(params) == name
 
@@ -86,7 +88,9 @@ def test_size_classes(params: float, name: str) -> None:
 def test_published_peers_pick_the_batch_nearest_the_concurrency() -> None:
     text = (resources.files("scer_proxy") / "data" / "mlenergy-v3-llm.csv").read_text()
     peers = published_entries(text, concurrency=32)
-    llama = next(p for p in peers if p.name == "meta-llama/Llama-3.1-8B-Instruct" and p.category.gpu_model == "H100")
+    llama = next(
+        p for p in peers if p.name == "meta-llama/Llama-3.1-8B-Instruct" and p.category.gpu_model == "H100"
+    )
     assert llama.published and "batch 32" in llama.source
     assert llama.j_per_1k_output_tokens == pytest.approx(0.165055 * 1000)
     assert llama.category == Category("chat", "<=20B", "H100", 1)

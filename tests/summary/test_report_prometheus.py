@@ -36,10 +36,25 @@ from tests.servers import ThreadedServers
 
 LLAMA = get_profile("llama-3.1-8b-h100").model_id
 QWEN = get_profile("qwen3-14b-h100").model_id
-COMPARED = ("requests", "prompt_tokens", "completion_tokens", "energy_j", "carbon_g", "carbon_operational_g",
-            "carbon_embodied_g", "energy_j_per_1k_output_tokens", "sci")
-CSV_COMPARED = ("requests", "prompt_tokens", "completion_tokens", "energy_wh", "carbon_g",
-                "carbon_g_per_1k_output_tokens")
+COMPARED = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "energy_j",
+    "carbon_g",
+    "carbon_operational_g",
+    "carbon_embodied_g",
+    "energy_j_per_1k_output_tokens",
+    "sci",
+)
+CSV_COMPARED = (
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "energy_wh",
+    "carbon_g",
+    "carbon_g_per_1k_output_tokens",
+)
 
 # ---------------------------------------------------------------- the fake Prometheus
 
@@ -96,8 +111,11 @@ class FakePrometheus:
         if match is None:
             raise ValueError(f"parse error: not a selector: {selector!r}")
         name, matchers = match.group(1), _matchers(match.group(2))
-        return {tuple(sorted(labels.items())): (n, labels, v) for n, labels, v in samples
-                if n == name and all((labels.get(k, "") == v) == (op == "=") for k, op, v in matchers)}
+        return {
+            tuple(sorted(labels.items())): (n, labels, v)
+            for n, labels, v in samples
+            if n == name and all((labels.get(k, "") == v) == (op == "=") for k, op, v in matchers)
+        }
 
     def _inner(self, expr: str) -> list[Series]:
         if not self.scrapes:
@@ -122,14 +140,22 @@ class FakePrometheus:
         match = _AGGREGATE.match(query)
         if match is None:
             raise ValueError(f"parse error: unsupported query {query!r}")
-        op, by, inner = match.group(1), (match.group(2) or "").split(", ") if match.group(2) else [], match.group(3)
+        op, by, inner = (
+            match.group(1),
+            (match.group(2) or "").split(", ") if match.group(2) else [],
+            match.group(3),
+        )
         groups: dict[tuple[str, ...], list[float]] = {}
         for _, labels, value in self._inner(inner):
             groups.setdefault(tuple(labels.get(k, "") for k in by), []).append(value)
         at = self.scrapes[-1][0] if self.scrapes else time.time()
-        return [{"metric": {k: v for k, v in zip(by, key, strict=True) if v},
-                 "value": [at, repr(sum(values) if op == "sum" else min(values))]}
-                for key, values in sorted(groups.items())]
+        return [
+            {
+                "metric": {k: v for k, v in zip(by, key, strict=True) if v},
+                "value": [at, repr(sum(values) if op == "sum" else min(values))],
+            }
+            for key, values in sorted(groups.items())
+        ]
 
     async def _query(self, request: web.Request) -> web.Response:
         query = request.query.get("query", "")
@@ -138,7 +164,9 @@ class FakePrometheus:
             result = self.evaluate(query)
         except ValueError as exc:
             self.rejected.append(query)
-            return web.json_response({"status": "error", "errorType": "bad_data", "error": str(exc)}, status=400)
+            return web.json_response(
+                {"status": "error", "errorType": "bad_data", "error": str(exc)}, status=400
+            )
         return web.json_response({"status": "success", "data": {"resultType": "vector", "result": result}})
 
 
@@ -154,8 +182,12 @@ class Fleet:
 
     def send(self, proxy: str, model: str, n: int, *, stream: bool = False) -> None:
         for i in range(n):
-            body = {"model": model, "messages": [{"role": "user", "content": f"question {i} for {model}"}],
-                    "max_tokens": 6 + 3 * i, "stream": stream}
+            body = {
+                "model": model,
+                "messages": [{"role": "user", "content": f"question {i} for {model}"}],
+                "max_tokens": 6 + 3 * i,
+                "stream": stream,
+            }
             resp = self.http.post(f"{proxy}/v1/chat/completions", json=body)
             assert resp.status_code == 200, resp.text
 
@@ -184,9 +216,13 @@ def fleet() -> Iterator[Fleet]:
     try:
         sim_llama = servers.start(lambda: create_sim_app(get_profile("llama-3.1-8b-h100"), time_scale=50.0))
         sim_qwen = servers.start(lambda: create_sim_app(get_profile("qwen3-14b-h100"), time_scale=50.0))
-        both = dataclasses.replace(proxy_config(sim_llama), upstreams=(
-            UpstreamConfig(name="llama", url=sim_llama, models=(LLAMA,)),
-            UpstreamConfig(name="qwen", url=sim_qwen, models=(QWEN,))))
+        both = dataclasses.replace(
+            proxy_config(sim_llama),
+            upstreams=(
+                UpstreamConfig(name="llama", url=sim_llama, models=(LLAMA,)),
+                UpstreamConfig(name="qwen", url=sim_qwen, models=(QWEN,)),
+            ),
+        )
         proxy_a = servers.start(lambda: create_app(both), handler_cancellation=True)
         proxy_b = servers.start(lambda: create_app(proxy_config(sim_llama)), handler_cancellation=True)
         fleet = Fleet(servers, http, proxy_a, proxy_b)
@@ -229,7 +265,9 @@ def assert_same(got: dict[str, Any], want: dict[str, Any], keys: tuple[str, ...]
 # ---------------------------------------------------------------- tests
 
 
-def test_prometheus_matches_the_proxy_in_json_and_csv(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+def test_prometheus_matches_the_proxy_in_json_and_csv(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake, prom = fleet.prometheus((fleet.proxy_a, "a"))
     direct = report_json(["--proxy", fleet.proxy_a], capsys)
     summary = report_json(["--prometheus", prom], capsys)
@@ -240,7 +278,9 @@ def test_prometheus_matches_the_proxy_in_json_and_csv(fleet: Fleet, capsys: pyte
         assert_same(by_model(summary)[name], entry)
         assert by_model(summary)[name]["grade"] is None and by_model(summary)[name]["category"] is None
     assert_same(summary["totals"], direct["totals"])
-    assert summary["totals"]["metered_requests"] is None and "tenants" not in summary and "grid" not in summary
+    assert (
+        summary["totals"]["metered_requests"] is None and "tenants" not in summary and "grid" not in summary
+    )
     assert summary["meter"] == {"healthy": True}
     assert summary["idle_energy_j"] >= 0 and summary["window"]["start"] is None
 
@@ -265,8 +305,15 @@ def test_two_scrape_targets_are_summed(fleet: Fleet, capsys: pytest.CaptureFixtu
     assert sorted(b) == [LLAMA]
     _, prom = fleet.prometheus((fleet.proxy_a, "a:8080"), (fleet.proxy_b, "b:8080"))
     summed = by_model(report_json(["--prometheus", prom], capsys))
-    for key in ("requests", "prompt_tokens", "completion_tokens", "energy_j", "carbon_g", "carbon_operational_g",
-                "carbon_embodied_g"):
+    for key in (
+        "requests",
+        "prompt_tokens",
+        "completion_tokens",
+        "energy_j",
+        "carbon_g",
+        "carbon_operational_g",
+        "carbon_embodied_g",
+    ):
         assert summed[LLAMA][key] == pytest.approx(a[LLAMA][key] + b[LLAMA][key], rel=1e-9), key
     assert_same(summed[QWEN], a[QWEN])
 
@@ -309,8 +356,11 @@ def test_since_reads_increase_over_two_scrapes(fleet: Fleet, capsys: pytest.Capt
     assert sorted(got) == sorted([LLAMA, QWEN]) and got[QWEN]["requests"] == 2 and got[LLAMA]["requests"] == 1
     for name in (LLAMA, QWEN):
         for key in ("requests", "prompt_tokens", "completion_tokens", "energy_j", "carbon_g"):
-            want = sum(a[name][key] - b.get(name, {}).get(key, 0) for a, b in zip(after, before, strict=True)
-                       if name in a)
+            want = sum(
+                a[name][key] - b.get(name, {}).get(key, 0)
+                for a, b in zip(after, before, strict=True)
+                if name in a
+            )
             assert got[name][key] == pytest.approx(want, rel=1e-6, abs=1e-9), (name, key)
     # All-time totals are unaffected by the window and cover every request.
     everything = by_model(report_json(["--prometheus", prom], capsys))
@@ -324,26 +374,30 @@ def test_tenant_needs_a_tenant_label(fleet: Fleet, capsys: pytest.CaptureFixture
     assert err.startswith("scer-proxy report: --tenant: ") and "tenant label" in err
 
 
-def test_tenant_is_honoured_when_the_metrics_carry_it(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
-    exposition = "\n".join([
-        "# TYPE scer_requests counter",
-        'scer_requests_total{model="m",status="ok",tenant="acme"} 3',
-        'scer_requests_total{model="m",status="ok",tenant="other"} 5',
-        "# TYPE scer_tokens counter",
-        'scer_tokens_total{model="m",kind="prompt",tenant="acme"} 30',
-        'scer_tokens_total{model="m",kind="completion",tenant="acme"} 60',
-        'scer_tokens_total{model="m",kind="prompt",tenant="other"} 50',
-        'scer_tokens_total{model="m",kind="completion",tenant="other"} 100',
-        "# TYPE scer_energy_joules counter",
-        'scer_energy_joules_total{model="m",source="dcgm",tenant="acme"} 12',
-        'scer_energy_joules_total{model="m",source="dcgm",tenant="other"} 20',
-        "# TYPE scer_carbon_grams counter",
-        'scer_carbon_grams_total{model="m",part="operational",tenant="acme"} 0.5',
-        'scer_carbon_grams_total{model="m",part="embodied",tenant="acme"} 0.25',
-        'scer_carbon_grams_total{model="m",part="operational",tenant="other"} 1',
-        'scer_carbon_grams_total{model="m",part="embodied",tenant="other"} 1',
-        "",
-    ])
+def test_tenant_is_honoured_when_the_metrics_carry_it(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exposition = "\n".join(
+        [
+            "# TYPE scer_requests counter",
+            'scer_requests_total{model="m",status="ok",tenant="acme"} 3',
+            'scer_requests_total{model="m",status="ok",tenant="other"} 5',
+            "# TYPE scer_tokens counter",
+            'scer_tokens_total{model="m",kind="prompt",tenant="acme"} 30',
+            'scer_tokens_total{model="m",kind="completion",tenant="acme"} 60',
+            'scer_tokens_total{model="m",kind="prompt",tenant="other"} 50',
+            'scer_tokens_total{model="m",kind="completion",tenant="other"} 100',
+            "# TYPE scer_energy_joules counter",
+            'scer_energy_joules_total{model="m",source="dcgm",tenant="acme"} 12',
+            'scer_energy_joules_total{model="m",source="dcgm",tenant="other"} 20',
+            "# TYPE scer_carbon_grams counter",
+            'scer_carbon_grams_total{model="m",part="operational",tenant="acme"} 0.5',
+            'scer_carbon_grams_total{model="m",part="embodied",tenant="acme"} 0.25',
+            'scer_carbon_grams_total{model="m",part="operational",tenant="other"} 1',
+            'scer_carbon_grams_total{model="m",part="embodied",tenant="other"} 1',
+            "",
+        ]
+    )
 
     def exporter() -> web.Application:
         async def metrics(_: web.Request) -> web.Response:
@@ -358,9 +412,18 @@ def test_tenant_is_honoured_when_the_metrics_carry_it(fleet: Fleet, capsys: pyte
     summary = report_json(["--prometheus", prom, "--tenant", "acme"], capsys)
     assert fake.rejected == []
     assert summary["totals"] | {"metered_requests": 0, "settled_requests": 0} == {
-        "requests": 3, "prompt_tokens": 30, "completion_tokens": 60, "energy_j": 12.0, "carbon_g": 0.75,
-        "carbon_operational_g": 0.5, "carbon_embodied_g": 0.25, "energy_j_per_1k_output_tokens": 200.0,
-        "sci": 12.5, "metered_requests": 0, "settled_requests": 0}
+        "requests": 3,
+        "prompt_tokens": 30,
+        "completion_tokens": 60,
+        "energy_j": 12.0,
+        "carbon_g": 0.75,
+        "carbon_operational_g": 0.5,
+        "carbon_embodied_g": 0.25,
+        "energy_j_per_1k_output_tokens": 200.0,
+        "sci": 12.5,
+        "metered_requests": 0,
+        "settled_requests": 0,
+    }
     assert summary["idle_energy_j"] is None and summary["meter"] == {"healthy": None}
 
 
@@ -373,20 +436,40 @@ def _answering(status: int, body: bytes, content_type: str) -> web.Application:
     return app
 
 
-@pytest.mark.parametrize("status, body, content_type, reason", [
-    (503, b"Service Unavailable", "text/plain", "HTTP 503 Service Unavailable"),
-    (422, b'{"status":"error","errorType":"execution","error":"query timed out\\nin a line"}', "application/json",
-     "HTTP 422: execution: query timed out in a line"),
-    (200, b'{"status":"error","errorType":"internal","error":"boom"}', "application/json", "internal: boom"),
-    (200, b"<html>not prometheus</html>", "text/html", "not JSON"),
-    (200, b'{"status":"success","data":{"resultType":"matrix","result":[]}}', "application/json", "matrix"),
-])
-def test_a_failing_prometheus_is_one_line_exit_1(fleet: Fleet, capsys: pytest.CaptureFixture[str], status: int,
-                                                 body: bytes, content_type: str, reason: str) -> None:
+@pytest.mark.parametrize(
+    "status, body, content_type, reason",
+    [
+        (503, b"Service Unavailable", "text/plain", "HTTP 503 Service Unavailable"),
+        (
+            422,
+            b'{"status":"error","errorType":"execution","error":"query timed out\\nin a line"}',
+            "application/json",
+            "HTTP 422: execution: query timed out in a line",
+        ),
+        (
+            200,
+            b'{"status":"error","errorType":"internal","error":"boom"}',
+            "application/json",
+            "internal: boom",
+        ),
+        (200, b"<html>not prometheus</html>", "text/html", "not JSON"),
+        (
+            200,
+            b'{"status":"success","data":{"resultType":"matrix","result":[]}}',
+            "application/json",
+            "matrix",
+        ),
+    ],
+)
+def test_a_failing_prometheus_is_one_line_exit_1(
+    fleet: Fleet, capsys: pytest.CaptureFixture[str], status: int, body: bytes, content_type: str, reason: str
+) -> None:
     url = fleet.servers.start(lambda: _answering(status, body, content_type))
     code, out, err = report(["--prometheus", url], capsys)
     assert code == 1 and out == ""
-    assert err.count("\n") == 1 and err.startswith(f"scer-proxy report: Prometheus at {url}: ") and reason in err
+    assert (
+        err.count("\n") == 1 and err.startswith(f"scer-proxy report: Prometheus at {url}: ") and reason in err
+    )
 
 
 def test_unreachable_prometheus_is_one_line_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
@@ -396,16 +479,19 @@ def test_unreachable_prometheus_is_one_line_exit_1(capsys: pytest.CaptureFixture
     assert err.startswith(f"scer-proxy report: Prometheus at http://127.0.0.1:{port}: unreachable")
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--prometheus", "prometheus:9090"], "--prometheus"),
-    (["--prometheus", "ftp://prometheus:9090"], "--prometheus"),
-    (["--prometheus", "http://"], "--prometheus"),
-    (["--prometheus", "http://prometheus:99999"], "--prometheus"),
-    (["--prometheus", "http://prom etheus:9090"], "--prometheus"),
-    (["--prometheus", ""], "--prometheus"),
-    (["--prometheus", "http://127.0.0.1:9", "--since", "yesterday"], "--since"),
-    (["--prometheus", "http://127.0.0.1:9", "--since", "0s"], "--since"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--prometheus", "prometheus:9090"], "--prometheus"),
+        (["--prometheus", "ftp://prometheus:9090"], "--prometheus"),
+        (["--prometheus", "http://"], "--prometheus"),
+        (["--prometheus", "http://prometheus:99999"], "--prometheus"),
+        (["--prometheus", "http://prom etheus:9090"], "--prometheus"),
+        (["--prometheus", ""], "--prometheus"),
+        (["--prometheus", "http://127.0.0.1:9", "--since", "yesterday"], "--since"),
+        (["--prometheus", "http://127.0.0.1:9", "--since", "0s"], "--since"),
+    ],
+)
 def test_bad_usage_is_one_line_exit_2(argv: list[str], flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = report(argv, capsys)
     assert code == 2 and out == "" and err.count("\n") == 1
@@ -413,14 +499,23 @@ def test_bad_usage_is_one_line_exit_2(argv: list[str], flag: str, capsys: pytest
 
 
 def test_promql_building_blocks() -> None:
-    assert [promql.duration(s) for s in (5400, 3600, 7 * 86400, 90, 1.5, 0.25 * 3600)] == \
-        ["90m", "1h", "7d", "90s", "1500ms", "15m"]
+    assert [promql.duration(s) for s in (5400, 3600, 7 * 86400, 90, 1.5, 0.25 * 3600)] == [
+        "90m",
+        "1h",
+        "7d",
+        "90s",
+        "1500ms",
+        "15m",
+    ]
     with pytest.raises(ValueError):
         promql.duration(0)
     assert promql.string('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
     queries = promql.summary_queries(3600.0, model="m")
     assert queries["requests"] == 'sum by (model) (increase(scer_requests_total{model="m"}[1h]))'
-    assert queries["energy"] == 'sum by (model) (increase(scer_energy_joules_total{model="m",source!="none"}[1h]))'
+    assert (
+        queries["energy"]
+        == 'sum by (model) (increase(scer_energy_joules_total{model="m",source!="none"}[1h]))'
+    )
     assert promql.summary_queries(None)["tokens"] == "sum by (model, kind) (scer_tokens_total)"
     assert promql.check_url(" http://prom:9090/prefix/ ") == "http://prom:9090/prefix"
     with pytest.raises(promql.PrometheusError):

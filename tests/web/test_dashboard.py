@@ -58,7 +58,9 @@ def http() -> Iterator[httpx.Client]:
         yield client
 
 
-def _sim_proxy(servers: ThreadedServers, start_proxy: Callable[..., str], **sections: dict) -> tuple[str, str]:
+def _sim_proxy(
+    servers: ThreadedServers, start_proxy: Callable[..., str], **sections: dict
+) -> tuple[str, str]:
     sim = servers.start(lambda: create_sim_app(time_scale=50.0))
     return sim, start_proxy(sim, meter={"kind": "simulated"}, **sections)
 
@@ -66,8 +68,10 @@ def _sim_proxy(servers: ThreadedServers, start_proxy: Callable[..., str], **sect
 def _one_settled_request(http: httpx.Client, sim: str, proxy: str, headers: dict[str, str]) -> str:
     """One chat completion through the proxy, waited on until its record settles; returns the model."""
     model = http.get(f"{sim}/v1/models").json()["data"][0]["id"]
-    resp = http.post(f"{proxy}/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "rivers?"}], "max_tokens": 16})
+    resp = http.post(
+        f"{proxy}/v1/chat/completions",
+        json={"model": model, "messages": [{"role": "user", "content": "rivers?"}], "max_tokens": 16},
+    )
     assert resp.status_code == 200
     url = f"{proxy}/scer/requests/{resp.headers['x-scer-request-id']}"
     deadline = time.monotonic() + 10
@@ -77,15 +81,18 @@ def _one_settled_request(http: httpx.Client, sim: str, proxy: str, headers: dict
     return model
 
 
-def test_page_is_self_contained_with_strict_headers(servers: ThreadedServers, start_proxy: Callable[..., str],
-                                                    http: httpx.Client) -> None:
+def test_page_is_self_contained_with_strict_headers(
+    servers: ThreadedServers, start_proxy: Callable[..., str], http: httpx.Client
+) -> None:
     _sim, proxy = _sim_proxy(servers, start_proxy)
     resp = http.get(f"{proxy}/scer/")
     assert resp.status_code == 200
     assert resp.headers["content-type"].split(";")[0] == "text/html"
     assert resp.headers["cache-control"] == "no-store"
     assert resp.headers["x-content-type-options"] == "nosniff"
-    csp = {d.split()[0]: d.split()[1:] for d in resp.headers["content-security-policy"].split(";") if d.strip()}
+    csp = {
+        d.split()[0]: d.split()[1:] for d in resp.headers["content-security-policy"].split(";") if d.strip()
+    }
     assert csp["default-src"] == ["'self'"] and csp["connect-src"] == ["'self'"]
     assert csp["object-src"] == ["'none'"] and csp["frame-ancestors"] == ["'none'"]
     page = _Page(resp.text)
@@ -96,7 +103,10 @@ def test_page_is_self_contained_with_strict_headers(servers: ThreadedServers, st
     assert csp["style-src"] == [f"'nonce-{nonce}'"]
     assert all(attrs.get("nonce") == nonce for tag, attrs in page.tags if tag == "style")
     assert "__CSP_NONCE__" not in resp.text
-    assert http.get(f"{proxy}/scer/").headers["content-security-policy"] != resp.headers["content-security-policy"]
+    assert (
+        http.get(f"{proxy}/scer/").headers["content-security-policy"]
+        != resp.headers["content-security-policy"]
+    )
     # Offline: no absolute URL anywhere, no stylesheet, font, image or frame from elsewhere.
     assert "http://" not in resp.text and "https://" not in resp.text
     for tag, attrs in page.tags:
@@ -107,19 +117,30 @@ def test_page_is_self_contained_with_strict_headers(servers: ThreadedServers, st
     assert "@import" not in resp.text and "url(" not in resp.text
 
 
-def test_script_builds_no_html_from_strings(servers: ThreadedServers, start_proxy: Callable[..., str],
-                                            http: httpx.Client) -> None:
+def test_script_builds_no_html_from_strings(
+    servers: ThreadedServers, start_proxy: Callable[..., str], http: httpx.Client
+) -> None:
     _sim, proxy = _sim_proxy(servers, start_proxy)
     script = _Page(http.get(f"{proxy}/scer/").text).script
     assert "createElement" in script and "textContent" in script  # the script is there and builds nodes
-    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function",
-                 "setAttribute(\"style\"", "DOMParser", "createContextualFragment"):
+    for sink in (
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+        "new Function",
+        'setAttribute("style"',
+        "DOMParser",
+        "createContextualFragment",
+    ):
         assert sink not in script, sink
     assert "encodeURIComponent(model)" in script  # the model in the label link is URL-encoded
 
 
-def test_every_endpoint_and_field_the_page_reads_exists(servers: ThreadedServers, start_proxy: Callable[..., str],
-                                                        http: httpx.Client) -> None:
+def test_every_endpoint_and_field_the_page_reads_exists(
+    servers: ThreadedServers, start_proxy: Callable[..., str], http: httpx.Client
+) -> None:
     sim, proxy = _sim_proxy(servers, start_proxy)
     model = _one_settled_request(http, sim, proxy, {})
     page = _Page(http.get(f"{proxy}/scer/").text)
@@ -143,9 +164,17 @@ def test_every_endpoint_and_field_the_page_reads_exists(servers: ThreadedServers
     records = http.get(f"{proxy}/scer/requests?limit=50").json()
     assert records["data"][0]["energy_j"] > 0 and summary["models"][0]["model"] == model
     objects = {
-        "summary": summary, "totals": summary["totals"], "span": summary["window"], "m": summary["models"][0],
-        "tenant": summary["tenants"][0], "meter": summary["meter"], "upstream": summary["meter"]["upstreams"][0],
-        "grid": summary["grid"], "health": health, "ledger": health["ledger"], "list": records,
+        "summary": summary,
+        "totals": summary["totals"],
+        "span": summary["window"],
+        "m": summary["models"][0],
+        "tenant": summary["tenants"][0],
+        "meter": summary["meter"],
+        "upstream": summary["meter"]["upstreams"][0],
+        "grid": summary["grid"],
+        "health": health,
+        "ledger": health["ledger"],
+        "list": records,
         "r": records["data"][0],
     }
     for name, obj in objects.items():
@@ -154,15 +183,21 @@ def test_every_endpoint_and_field_the_page_reads_exists(servers: ThreadedServers
         assert fields <= obj.keys(), (name, fields - obj.keys())
 
 
-def test_admin_token_gates_the_data_but_not_the_page(servers: ThreadedServers, start_proxy: Callable[..., str],
-                                                     http: httpx.Client) -> None:
+def test_admin_token_gates_the_data_but_not_the_page(
+    servers: ThreadedServers, start_proxy: Callable[..., str], http: httpx.Client
+) -> None:
     sim, proxy = _sim_proxy(servers, start_proxy, server={"admin_token": TOKEN})
     auth = {"Authorization": f"Bearer {TOKEN}"}
     model = _one_settled_request(http, sim, proxy, auth)
     page = http.get(f"{proxy}/scer/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    paths = ["/scer/summary", "/scer/requests?limit=50", "/scer/health", "/metrics",
-             f"/scer/label/{quote(model, safe='')}.svg"]
+    paths = [
+        "/scer/summary",
+        "/scer/requests?limit=50",
+        "/scer/health",
+        "/metrics",
+        f"/scer/label/{quote(model, safe='')}.svg",
+    ]
     for path in paths:
         assert http.get(proxy + path).status_code == 401, path
         assert http.get(proxy + path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
@@ -176,8 +211,9 @@ def test_admin_token_gates_the_data_but_not_the_page(servers: ThreadedServers, s
         assert needle in script, needle
 
 
-def test_scer_redirects_to_the_page(servers: ThreadedServers, start_proxy: Callable[..., str],
-                                    http: httpx.Client) -> None:
+def test_scer_redirects_to_the_page(
+    servers: ThreadedServers, start_proxy: Callable[..., str], http: httpx.Client
+) -> None:
     _sim, proxy = _sim_proxy(servers, start_proxy)
     resp = http.get(f"{proxy}/scer")
     assert resp.status_code == 301 and resp.headers["location"] == "/scer/"

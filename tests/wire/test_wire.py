@@ -11,14 +11,17 @@ import pytest
 from scer_proxy.wire import openai as wire
 
 
-@pytest.mark.parametrize(("event", "payload"), [
-    (b'data: {"a":1}\n\n', b'{"a":1}'),
-    (b"data: [DONE]\r\n\r\n", b"[DONE]"),
-    (b"event: response.completed\ndata: {}\n\n", b"{}"),
-    (b"data: a\ndata: b\n\n", b"a\nb"),
-    (b"data:x\n\n", b"x"),
-    (b": scer {}\n\n", None),
-])
+@pytest.mark.parametrize(
+    ("event", "payload"),
+    [
+        (b'data: {"a":1}\n\n', b'{"a":1}'),
+        (b"data: [DONE]\r\n\r\n", b"[DONE]"),
+        (b"event: response.completed\ndata: {}\n\n", b"{}"),
+        (b"data: a\ndata: b\n\n", b"a\nb"),
+        (b"data:x\n\n", b"x"),
+        (b": scer {}\n\n", None),
+    ],
+)
 def test_event_payload(event: bytes, payload: bytes | None) -> None:
     assert wire.event_payload(event) == payload
 
@@ -33,13 +36,16 @@ def test_scanner_keeps_partial_events_across_reads() -> None:
     assert scanner.flush() == b""
 
 
-@pytest.mark.parametrize(("usage", "expected"), [
-    ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, (3, 4)),
-    ({"prompt_tokens": 9, "total_tokens": 9}, (9, 0)),  # embeddings
-    ({"input_tokens": 5, "output_tokens": 2}, (5, 2)),  # responses
-    (None, None),
-    ({"prompt_tokens": "3"}, None),
-])
+@pytest.mark.parametrize(
+    ("usage", "expected"),
+    [
+        ({"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}, (3, 4)),
+        ({"prompt_tokens": 9, "total_tokens": 9}, (9, 0)),  # embeddings
+        ({"input_tokens": 5, "output_tokens": 2}, (5, 2)),  # responses
+        (None, None),
+        ({"prompt_tokens": "3"}, None),
+    ],
+)
 def test_read_usage_shapes(usage: object, expected: tuple[int, int] | None) -> None:
     got = wire.read_usage(usage)
     assert (None if got is None else (got.prompt_tokens, got.completion_tokens)) == expected
@@ -48,8 +54,10 @@ def test_read_usage_shapes(usage: object, expected: tuple[int, int] | None) -> N
 def test_strip_null_usage_keeps_every_other_byte() -> None:
     for event in (b'data: {"id":"x","choices":[],"usage":null}\n\n', b'data: {"usage": null, "id":"x"}\n\n'):
         stripped = wire.strip_null_usage(event)
-        assert b"usage" not in stripped and orjson.loads(stripped[6:]) == {"id": "x", **(
-            {"choices": []} if b"choices" in event else {})}
+        assert b"usage" not in stripped and orjson.loads(stripped[6:]) == {
+            "id": "x",
+            **({"choices": []} if b"choices" in event else {}),
+        }
 
 
 def test_usage_request_injection_keeps_client_options() -> None:
