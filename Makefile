@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check scer_proxy tests bench scripts
 	$(BIN)/ruff format --check scer_proxy tests bench scripts
 	$(BIN)/mypy scer_proxy
+	$(BIN)/python scripts/import_graph.py > /dev/null
 
 ## llama.cpp's llama-server and a tiny generated model, for the integration tests (about 8 min, once).
 llamacpp: $(STAMP)

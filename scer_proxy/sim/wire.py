@@ -12,8 +12,6 @@ from typing import Any
 
 from scer_proxy.wire import tokens
 
-KINDS = ("chat", "completions")
-
 
 class WireError(Exception):
     """A request error, answered in the OpenAI error shape."""

@@ -22,7 +22,6 @@ METERED_PATHS = {
     "/v1/responses": "responses",
 }
 
-DONE_EVENT = b"data: [DONE]"
 _USAGE_NULL = re.compile(rb',\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 
@@ -140,15 +139,6 @@ def chunk_text(chunk: dict[str, Any]) -> str:
     if chunk.get("type") == "response.output_text.delta":
         return str(chunk.get("delta") or "")
     return ""
-
-
-@dataclass
-class StreamEvent:
-    """What the relay learned from one SSE event it forwarded (or changed)."""
-
-    has_tokens: bool = False
-    usage: Usage | None = None
-    done: bool = False
 
 
 @dataclass
