@@ -290,45 +290,18 @@ class ProxyHandler:
                 return await self._buffered(request, resp, record, ex, parsed, upstream)
             finally:
                 resp.release()
-        except asyncio.CancelledError:
-            # The client went away while the upstream was still working: the upstream connection is closed
-            # with the cancelled task, which stops the generation.
+        except (asyncio.CancelledError, Exception) as exc:
             if not ex.closed:
+                status, http_status, flag = _failure(exc)
                 self._close(
                     record,
                     ex,
                     parsed,
-                    status="cancelled",
-                    http_status=None,
+                    status=status,
+                    http_status=http_status,
                     completion_tokens=0,
                     usage=None,
-                    flags=("client_disconnected",),
-                )
-            raise
-        except ProxyError as exc:
-            if not ex.closed:
-                self._close(
-                    record,
-                    ex,
-                    parsed,
-                    status="error",
-                    http_status=exc.status,
-                    completion_tokens=0,
-                    usage=None,
-                    flags=(exc.code,),
-                )
-            raise
-        except Exception:
-            if not ex.closed:
-                self._close(
-                    record,
-                    ex,
-                    parsed,
-                    status="error",
-                    http_status=None,
-                    completion_tokens=0,
-                    usage=None,
-                    flags=("proxy_failure",),
+                    flags=(flag,),
                 )
             raise
 
@@ -445,6 +418,17 @@ _CHUNK_KEYS = frozenset(
         "obfuscation",
     )
 )
+
+
+def _failure(exc: BaseException) -> tuple[str, int | None, str]:
+    """How a request that ended in ``exc`` is recorded: its status, HTTP status and flag."""
+    if isinstance(exc, asyncio.CancelledError):
+        # The client went away while the upstream was still working: the upstream connection closes
+        # with the cancelled task, which stops the generation.
+        return "cancelled", None, "client_disconnected"
+    if isinstance(exc, ProxyError):
+        return "error", exc.status, exc.code
+    return "error", None, "proxy_failure"
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:
