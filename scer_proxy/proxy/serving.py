@@ -45,7 +45,7 @@ async def wait_for_signal() -> None:
 # collections. CPython's default, 700, makes the proxy run a young collection every few requests; each
 # walks the young objects and finds almost nothing to free (request objects die by reference count).
 # Timed with gc.callbacks under 64 concurrent clients, the collector took about 6 % of the proxy's time,
-# with pauses of up to 40 ms when the old generation was walked (README, "Running it").
+# with pauses of up to 40 ms when the old generation was walked (docs/performance.md, "The collector tuning").
 GC_YOUNG_THRESHOLD = 10_000
 
 
