@@ -14,8 +14,6 @@ from importlib import resources
 
 from scer_proxy.config import CarbonConfig, ConfigError
 
-TABLE_CREDIT = "Grid intensity: Ember / Our World in Data (CC BY 4.0)"
-
 
 @dataclass(frozen=True)
 class GridIntensity:
