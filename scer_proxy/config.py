@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from scer_proxy.carbon.embodied import EMBODIED_PRESETS
+
 
 class ConfigError(ValueError):
     """A bad configuration key, type or value; the message is one line naming the key."""
@@ -195,25 +197,6 @@ class CarbonConfig:
             )
         if not 1.0 <= self.pue <= 5.0:
             raise ConfigError(f"carbon.pue: must be between 1.0 and 5.0, got {self.pue}")
-
-
-# Embodied-emission presets: kgCO2e per GPU, per server (without GPUs), GPUs per server, lifetime years.
-EMBODIED_PRESETS: dict[str, dict[str, float | int]] = {
-    # NVIDIA HGX H100 product carbon footprint (8 GPUs on one board), 164 kg a GPU, as EcoLogits uses it;
-    # the server without GPUs and the 4-year lifetime as in Luccioni et al. (2022) and SCI examples.
-    "h100": {"gpu_kg": 164.0, "server_kg": 2500.0, "gpus_per_server": 8, "lifetime_years": 4.0},
-    # No product carbon footprint of the H200 is published: taken equal to the H100's (same die, more HBM).
-    "h200": {"gpu_kg": 164.0, "server_kg": 2500.0, "gpus_per_server": 8, "lifetime_years": 4.0},
-    # Luccioni, Viguier, Ligozat (2022), "Estimating the carbon footprint of BLOOM": 150 kg an A100,
-    # 2,500 kg a server, 6 years.
-    "a100": {"gpu_kg": 150.0, "server_kg": 2500.0, "gpus_per_server": 8, "lifetime_years": 6.0},
-    # NVIDIA (2025), "NVIDIA HGX B200 reduces embodied carbon emissions intensity": per FP16 exaflop the
-    # HGX B200 embodies 24 % less than the HGX H100 at 2.3x its throughput, so per GPU about
-    # 164 x 2.3 x 0.76 = 287 kg (derived here from those two published ratios).
-    "b200": {"gpu_kg": 287.0, "server_kg": 2500.0, "gpus_per_server": 8, "lifetime_years": 4.0},
-    # A CPU-only server (llama.cpp on CPUs): the whole server is the unit, no GPU.
-    "cpu-server": {"gpu_kg": 0.0, "server_kg": 2500.0, "gpus_per_server": 1, "lifetime_years": 4.0},
-}
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,6 @@ from importlib import resources
 
 from scer_proxy.config import CarbonConfig, ConfigError
 
-WORLD_AVERAGE_G_PER_KWH = 475.0  # IEA 2019, the fallback codecarbon uses
-TABLE_CREDIT = "Grid intensity: Ember / Our World in Data (CC BY 4.0)"
-
 
 @dataclass(frozen=True)
 class GridIntensity:

@@ -7,14 +7,15 @@ import argparse
 import asyncio
 import dataclasses
 import random
-from typing import Any
 
 import httpx
 import openai
 from aiohttp import web
 from tqdm import tqdm
 
-from scer_proxy.cli.main import start_proxy
+from scer_proxy.cli.errors import command
+from scer_proxy.cli.serve import run_on_uvloop, start_proxy
+from scer_proxy.cli.tables import summary_table
 from scer_proxy.config import UpstreamConfig, load_config, parse_listen
 from scer_proxy.proxy.serving import serve_app, wait_for_signal
 from scer_proxy.sim import create_sim_app, get_profile
@@ -57,48 +58,7 @@ async def _one(client: openai.AsyncOpenAI, model: str, i: int, rng: random.Rando
         await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
-def summary_table(summary: dict[str, Any]) -> str:
-    """The summary as a table a person reads at a glance."""
-    header = ["model", "requests", "tokens in", "tokens out", "Wh", "gCO2e", "gCO2e/1k out", "grade"]
-    rows = []
-    for m in [*summary["models"], {"model": "TOTAL", "grade": "", **summary["totals"]}]:
-        energy_wh = None if m.get("energy_j") is None else m["energy_j"] / 3600.0
-        per_1k = None
-        if m.get("carbon_g") is not None and m.get("completion_tokens"):
-            per_1k = m["carbon_g"] * 1000.0 / m["completion_tokens"]
-        rows.append(
-            [
-                m["model"],
-                _fmt(m["requests"]),
-                _fmt(m["prompt_tokens"]),
-                _fmt(m["completion_tokens"]),
-                _fmt(energy_wh),
-                _fmt(m.get("carbon_g")),
-                _fmt(per_1k),
-                m.get("grade", ""),
-            ]
-        )
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            str(c).ljust(w) if i == 0 else str(c).rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        )
-        for r in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-async def run_demo(args: argparse.Namespace) -> int:
+async def _demo(args: argparse.Namespace) -> int:
     sim_runner, sim_url, model = await _start_simulator(args.time_scale)
     host, port = parse_listen(args.listen, "--listen")
     # The demo keeps its ledger in a temporary database, so each run starts from zero.
@@ -126,7 +86,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         async with httpx.AsyncClient() as http:
             summary = (await http.get(f"{proxy_url}/scer/summary")).json()
         print()
-        print(summary_table(summary))
+        print(summary_table(summary, total="TOTAL"))
         grid = summary["grid"]
         print(
             f"\ngrid {grid['intensity_g_per_kwh']} gCO2e/kWh ({grid['source']}, {grid['as_of']}); "
@@ -146,3 +106,11 @@ async def run_demo(args: argparse.Namespace) -> int:
     finally:
         await proxy_runner.cleanup()
         await sim_runner.cleanup()
+
+
+@command("demo")
+def demo_command(args: argparse.Namespace) -> int:
+    from scer_proxy.logs import configure_logging
+
+    configure_logging("warning", json=False)
+    return run_on_uvloop(_demo(args))

@@ -1,124 +1,22 @@
-"""The ``scer-proxy`` command: argument parsing and process setup (uvloop, logging, signals).
+"""The ``scer-proxy`` command line: the parser, and the dispatch to one module a command.
 
-Exit codes: 0 success, 2 bad usage or configuration (one line naming the key or flag), 1 anything else.
+Exit codes: 0 success, 2 bad usage or configuration, 1 a failure at run time; every failure is one line
+on stderr (see ``scer_proxy.cli.errors``).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import os
-import sys
-from collections.abc import Coroutine, Sequence
-from typing import Any, NoReturn
-
-from aiohttp import web
+from collections.abc import Sequence
+from typing import NoReturn
 
 from scer_proxy import __version__
-from scer_proxy.config import Config, ConfigError, load_config, parse_listen
-from scer_proxy.ledger.sqlite import LedgerError
-from scer_proxy.proxy.serving import tune_gc_for_serving, wait_for_signal
-
-
-class UsageError(Exception):
-    """Bad usage of the command line: printed as one line, exit code 2."""
+from scer_proxy.cli.errors import USAGE, CliError, Command, print_error
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{self.prog}: {message}")
-
-
-def _run(coro: Coroutine[Any, Any, int]) -> int:
-    """Run the coroutine on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on every platform we test
-        return asyncio.run(coro)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)
-
-
-async def start_proxy(
-    config: Config, host: str | None = None, port: int | None = None
-) -> tuple[web.AppRunner, str]:
-    """Start the proxy on its listen address (or the given one); returns the runner and the base URL."""
-    from scer_proxy.app import create_app
-    from scer_proxy.proxy.serving import serve_app
-
-    return await serve_app(
-        create_app(config),
-        host if host is not None else config.server.host,
-        port if port is not None else config.server.port,
-    )
-
-
-async def _serve(config: Config) -> int:
-    import structlog
-
-    log = structlog.get_logger("scer_proxy")
-    runner, url = await start_proxy(config)
-    frozen, young_threshold = tune_gc_for_serving()
-    log.info(
-        "listening",
-        url=url,
-        upstreams=[u.url for u in config.upstreams],
-        meter=config.meter.kind,
-        version=__version__,
-        gc_frozen_objects=frozen,
-        gc_young_threshold=young_threshold,
-    )
-    try:
-        await wait_for_signal()
-    finally:
-        log.info("stopping", reason="signal")
-        await runner.cleanup()
-    return 0
-
-
-async def _simulate(args: argparse.Namespace) -> int:
-    import structlog
-
-    from scer_proxy.sim import get_profile, serve_simulator
-
-    host, port = parse_listen(args.listen, "--listen")
-    profile = get_profile(args.profile)
-    task = asyncio.create_task(
-        serve_simulator(
-            host,
-            port,
-            profile=profile,
-            time_scale=args.time_scale,
-            seed=args.seed,
-            metrics_period_ms=args.metrics_period_ms,
-        )
-    )
-    waiter = asyncio.create_task(wait_for_signal())
-    done, _pending = await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    for pending in (task, waiter):
-        pending.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pending
-    if task in done and task.exception() is not None:
-        raise task.exception()  # type: ignore[misc]
-    structlog.get_logger("scer_proxy.sim").info("stopped")
-    return 0
-
-
-def _config_from(args: argparse.Namespace) -> Config:
-    overrides: dict[str, dict[str, Any]] = {}
-    if args.listen:
-        overrides.setdefault("server", {})["listen"] = args.listen
-    if args.log_level:
-        overrides.setdefault("server", {})["log_level"] = args.log_level
-    if args.meter:
-        overrides.setdefault("meter", {})["kind"] = args.meter
-    if args.dcgm_url:
-        overrides.setdefault("meter", {})["dcgm_url"] = args.dcgm_url
-    if args.db:
-        overrides.setdefault("storage", {})["path"] = args.db
-    return load_config(args.config, environ=os.environ, overrides=overrides, upstream_url=args.upstream)
+        raise CliError(f"{self.prog}: {message}", USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,63 +135,41 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _command(name: str) -> Command:
+    """The function of a command, imported only when it runs (``demo`` and ``bench`` pull in openai)."""
+    if name in ("serve", "simulate"):
+        from scer_proxy.cli import serve
+
+        return serve.serve_command if name == "serve" else serve.simulate_command
+    if name == "bench":
+        from scer_proxy.cli.bench import bench_command
+
+        return bench_command
+    if name == "rate":
+        from scer_proxy.cli.rate import rate_command
+
+        return rate_command
+    if name == "label":
+        from scer_proxy.cli.label import label_command
+
+        return label_command
+    if name == "report":
+        from scer_proxy.cli.report import main_report
+
+        return main_report
+    from scer_proxy.cli.demo import demo_command
+
+    return demo_command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    from scer_proxy.logs import configure_logging
-
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
-        if args.command == "serve":
-            config = _config_from(args)
-            configure_logging(config.server.log_level)
-            return _run(_serve(config))
-        if args.command == "simulate":
-            from scer_proxy.sim import get_profile, list_profiles
-
-            if args.list_profiles:
-                for name in list_profiles():
-                    print(name)
-                return 0
-            parse_listen(args.listen, "--listen")
-            try:
-                get_profile(args.profile)
-            except (KeyError, ValueError):
-                raise UsageError(
-                    f"scer-proxy simulate: --profile: unknown profile {args.profile!r} (see --list-profiles)"
-                ) from None
-            configure_logging("info")
-            return _run(_simulate(args))
-        if args.command == "bench":
-            from scer_proxy.cli.commands import bench_command
-
-            configure_logging("warning", json=False)
-            return bench_command(args)
-        if args.command == "rate":
-            from scer_proxy.cli.commands import rate_command
-
-            return rate_command(args)
-        if args.command == "report":
-            from scer_proxy.cli.report import main_report
-
-            return main_report(args)
-        if args.command == "label":
-            from scer_proxy.cli.commands import label_command
-
-            return label_command(args)
-        if args.command == "demo":
-            from scer_proxy.cli.demo import run_demo
-
-            configure_logging("warning", json=False)
-            return _run(run_demo(args))
-    except LedgerError as exc:
-        print(f"scer-proxy: storage.path: {exc}", file=sys.stderr)
-        return 2
-    except (UsageError, ConfigError) as exc:
-        text = str(exc)
-        print(text if text.startswith("scer-proxy") else f"scer-proxy: {text}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"scer-proxy: {exc}", file=sys.stderr)
-        return 1
+        args = parser.parse_args(argv)
+    except CliError as exc:
+        print_error(exc.message)
+        return exc.exit_code
+    try:
+        return _command(args.command)(args)
     except KeyboardInterrupt:
         return 130
-    return 2

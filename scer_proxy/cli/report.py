@@ -1,8 +1,8 @@
 """``scer-proxy report``: the summary from the ledger database, a running proxy or a Prometheus server that
 scrapes many proxies, as a table, JSON or CSV.
 
-The PromQL and the summary built from its answers are in ``scer_proxy.promql`` (pure); this module sends the
-queries (``GET /api/v1/query``) and turns transport and protocol failures into one line.
+The PromQL and the summary built from its answers are in ``scer_proxy.summary.promql`` (pure); this module
+sends the queries (``GET /api/v1/query``) and turns transport and protocol failures into one line.
 """
 
 from __future__ import annotations
@@ -18,6 +18,19 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from scer_proxy.cli.errors import (
+    TIMEOUT_S,
+    USAGE,
+    CliError,
+    command,
+    file_not_found,
+    get,
+    http_status,
+    one_line,
+    proxy_at,
+    request_failed,
+)
+from scer_proxy.cli.tables import fmt_number, summary_rows, summary_table
 from scer_proxy.summary.build import parse_duration_s
 
 if TYPE_CHECKING:
@@ -25,16 +38,6 @@ if TYPE_CHECKING:
 
     from scer_proxy.summary.promql import Sample
 
-_COLUMNS = (
-    "model",
-    "requests",
-    "prompt tokens",
-    "completion tokens",
-    "Wh",
-    "gCO2e",
-    "gCO2e per 1,000 output tokens",
-    "grade",
-)
 _CSV_COLUMNS = (
     "model",
     "requests",
@@ -66,80 +69,29 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _rows(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
-    """One row a model, then the total: model, requests, tokens, Wh, gCO2e, gCO2e per 1,000 output, grade."""
-
-    def row(name: str, t: dict[str, Any], grade: str) -> tuple[Any, ...]:
-        energy_j, carbon_g = t.get("energy_j"), t.get("carbon_g")
-        return (
-            name,
-            t["requests"],
-            t["prompt_tokens"],
-            t["completion_tokens"],
-            None if energy_j is None else energy_j / 3600.0,
-            carbon_g,
-            t.get("sci"),
-            grade,
-        )
-
-    rows = [row(m["model"], m, m.get("grade", "unrated")) for m in summary.get("models", [])]
-    rows.append(row("total", summary["totals"], ""))
-    return rows
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
-
-
 def render(summary: dict[str, Any], fmt: str) -> str:
     """The summary as ``table`` (aligned text), ``json`` (the summary object) or ``csv`` (one row a
     model and a total; energy in Wh, carbon in gCO2e, intensity per 1,000 output tokens)."""
     if fmt == "json":
         return orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
-    rows = _rows(summary)
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(_CSV_COLUMNS)
-        writer.writerows(["" if v is None else v for v in r] for r in rows)
+        writer.writerows(["" if v is None else v for v in r] for r in summary_rows(summary))
         return out.getvalue()
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}")
-    cells = [list(_COLUMNS)] + [[_fmt(v) for v in r] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
-
-    def line(c: list[str]) -> str:
-        return "  ".join(
-            v.ljust(w) if i in (0, 7) else v.rjust(w) for i, (v, w) in enumerate(zip(c, widths, strict=True))
-        )
-
     window = summary.get("window") or {}
-    head = f"window: {_fmt(window.get('start'))} .. {_fmt(window.get('end'))} (Unix s)"
-    rule = "-" * len(line(cells[0]))
-    return (
-        "\n".join([head, line(cells[0]), rule, *(line(c) for c in cells[1:-1]), rule, line(cells[-1])]) + "\n"
-    )
-
-
-class _Usage(Exception):
-    pass
-
-
-class _Failed(Exception):
-    """A source that could not be read (exit 1); the message is the line to print."""
+    head = f"window: {fmt_number(window.get('start'))} .. {fmt_number(window.get('end'))} (Unix s)"
+    return f"{head}\n{summary_table(summary)}\n"
 
 
 def _from_db(path: str, since_s: float | None, model: str | None, tenant: str | None) -> dict[str, Any]:
     from scer_proxy.ledger.sqlite import LedgerError, SqliteLedger
 
     if not os.path.isfile(path):
-        raise _Usage(f"--db: no such file: {path}")
+        raise file_not_found(path, "--db")
     ledger = SqliteLedger(path, read_only=True)
 
     async def read() -> dict[str, Any]:
@@ -152,33 +104,27 @@ def _from_db(path: str, since_s: float | None, model: str | None, tenant: str | 
     try:
         return asyncio.run(read())
     except LedgerError as exc:
-        raise _Usage(f"--db: {exc}") from None
+        raise CliError(f"--db: {exc}", USAGE) from None
 
 
 def _from_proxy(
     url: str, since: str | None, model: str | None, tenant: str | None, token: str
 ) -> dict[str, Any]:
-    import httpx
-
     params = {k: v for k, v in (("since", since), ("model", model), ("tenant", tenant)) if v}
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    resp = httpx.get(url.rstrip("/") + "/scer/summary", params=params, headers=headers, timeout=30.0)
-    if resp.status_code in (400, 401):
-        raise _Usage(f"--proxy: {resp.status_code} {resp.text.strip()[:200]}")
-    resp.raise_for_status()
-    data: dict[str, Any] = resp.json()
+    where = proxy_at(url)
+    resp = get(
+        url.rstrip("/") + "/scer/summary", where, "--proxy", (400, 401), params=params, headers=headers
+    )
+    try:
+        data: dict[str, Any] = resp.json()
+    except ValueError:
+        raise CliError(f"{where}: /scer/summary did not answer JSON (is it a scer-proxy?)") from None
     return data
 
 
-_TIMEOUT_S = 30.0
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    return " ".join(text.split())[:limit]
-
-
 def _prometheus_query(client: httpx.Client, base: str, query: str, at: float) -> list[Sample]:
-    """One instant query's samples; _Failed naming the server and the reason otherwise."""
+    """One instant query's samples; a CliError naming the server and the reason otherwise."""
     import httpx
 
     from scer_proxy.summary.promql import PrometheusError, vector
@@ -186,30 +132,26 @@ def _prometheus_query(client: httpx.Client, base: str, query: str, at: float) ->
     where = f"Prometheus at {base}"
     try:
         resp = client.get(base + "/api/v1/query", params={"query": query, "time": f"{at:.3f}"})
-    except httpx.InvalidURL as exc:
-        raise _Usage(f"--prometheus: {_one_line(str(exc))}") from None
-    except httpx.TimeoutException:
-        raise _Failed(f"{where}: no answer within {_TIMEOUT_S:g} s") from None
-    except httpx.HTTPError as exc:
-        raise _Failed(f"{where}: unreachable ({type(exc).__name__}: {_one_line(str(exc))})") from None
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise request_failed(exc, where, "--prometheus") from None
     try:
         body = resp.json()
     except ValueError:
         body = None
     if isinstance(body, dict) and body.get("status") == "error":
-        raise _Failed(
+        raise CliError(
             f"{where}: HTTP {resp.status_code}: {body.get('errorType') or 'error'}: "
-            f"{_one_line(str(body.get('error') or 'no reason given'))} (query: {query})"
+            f"{one_line(str(body.get('error') or 'no reason given'))} (query: {query})"
         )
     if resp.status_code != 200:
-        raise _Failed(f"{where}: HTTP {resp.status_code} {resp.reason_phrase}: {_one_line(resp.text, 200)}")
+        raise http_status(resp, where)
     if body is None:
         kind = resp.headers.get("content-type", "no content type")
-        raise _Failed(f"{where}: the answer is not JSON ({kind}): {_one_line(resp.text, 120)}")
+        raise CliError(f"{where}: the answer is not JSON ({kind}): {one_line(resp.text, 120)}")
     try:
         return vector(body)
     except PrometheusError as exc:
-        raise _Failed(f"{where}: {_one_line(str(exc))} (query: {query})") from None
+        raise CliError(f"{where}: {one_line(str(exc))} (query: {query})") from None
 
 
 def _from_prometheus(
@@ -223,20 +165,21 @@ def _from_prometheus(
     try:
         base = promql.check_url(url)
     except ValueError as exc:
-        raise _Usage(f"--prometheus: {exc}") from None
+        raise CliError(f"--prometheus: {exc}", USAGE) from None
     if since_s is not None:
         try:
             promql.duration(since_s)
         except ValueError as exc:
-            raise _Usage(f"--since: {exc}") from None
+            raise CliError(f"--since: {exc}", USAGE) from None
     end = time.time()
-    with httpx.Client(timeout=_TIMEOUT_S) as client:
+    with httpx.Client(timeout=TIMEOUT_S) as client:
         if tenant is not None:
             for metric, probe in promql.tenant_probe_queries().items():
                 if not _prometheus_query(client, base, probe, end):
-                    raise _Usage(
+                    raise CliError(
                         f"--tenant: {metric} on Prometheus at {base} carries no tenant label; "
-                        "use --db or --proxy for one tenant"
+                        "use --db or --proxy for one tenant",
+                        USAGE,
                     )
         results = {
             name: _prometheus_query(client, base, query, end)
@@ -245,29 +188,20 @@ def _from_prometheus(
     return promql.build_summary(results, start=None if since_s is None else end - since_s, end=end)
 
 
+@command("report")
 def main_report(args: argparse.Namespace) -> int:
-    """Run ``scer-proxy report``: 0 printed, 2 bad usage (one line on stderr), 1 anything else."""
-    try:
-        since_s = None
-        if args.since:
-            try:
-                since_s = parse_duration_s(args.since)
-            except ValueError as exc:
-                raise _Usage(f"--since: {exc}") from None
-        if args.prometheus is not None:
-            summary = _from_prometheus(args.prometheus, since_s, args.model or None, args.tenant or None)
-        elif args.proxy:
-            summary = _from_proxy(args.proxy, args.since, args.model, args.tenant, args.token)
-        else:
-            summary = _from_db(args.db or "scer.db", since_s, args.model, args.tenant)
-        sys.stdout.write(render(summary, args.format))
-        return 0
-    except _Usage as exc:
-        print(f"scer-proxy report: {exc}", file=sys.stderr)
-        return 2
-    except _Failed as exc:
-        print(f"scer-proxy report: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:  # an unreachable proxy, an I/O error: one line, no traceback
-        print(f"scer-proxy report: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    """Run ``scer-proxy report``: 0 printed, 2 bad usage, 1 a source that could not be read."""
+    since_s = None
+    if args.since:
+        try:
+            since_s = parse_duration_s(args.since)
+        except ValueError as exc:
+            raise CliError(f"--since: {exc}", USAGE) from None
+    if args.prometheus is not None:
+        summary = _from_prometheus(args.prometheus, since_s, args.model or None, args.tenant or None)
+    elif args.proxy:
+        summary = _from_proxy(args.proxy, args.since, args.model, args.tenant, args.token)
+    else:
+        summary = _from_db(args.db or "scer.db", since_s, args.model, args.tenant)
+    sys.stdout.write(render(summary, args.format))
+    return 0

@@ -16,7 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 SIZE_CLASSES = ((20.0, "<=20B"), (66.0, "<=66B"), (math.inf, ">66B"))
@@ -139,10 +139,6 @@ def published_entries(csv_text: str, *, task: str = "chat", concurrency: int) ->
             )
         )
     return out
-
-
-def entries_in(category: Category, entries: Iterable[Entry]) -> list[Entry]:
-    return [e for e in entries if e.category == category]
 
 
 def submission_entry(submission: dict[str, object]) -> Entry:

@@ -29,7 +29,15 @@ def test_demo_once_prints_the_summary_table() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     header = next(line for line in lines if line.startswith("model"))
-    for column in ("requests", "tokens in", "tokens out", "Wh", "gCO2e", "gCO2e/1k out", "grade"):
+    for column in (
+        "requests",
+        "prompt tokens",
+        "completion tokens",
+        "Wh",
+        "gCO2e",
+        "gCO2e per 1,000 output tokens",
+        "grade",
+    ):
         assert column in header
     row = next(line for line in lines if line.startswith("meta-llama/Llama-3.1-8B-Instruct"))
     assert re.search(r"\s16\s", row)  # all 16 requests accounted

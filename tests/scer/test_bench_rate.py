@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from scer_proxy.scer.benchmark import BenchError, load_workload, run_bench
+from scer_proxy.cli.bench import run_bench
+from scer_proxy.scer.benchmark import BenchError, load_workload
 from scer_proxy.scer.book import published_csv
 from scer_proxy.scer.rating import published_entries
 from scer_proxy.sim import create_sim_app, get_profile
