@@ -20,10 +20,11 @@ PACKAGE = "scer_proxy"
 
 # Bottom first; nodes on one line are peers and may not import each other.
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "config", "logs"),
+    ("__init__", "logs"),
     ("wire",),
     ("attribution",),
     ("carbon",),
+    ("config",),
     ("summary", "scer"),
     ("meters", "grid", "ledger"),
     ("proxy",),

@@ -1,7 +1,7 @@
-"""Grid carbon intensity: the bundled annual table per country, or a static override.
+"""Grid carbon intensity: one figure with its source, and the bundled annual table per country.
 
-Table: Ember / Our World in Data (CC BY 4.0), see ``data/CREDITS.md``. Live providers (UK Carbon
-Intensity, Electricity Maps) come with the carbon issue; every figure carries its source and age.
+Table: Ember / Our World in Data (CC BY 4.0), see ``data/CREDITS.md``. What the configuration asks for
+(an override, the table's row, a live provider) is resolved in :mod:`scer_proxy.grid.providers`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import functools
 import io
 from dataclasses import dataclass
 from importlib import resources
-
-from scer_proxy.config import CarbonConfig, ConfigError
 
 
 @dataclass(frozen=True)
@@ -46,16 +44,3 @@ def annual_table() -> dict[str, tuple[float, int, str]]:
         row["iso3"]: (float(row["g_co2e_per_kwh"]), int(row["year"]), row["country"])
         for row in csv.DictReader(io.StringIO(text))
     }
-
-
-def configured_intensity(config: CarbonConfig) -> GridIntensity:
-    """The intensity the configuration gives: an override, else the region's row of the table."""
-    if config.intensity_g_per_kwh > 0:
-        return GridIntensity(config.intensity_g_per_kwh, "static", "configured")
-    row = annual_table().get(config.region)
-    if row is None:
-        raise ConfigError(
-            f"carbon.region: {config.region!r} is not in the bundled table (ISO 3166-1 alpha-3)"
-        )
-    intensity, year, _name = row
-    return GridIntensity(intensity, f"table:{config.region}", str(year))

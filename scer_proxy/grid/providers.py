@@ -42,7 +42,7 @@ import aiohttp
 import orjson
 import structlog
 
-from scer_proxy.carbon.grid import GridIntensity, configured_intensity
+from scer_proxy.carbon.grid import GridIntensity, annual_table
 from scer_proxy.config import CarbonConfig, ConfigError
 
 log = structlog.get_logger("scer_proxy.grid")
@@ -94,6 +94,19 @@ REGION_TO_ZONE: dict[str, str] = {
     "TWN": "TW",
 }
 _ZONE = re.compile(r"^[A-Z]{2}(-[A-Za-z0-9-]{1,32})?$")
+
+
+def configured_intensity(config: CarbonConfig) -> GridIntensity:
+    """The intensity the configuration gives: an override, else the region's row of the table."""
+    if config.intensity_g_per_kwh > 0:
+        return GridIntensity(config.intensity_g_per_kwh, "static", "configured")
+    row = annual_table().get(config.region)
+    if row is None:
+        raise ConfigError(
+            f"carbon.region: {config.region!r} is not in the bundled table (ISO 3166-1 alpha-3)"
+        )
+    intensity, year, _name = row
+    return GridIntensity(intensity, f"table:{config.region}", str(year))
 
 
 class ProviderError(Exception):

@@ -9,10 +9,11 @@ from decimal import Decimal
 import pytest
 
 from scer_proxy.attribution.timeline import Share
-from scer_proxy.carbon.grid import annual_table, configured_intensity
+from scer_proxy.carbon.grid import annual_table
 from scer_proxy.carbon.records import Record, format_number
 from scer_proxy.carbon.sci import Embodied, operational_g, request_carbon, sci_per_1k
 from scer_proxy.config import CarbonConfig, ConfigError, load_config
+from scer_proxy.grid.providers import configured_intensity
 
 H100_NODE = Embodied(gpu_kg=164.0, server_kg=2500.0, gpus_per_server=8, lifetime_years=4.0, gpus_used=1)
 

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
-from scer_proxy.carbon.grid import GridIntensity, configured_intensity
+from scer_proxy.carbon.grid import GridIntensity
 from scer_proxy.config import CarbonConfig, ConfigError
 from scer_proxy.grid.providers import (
     FALLBACK_FLAG,
@@ -29,6 +29,7 @@ from scer_proxy.grid.providers import (
     UkCarbonIntensity,
     build_grid_source,
     build_provider,
+    configured_intensity,
 )
 from tests.servers import start_site
 
