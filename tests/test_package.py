@@ -81,7 +81,7 @@ def test_the_wheel_carries_every_file_and_runs_outside_the_source_tree(tmp_path:
         timeout=180,
     )
     assert demo.returncode == 0, demo.stdout[-2000:] + demo.stderr[-2000:]
-    assert "TOTAL" in demo.stdout and "energy source: simulated" in demo.stdout
+    assert "\ntotal " in demo.stdout and "energy source: simulated" in demo.stdout
     probe = subprocess.run(
         [sys.executable, "-c", "import scer_proxy; print(scer_proxy.__file__)"],
         cwd=run_dir,

@@ -86,7 +86,7 @@ async def _demo(args: argparse.Namespace) -> int:
         async with httpx.AsyncClient() as http:
             summary = (await http.get(f"{proxy_url}/scer/summary")).json()
         print()
-        print(summary_table(summary, total="TOTAL"))
+        print(summary_table(summary))
         grid = summary["grid"]
         print(
             f"\ngrid {grid['intensity_g_per_kwh']} gCO2e/kWh ({grid['source']}, {grid['as_of']}); "

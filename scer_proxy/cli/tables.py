@@ -61,8 +61,8 @@ SUMMARY_COLUMNS = (
 )
 
 
-def summary_rows(summary: dict[str, Any], total: str = "total") -> list[tuple[Cell, ...]]:
-    """One row a model, then the row named ``total``, in the order of :data:`SUMMARY_COLUMNS`."""
+def summary_rows(summary: dict[str, Any]) -> list[tuple[Cell, ...]]:
+    """One row a model, then the total, in the order of :data:`SUMMARY_COLUMNS`."""
 
     def row(name: str, t: dict[str, Any], grade: str | None) -> tuple[Cell, ...]:
         energy_j = t.get("energy_j")
@@ -78,12 +78,11 @@ def summary_rows(summary: dict[str, Any], total: str = "total") -> list[tuple[Ce
         )
 
     rows = [row(m["model"], m, m.get("grade", "unrated")) for m in summary.get("models", [])]
-    rows.append(row(total, summary["totals"], ""))
+    rows.append(row("total", summary["totals"], ""))
     return rows
 
 
-def summary_table(summary: dict[str, Any], total: str = "total") -> str:
-    """A ``/scer/summary`` object as the table ``demo`` and ``report`` print; ``total`` names the last row
-    (the demo's is ``TOTAL``, which tests of the installed package look for)."""
-    *models, last = summary_rows(summary, total)
+def summary_table(summary: dict[str, Any]) -> str:
+    """A ``/scer/summary`` object as the table ``demo`` and ``report`` print: a row a model, then the total."""
+    *models, last = summary_rows(summary)
     return table(SUMMARY_COLUMNS, models, last)

@@ -41,7 +41,7 @@ def test_demo_once_prints_the_summary_table() -> None:
         assert column in header
     row = next(line for line in lines if line.startswith("meta-llama/Llama-3.1-8B-Instruct"))
     assert re.search(r"\s16\s", row)  # all 16 requests accounted
-    total = next(line for line in lines if line.startswith("TOTAL"))
+    total = next(line for line in lines if line.startswith("total "))
     numbers = re.findall(r"[\d,.]+", total)
     assert float(numbers[3]) > 0  # Wh measured from the simulator's counter
     assert "energy source: simulated" in out.stdout
