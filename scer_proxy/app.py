@@ -12,7 +12,7 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from scer_proxy.attribution.timeline import Timeline
+from scer_proxy.attribution.timeline import Timeline, TimelineConfig
 from scer_proxy.config import Config, UpstreamConfig
 from scer_proxy.grid.providers import build_grid_source
 from scer_proxy.ledger.sqlite import SqliteLedger
@@ -138,7 +138,9 @@ def create_app(
             else:
                 meter, note = await build_meter(config, upstream)
             timeline = Timeline(
-                prefill_weight=None if isinstance(weight, str) else weight, idle=config.attribution.idle
+                TimelineConfig(
+                    prefill_weight=None if isinstance(weight, str) else weight, idle=config.attribution.idle
+                )
             )
             app[METERS][upstream.name] = UpstreamMeter(
                 upstream.name,

@@ -74,8 +74,8 @@ class UpstreamMeter:
         prices, or the estimate meter's figure), its relative uncertainty, and flags. None when there
         is no figure: a missing counter is never a zero."""
         now = self._clock()
-        req = self.timeline._requests.get(rid)
-        started = req.start_s if req is not None else now
+        started = self.timeline.started_s(rid)
+        started = now if started is None else started
         if isinstance(self.meter, EstimateMeter):
             concurrency = float(self.timeline.active)
             self.timeline.forget(rid)
