@@ -26,7 +26,7 @@ import openai
 from tqdm import tqdm
 
 from scer_proxy import __version__
-from scer_proxy.meters.estimate import model_size_b
+from scer_proxy.attribution.energy_model import model_size_b
 from scer_proxy.scer.rating import Category, gpu_family
 
 SCER_VERSION = "SCER 0.1 (draft)"
