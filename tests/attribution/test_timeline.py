@@ -198,10 +198,8 @@ def test_estimate_prices_the_unsplit_tokens_and_settles_later() -> None:
 def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(
     true_interval_s: float,
 ) -> None:
-    # No stream shows the token rate, and none has been learned yet (the prior is 20 ms a token): the
-    # split counts the request's decode time at that rate, so its unsplit tail must be counted the same
-    # way. Pricing its true token count instead was off by the prior's error (ten times here at 2 ms a
-    # token, as seen on an H100 before this was fixed).
+    # No stream shows the token rate and none has been learned (the prior is 20 ms a token): the split
+    # counts the request's decode time at that rate, so its unsplit tail must be counted the same way.
     tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     tl.start("a", 0.0, 0, stream=False)
@@ -220,8 +218,7 @@ def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(
 def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(phase_s: float) -> None:
     # 60 W idle, 300 W while busy; a 20-token warm-up request (1.5 ms a token), then an 84 ms request,
     # under 100 ms counter readings at every phase. The warm-up's rate (20 tokens, at least
-    # FIRST_RATE_MIN_TOKENS) replaces the 20 ms prior: blended in, the rate stayed ten times too slow, the prompt took most of the busy energy by weight, and the
-    # decode price came out too low; the response-time figure missed by up to 36 % (seen over HTTP).
+    # FIRST_RATE_MIN_TOKENS) replaces the 20 ms prior, which is ten times too slow here.
     busy = ((1.0, 1.03), (1.5, 1.584))
 
     def counter_j(t: float) -> float:
