@@ -76,6 +76,8 @@ class TimelineConfig:
 class Timeline:
     """The attribution timeline of one upstream (its GPUs and the requests it serves)."""
 
+    __slots__ = ("config", "learned", "state")
+
     def __init__(self, config: TimelineConfig | None = None) -> None:
         self.config = config = config if config is not None else TimelineConfig()
         fixed = config.prefill_weight
