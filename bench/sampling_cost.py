@@ -7,7 +7,7 @@ This process runs, phase after phase, each for ``--seconds`` on its own event lo
 installed, as the proxy does):
 
 - ``idle loop``: the baseline: a task that wakes every interval and does nothing else;
-- ``dcgm``: :class:`scer_proxy.metering.UpstreamMeter` sampling a :class:`DcgmMeter` that scrapes the
+- ``dcgm``: :class:`scer_proxy.meters.sampler.UpstreamMeter` sampling a :class:`DcgmMeter` that scrapes the
   simulator's DCGM-style ``/metrics`` over loopback HTTP;
 - ``nvml (fake)``: the same sampler over :class:`NvmlMeter` with the fake pynvml of the tests
   (``tests/fake_pynvml.py``) following an in-process simulator engine. This measures the Python side
@@ -17,7 +17,7 @@ installed, as the proxy does):
 
 CPU is ``time.process_time()`` (user + system CPU of this process, all threads) across the phase,
 divided by the phase's wall time: the share of one core. "Net" subtracts the idle loop's share.
-The issue's target: sampling at 10 Hz costs at most 1 % of one core.
+The target: sampling at 10 Hz costs at most 1 % of one core.
 
 Usage: ``python bench/sampling_cost.py [--seconds 20] [--interval-ms 100] [--json FILE]``.
 """

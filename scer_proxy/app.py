@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import os
 import time
@@ -12,16 +11,14 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from scer_proxy.attribution.timeline import Timeline
-from scer_proxy.config import Config, UpstreamConfig
+from scer_proxy.attribution.timeline import Timeline, TimelineConfig
+from scer_proxy.config import Config
 from scer_proxy.grid.providers import build_grid_source
 from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.meters import Meter
-from scer_proxy.meters.dcgm import ENERGY_METRIC, DcgmMeter
-from scer_proxy.meters.estimate import EstimateMeter
-from scer_proxy.meters.nvml import NvmlMeter, nvml_available
-from scer_proxy.meters.rapl import RaplMeter, rapl_available
+from scer_proxy.meters.nvml import NvmlMeter
 from scer_proxy.meters.sampler import UpstreamMeter
+from scer_proxy.meters.select import Choice, build_meter
 from scer_proxy.proxy.accounting import Accounting
 from scer_proxy.proxy.handler import ProxyHandler
 from scer_proxy.proxy.serving import preload_tokenizer
@@ -32,53 +29,6 @@ from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, M
 from scer_proxy.wire import openai as wire
 
 log = structlog.get_logger("scer_proxy.app")
-
-
-async def _probe_simulated(url: str) -> bool:
-    """Does this upstream expose a DCGM-style energy counter at its own /metrics (the simulator does)?"""
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-            async with session.get(url + "/metrics") as resp:
-                return resp.status == 200 and ENERGY_METRIC in await resp.text()
-    except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError):
-        return False
-
-
-async def build_meter(config: Config, upstream: UpstreamConfig) -> tuple[Meter | None, str]:
-    """The meter for one upstream, and a note on why it was chosen (shown in health and the summary)."""
-    kind = config.meter.kind
-    cfg = config.meter
-    if kind == "dcgm":
-        return DcgmMeter(cfg.dcgm_url, gpus=upstream.gpus, source="dcgm"), "configured: DCGM exporter"
-    if kind == "simulated":
-        return DcgmMeter(
-            upstream.url + "/metrics", source="simulated"
-        ), "configured: the upstream's own counter"
-    if kind == "nvml":
-        return NvmlMeter(upstream.gpus), "configured: NVML"
-    if kind == "rapl":
-        return RaplMeter(cfg.rapl_root, dram=cfg.rapl_dram), "configured: RAPL"
-    if kind == "estimate":
-        return _estimate(config, upstream), "configured: estimate (no counter)"
-    # auto: a GPU through NVML, else a DCGM-style counter the upstream itself exposes (the simulator),
-    # else RAPL where readable, else the estimate, saying why at each step.
-    if await asyncio.to_thread(nvml_available):
-        return NvmlMeter(upstream.gpus), "auto: NVML answered"
-    if await _probe_simulated(upstream.url):
-        return DcgmMeter(
-            upstream.url + "/metrics", source="simulated"
-        ), "auto: the upstream exposes a DCGM counter"
-    if rapl_available(cfg.rapl_root):
-        return RaplMeter(cfg.rapl_root, dram=cfg.rapl_dram), "auto: no GPU answered NVML; RAPL is readable"
-    return _estimate(config, upstream), "auto: no GPU answered NVML and RAPL is not readable: estimating"
-
-
-def _estimate(config: Config, upstream: UpstreamConfig) -> EstimateMeter:
-    return EstimateMeter(
-        gpu=config.meter.estimate_gpu,
-        gpus=len(upstream.gpus),
-        configured_params_b=config.rating.model_params_b,
-    )
 
 
 def create_app(
@@ -134,21 +84,24 @@ def create_app(
         weight = config.attribution.prefill_weight
         for upstream in config.upstreams:
             if meters is not None and upstream.name in meters:
-                meter, note = meters[upstream.name], "given"
+                choice = Choice(meters[upstream.name], None, "given")
             else:
-                meter, note = await build_meter(config, upstream)
+                choice = await build_meter(config, upstream)
             timeline = Timeline(
-                prefill_weight=None if isinstance(weight, str) else weight, idle=config.attribution.idle
+                TimelineConfig(
+                    prefill_weight=None if isinstance(weight, str) else weight, idle=config.attribution.idle
+                )
             )
             app[METERS][upstream.name] = UpstreamMeter(
                 upstream.name,
-                meter,
+                choice.meter,
                 timeline,
                 interval_s=config.meter.interval_ms / 1000.0,
                 on_settled=lambda name, share: app[ACCOUNTING].settled(name, share),
                 clock=clock,
+                estimator=choice.estimator,
             )
-            app[METER_NOTES][upstream.name] = note
+            app[METER_NOTES][upstream.name] = choice.note
         upstream_meters = app[METERS]
         app[ACCOUNTING] = Accounting(
             config,

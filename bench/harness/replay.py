@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from scer_proxy.attribution.timeline import Share, Timeline
+from scer_proxy.attribution.timeline import Share, Timeline, TimelineConfig
 from scer_proxy.sim.engine import Engine, Sequence
 from scer_proxy.sim.profiles import get_profile
 
@@ -91,7 +91,7 @@ def replay(
     profile = get_profile(profile_name)
     clock = _Clock()
     engine = Engine(profile, clock=clock, metrics_period_s=metrics_period_s)
-    timeline = Timeline(idle=idle, prefill_weight=prefill_weight)
+    timeline = Timeline(TimelineConfig(idle=idle, prefill_weight=prefill_weight))
     plan = workload.plan()
     report = ReplayReport()
     running: dict[str, tuple[Sequence, bool, int]] = {}  # rid -> (sequence, stream, tokens seen)

@@ -1,58 +1,33 @@
 """NVML meter: the GPUs' own energy counters, read in-process through ``pynvml`` (nvidia-ml-py).
 
-Units: NVML reports energy in millijoules (``nvmlDeviceGetTotalEnergyConsumption``, cumulative since
-the driver loaded, Volta and newer) and power in milliwatts; this meter reports joules (``Reading``)
-and seconds (``clock``, ``update_period_s``).
+NVML reports millijoules and milliwatts; this meter reports joules and seconds. Methods, per device:
 
-Methods, chosen per device when the meter opens:
+* ``energy_counter``: the driver's cumulative counter (integer mJ, Volta and newer). It moves only
+  every *update period* (20 to 100 ms), which the meter measures at open by polling the first device;
+  :meth:`NvmlMeter.recommended_interval_s` advises sampling no faster.
+* ``power_integration``: where the counter is not supported, instant power (the
+  ``POWER_INSTANT`` field, else ``nvmlDeviceGetPowerUsage``) integrated by the trapezoid rule between
+  reads; it misses power changes faster than the sampling interval.
 
-* ``energy_counter``: the driver's cumulative counter (integer mJ). Exact up to one mJ, but it only
-  moves every *update period* (20 to 100 ms depending on the GPU and driver), so the meter measures
-  that period at open (it polls the first device's counter every ``probe_step_s`` for at most
-  ``probe_timeout_s``, stopping after three changes) and :meth:`NvmlMeter.recommended_interval_s`
-  advises sampling no faster than it.
-* ``power_integration``: for GPUs without the counter (``NVMLError_NotSupported`` or
-  ``NVMLError_FunctionNotFound``, pre-Volta): instant power (``NVML_FI_DEV_POWER_INSTANT`` through
-  ``nvmlDeviceGetFieldValues``, else ``nvmlDeviceGetPowerUsage``) integrated by the trapezoid rule
-  between successive reads. Its accuracy depends on the sampling interval: power changes faster than
-  the interval are missed (on the simulator's bursty load, instant power read every 100 ms reads
-  about 3 % low, under 1 % at 20 to 50 ms; see tests/test_meter_nvml.py).
+MIG: NVML gives board energy only; the meter warns once and reports ``"mig": true``.
 
-MIG: with MIG enabled, NVML gives board energy only (no per-instance energy). The meter warns once
-(structlog ``nvml_mig_board_energy_only``) and reports ``"mig": true`` in :meth:`describe`.
+Counter faults:
 
-Counter faults, the exact policy:
+* **Backwards step** (driver reload, GPU reset): a per-device offset keeps the total monotonic,
+  losing only the energy between the previous read and the restart; ``describe()["resets"]`` counts
+  them.
+* **Stall**: a counter unchanged for over ``stall_after_s`` (default ``max(1 s, 10 x update period)``)
+  while the GPU draws at least ``STALL_MIN_POWER_W`` (or cannot say) makes ``read()`` raise
+  :class:`MeterError` and ``describe()["stalled"]`` true, so a frozen value is never a silent zero.
 
-* **Backwards step** (the driver was reloaded or the GPU reset, so the counter restarted from 0):
-  the meter keeps a per-device offset. When a device's raw value is below its previous raw value,
-  the previous raw value is added to the offset, so the reported value is
-  ``previous + new_raw``: all energy the restarted counter has counted is kept, and only the energy
-  between the previous read and the restart is lost (at most one sampling interval plus one update
-  period). ``Reading.energy_j`` therefore never decreases, and ``describe()["resets"]`` counts the
-  events (one per device that restarted). A restart is invisible if the new count has already passed the old one before the next
-  read (only possible when reads are far apart; impossible at a 100 ms interval after driver load).
-* **Stall**: a device whose counter has not changed for longer than ``stall_after_s`` (default
-  ``max(1 s, 10 x update period)``) while ``nvmlDeviceGetPowerUsage`` reports at least 1 W (a mJ
-  counter at 1 W moves every ms) or cannot say, is *stalled*: ``read()`` raises :class:`MeterError`
-  (the sampler counts it and shows the meter unhealthy; records are flagged) and
-  ``describe()["stalled"]`` is true. A frozen value is never passed on as a silent zero. When the
-  counter moves again the flag clears and the energy it counted meanwhile is reported in full.
-  The power check costs one extra NVML call, made only while a counter looks frozen.
+Errors: every NVML failure becomes an :class:`NvmlError` (a :class:`MeterError` with NVML's ``code``)
+in one place, :meth:`NvmlMeter._call`. After ``Uninitialized``, ``GpuIsLost`` or ``DriverNotLoaded``
+the next read re-initialises NVML, keeping the offsets.
 
-Errors: every ``NVMLError`` (and a missing ``pynvml`` or function) becomes an :class:`NvmlError`, a
-:class:`MeterError` carrying NVML's return ``code``, in one place, :meth:`NvmlMeter._call`, naming the
-NVML function and the device. After ``Uninitialized``,
-``GpuIsLost`` or ``DriverNotLoaded`` the next read re-initialises NVML and re-resolves the handles
-(keeping offsets, so the cumulative figure stays monotonic).
-
-Event loop: NVML calls are synchronous C calls into the driver, usually tens of microseconds, but not
-everywhere: on H100s (driver 580, in virtual machines) ``nvmlDeviceGetTotalEnergyConsumption`` took
-3 to 5 ms at the median and 14 to 24 ms at p99 (``bench/gpu_check.py``), ``nvmlDeviceGetPowerUsage``
-9 to 15 us. A thread hop costs about 0.4 ms of CPU a read on this project's machines. So reads run on
-the event loop while they are quick, and each is timed: the first one (or one of the period probe's
-calls at open) that takes longer than ``INLINE_MAX_S`` moves every later read to the meter's own
-thread, for good (one worker: calls stay in order, and a shutdown waits for a read still running).
-Opening and closing NVML always run in that thread. The probe polls with ``await sleep`` between calls.
+Event loop: NVML calls are synchronous and usually take microseconds, but the energy call can take
+milliseconds on some systems, and a thread hop costs more than a quick call. So reads run on the loop
+and are timed; the first slower than ``INLINE_MAX_S`` moves every later read to the meter's own
+single thread (calls stay in order). Opening and closing always run in that thread.
 """
 
 from __future__ import annotations
@@ -190,7 +165,7 @@ class NvmlMeter:
         self._mig_warned = False
         self.update_period_s: float | None = None
         self.resets = 0
-        self._thread: ThreadPoolExecutor | None = None  # where slow NVML calls run (see the module's notes)
+        self._thread: ThreadPoolExecutor | None = None  # where slow NVML calls run
         self.reads_in_thread = False
 
     # -- public ---------------------------------------------------------------------------------

@@ -16,14 +16,16 @@ from typing import Any
 import structlog
 
 from scer_proxy.attribution.timeline import Share, Timeline
-from scer_proxy.meters import Meter, MeterError, Reading
-from scer_proxy.meters.estimate import EstimateMeter
+from scer_proxy.meters import Estimator, Meter, MeterError, Reading
 
 log = structlog.get_logger("scer_proxy.meter")
 SETTLE_BATCH = 8  # settled records handed on between two turns of the event loop (about 0.1 ms of work)
 
 
 class UpstreamMeter:
+    """An upstream's energy figures: from its ``meter`` through the timeline, or from its ``estimator``
+    where it has no meter (neither: no figures)."""
+
     def __init__(
         self,
         upstream: str,
@@ -33,9 +35,14 @@ class UpstreamMeter:
         interval_s: float,
         on_settled: Callable[[str, Share], None],
         clock: Callable[[], float] = time.monotonic,
+        estimator: Estimator | None = None,
     ) -> None:
+        if meter is not None and estimator is not None:
+            raise ValueError("an upstream has a meter or an estimator, not both")
         self.upstream = upstream
         self.meter = meter
+        self.estimator = estimator
+        self._source: Meter | Estimator | None = meter if meter is not None else estimator
         self.timeline = timeline
         self.interval_s = interval_s
         self._on_settled = on_settled
@@ -46,13 +53,13 @@ class UpstreamMeter:
         self.last_value_change_s: float | None = None
         self.errors = 0
         self.last_error: str | None = None
-        self.healthy = meter is not None
+        self.healthy = self._source is not None
         self.readings = 0
         self.update_period_s: float | None = None
 
     @property
     def source(self) -> str:
-        return self.meter.source if self.meter is not None else "none"
+        return self._source.source if self._source is not None else "none"
 
     # -- the proxy's side ---------------------------------------------------------------------
     def start_request(self, rid: str, prompt_tokens: int, *, stream: bool) -> None:
@@ -71,23 +78,24 @@ class UpstreamMeter:
         self, rid: str, prompt_tokens: int, completion_tokens: int, *, model: str
     ) -> tuple[Share | None, float | None, tuple[str, ...]]:
         """Mark the end; returns the response-time figure (the split part plus the rest at the latest
-        prices, or the estimate meter's figure), its relative uncertainty, and flags. None when there
-        is no figure: a missing counter is never a zero."""
+        prices, or the estimator's figure), its relative uncertainty, and flags. None when there is no
+        figure: a missing counter is never a zero."""
         now = self._clock()
-        req = self.timeline._requests.get(rid)
-        started = req.start_s if req is not None else now
-        if isinstance(self.meter, EstimateMeter):
+        started = self.timeline.started_s(rid)
+        started = now if started is None else started
+        if self.estimator is not None:
             concurrency = float(self.timeline.active)
             self.timeline.forget(rid)
-            share, flags = self.meter.share(
-                rid,
+            estimate = self.estimator.estimate(
                 model=model,
                 prompt_tokens=prompt_tokens,
                 completion_tokens=completion_tokens,
                 concurrency=concurrency,
                 duration_s=now - started,
             )
-            return share, self.meter.model.uncertainty_rel, flags
+            energy_j = estimate.prefill_j + estimate.decode_j
+            share = Share(rid, energy_j, estimate.prefill_j, estimate.decode_j, estimate.hw_s, settled=True)
+            return share, self.estimator.uncertainty_rel, estimate.flags
         self.timeline.finish(rid, now, prompt_tokens, completion_tokens)
         if self.meter is None or self.timeline.last_t_s is None:
             self.timeline.forget(rid)
@@ -158,8 +166,8 @@ class UpstreamMeter:
 
     @property
     def samples(self) -> bool:
-        """Whether this meter has a counter to sample (the estimate meter has none)."""
-        return self.meter is not None and not isinstance(self.meter, EstimateMeter)
+        """Whether there is a counter to sample."""
+        return self.meter is not None
 
     def start(self) -> None:
         if self.samples and self._task is None:
@@ -178,7 +186,7 @@ class UpstreamMeter:
         age_ms = None
         if self.last_reading is not None:
             age_ms = (self._clock() - self.last_reading.t_s) * 1000.0
-        info = self.meter.describe() if self.meter is not None else {"kind": "none", "devices": []}
+        info = self._source.describe() if self._source is not None else {"kind": "none", "devices": []}
         extra = {k: v for k, v in info.items() if k not in ("kind", "devices", "url")}
         return {
             **extra,

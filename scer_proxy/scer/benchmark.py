@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from scer_proxy import __version__
-from scer_proxy.meters.estimate import model_size_b
+from scer_proxy.attribution.energy_model import model_size_b
 from scer_proxy.scer.rating import Category, gpu_family
 
 SCER_VERSION = "SCER 0.1 (draft)"

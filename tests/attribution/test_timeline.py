@@ -7,12 +7,13 @@ import random
 
 import pytest
 
-from scer_proxy.attribution.timeline import Calibration, Timeline
+from scer_proxy.attribution.calibration import Calibration
+from scer_proxy.attribution.timeline import Timeline, TimelineConfig
 
 
 def _accounted(tl: Timeline, settled_j: float) -> float:
-    in_flight = sum(r.prefill_j + r.decode_j for r in tl._requests.values())
-    deferred = sum(iv.energy_j for iv in tl._intervals)
+    in_flight = sum(r.prefill_j + r.decode_j for r in tl.state.requests.values())
+    deferred = sum(iv.energy_j for iv in tl.state.intervals)
     return settled_j + in_flight + tl.idle_j + tl.pending_idle_j + deferred
 
 
@@ -22,7 +23,7 @@ def _decoding(tl: Timeline, rid: str, t: float) -> None:
 
 
 def test_decode_energy_is_split_by_tokens_seen_in_the_interval() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 1000.0)
     _decoding(tl, "a", 0.0)
     _decoding(tl, "b", 0.0)
@@ -40,7 +41,7 @@ def test_decode_energy_is_split_by_tokens_seen_in_the_interval() -> None:
 
 
 def test_fixed_prefill_weight_counts_prompt_tokens_as_decode_equivalents() -> None:
-    tl = Timeline(prefill_weight=0.5, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.5, idle="separate"))
     tl.reading(0.0, 0.0)
     tl.start("p", 0.0, 100)  # 100 prompt tokens x 0.5 = 50 decode-token equivalents
     _decoding(tl, "d", 0.0)
@@ -58,7 +59,7 @@ def test_fixed_prefill_weight_counts_prompt_tokens_as_decode_equivalents() -> No
 
 
 def test_non_streamed_requests_decode_at_the_rate_the_streams_show() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     _decoding(tl, "s", 0.0)
     tl.start("n", 0.0, 0, stream=False)
@@ -75,7 +76,7 @@ def test_non_streamed_requests_decode_at_the_rate_the_streams_show() -> None:
 def test_first_tokens_arriving_together_pin_one_block_of_prefills() -> None:
     # Three streams queued at t=0; the server prefills all three (prompts 100, 200, 100) before decoding,
     # so every first token arrives at t=0.42; the block spans [0, 0.42 - one step] in prompt proportions.
-    tl = Timeline(prefill_weight=None, idle="separate", token_interval_s=0.02)
+    tl = Timeline(TimelineConfig(prefill_weight=None, idle="separate", token_interval_s=0.02))
     tl.reading(0.0, 0.0)
     for rid, prompt in (("a", 100), ("b", 200), ("c", 100)):
         tl.start(rid, 0.0, prompt)
@@ -85,33 +86,33 @@ def test_first_tokens_arriving_together_pin_one_block_of_prefills() -> None:
         tl.tokens(rid, 0.42, 1)
     tl.reading(0.4, 200.0)
     assert tl.deferred_intervals == 0
-    windows = {r.rid: (r.prefill_lo, r.prefill_hi) for r in tl._requests.values()}
+    windows = {r.rid: (r.prefill_lo, r.prefill_hi) for r in tl.state.requests.values()}
     assert windows["a"] == pytest.approx((0.0, 0.1))
     assert windows["b"] == pytest.approx((0.1, 0.3))
     assert windows["c"] == pytest.approx((0.3, 0.4))
     # Prefill-only intervals go to the prompts prefilled in them: [0, 0.2] is a and half of b.
-    assert tl._requests["a"].prefill_j == pytest.approx(50.0)
-    assert tl._requests["b"].prefill_j == pytest.approx(50.0 + 200.0 * 2 / 3 / 2, rel=0.5)
-    total = sum(r.prefill_j + r.decode_j for r in tl._requests.values())
+    assert tl.state.requests["a"].prefill_j == pytest.approx(50.0)
+    assert tl.state.requests["b"].prefill_j == pytest.approx(50.0 + 200.0 * 2 / 3 / 2, rel=0.5)
+    total = sum(r.prefill_j + r.decode_j for r in tl.state.requests.values())
     assert total == pytest.approx(200.0)
 
 
 def test_deferral_is_bounded_by_max_defer() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate", max_defer_s=1.0)
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate", max_defer_s=1.0))
     tl.reading(0.0, 0.0)
     tl.start("silent", 0.0, 50)  # a stream whose first token never comes
     tl.reading(0.5, 10.0)
     assert tl.deferred_intervals == 1
     tl.reading(1.6, 30.0)
     assert tl.deferred_intervals == 1  # [0.5, 1.6] is still young
-    assert tl._requests["silent"].prefill_j + tl._requests["silent"].decode_j == pytest.approx(10.0)
+    assert tl.state.requests["silent"].prefill_j + tl.state.requests["silent"].decode_j == pytest.approx(10.0)
 
 
 @pytest.mark.parametrize("idle", ["amortize", "separate"])
 @pytest.mark.parametrize("weight", [None, 0.3])
 def test_conservation_on_every_interval_random_schedule(idle: str, weight: float | None) -> None:
     rng = random.Random(42)
-    tl = Timeline(prefill_weight=weight, idle=idle, max_defer_s=0.5)
+    tl = Timeline(TimelineConfig(prefill_weight=weight, idle=idle, max_defer_s=0.5))
     energy = 5000.0
     tl.reading(0.0, energy)
     settled_j = 0.0
@@ -144,7 +145,7 @@ def test_conservation_on_every_interval_random_schedule(idle: str, weight: float
 
 
 def test_idle_amortize_goes_to_the_next_busy_requests() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="amortize")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="amortize"))
     tl.reading(0.0, 0.0)
     result = tl.reading(1.0, 70.0)  # an idle second at 70 W
     assert result is not None and result.carried_j == pytest.approx(70.0)
@@ -160,7 +161,7 @@ def test_idle_amortize_goes_to_the_next_busy_requests() -> None:
 
 
 def test_idle_separate_keeps_idle_apart_even_inside_a_busy_interval() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     tl.reading(1.0, 70.0)  # learns the idle power, 70 W
     _decoding(tl, "a", 1.5)
@@ -174,7 +175,7 @@ def test_idle_separate_keeps_idle_apart_even_inside_a_busy_interval() -> None:
 
 
 def test_estimate_prices_the_unsplit_tokens_and_settles_later() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     _decoding(tl, "a", 0.0)
     tl.tokens("a", 0.5, 100)
@@ -197,11 +198,9 @@ def test_estimate_prices_the_unsplit_tokens_and_settles_later() -> None:
 def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(
     true_interval_s: float,
 ) -> None:
-    # No stream shows the token rate, and none has been learned yet (the prior is 20 ms a token): the
-    # split counts the request's decode time at that rate, so its unsplit tail must be counted the same
-    # way. Pricing its true token count instead was off by the prior's error (ten times here at 2 ms a
-    # token, as seen on an H100 before this was fixed).
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    # No stream shows the token rate and none has been learned (the prior is 20 ms a token): the split
+    # counts the request's decode time at that rate, so its unsplit tail must be counted the same way.
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     tl.start("a", 0.0, 0, stream=False)
     tl.reading(1.0, 300.0)  # 300 W while it runs
@@ -219,14 +218,13 @@ def test_estimate_of_a_lone_non_stream_does_not_depend_on_the_token_rate_prior(
 def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(phase_s: float) -> None:
     # 60 W idle, 300 W while busy; a 20-token warm-up request (1.5 ms a token), then an 84 ms request,
     # under 100 ms counter readings at every phase. The warm-up's rate (20 tokens, at least
-    # FIRST_RATE_MIN_TOKENS) replaces the 20 ms prior: blended in, the rate stayed ten times too slow, the prompt took most of the busy energy by weight, and the
-    # decode price came out too low; the response-time figure missed by up to 36 % (seen over HTTP).
+    # FIRST_RATE_MIN_TOKENS) replaces the 20 ms prior, which is ten times too slow here.
     busy = ((1.0, 1.03), (1.5, 1.584))
 
     def counter_j(t: float) -> float:
         return 60.0 * t + sum(240.0 * max(0.0, min(t, hi) - lo) for lo, hi in busy)
 
-    tl = Timeline(prefill_weight=None, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=None, idle="separate"))
     events = [(phase_s + 0.05 * i, "read", "") for i in range(40)]
     events += [(1.0, "start", "w"), (1.03, "finish", "w"), (1.5, "start", "a"), (1.584, "finish", "a")]
     estimate = None
@@ -238,7 +236,7 @@ def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(pha
         else:
             tl.finish(rid, t, 50 if rid == "w" else 37, 20 if rid == "w" else 60)
             estimate = tl.estimate(rid, t) if rid == "a" else None
-    assert tl.token_interval_learned and tl.token_interval_s < 0.002
+    assert tl.learned.token_interval_learned and tl.learned.token_interval_s < 0.002
     assert estimate is not None
     truth_j = counter_j(1.584) - counter_j(1.5)
     assert estimate.energy_j == pytest.approx(truth_j, rel=0.05)
@@ -248,19 +246,19 @@ def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(pha
     ("stream", "tokens", "replaces"), [(False, 20, True), (False, 4, False), (True, 100, False)]
 )
 def test_which_requests_replace_the_token_rate_prior(stream: bool, tokens: int, replaces: bool) -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     tl.start("r", 0.0, 0, stream=stream)
     for i in range(tokens if stream else 0):
         tl.tokens("r", 0.002 * (i + 1))
     tl.finish("r", 0.002 * (tokens + 1), 0, tokens)  # 2 ms a token, ten times faster than the prior
-    assert tl.token_interval_learned is replaces
+    assert tl.learned.token_interval_learned is replaces
     blended = 0.02 + 0.2 * (0.002 - 0.02)
-    assert tl.token_interval_s == pytest.approx(0.002 if replaces else blended, rel=0.1)
+    assert tl.learned.token_interval_s == pytest.approx(0.002 if replaces else blended, rel=0.1)
 
 
 def test_counter_going_backwards_attributes_nothing_and_recovers() -> None:
-    tl = Timeline(prefill_weight=0.0, idle="separate")
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 1000.0)
     _decoding(tl, "a", 0.0)
     tl.tokens("a", 0.5, 5)

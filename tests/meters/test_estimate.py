@@ -1,4 +1,4 @@
-"""The estimate meter (fitted on the bundled ML.ENERGY rows) and the choice ``auto`` makes."""
+"""The estimator (fitted on the bundled ML.ENERGY rows) and the choice ``auto`` makes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from importlib import resources
 import httpx
 import pytest
 
-from scer_proxy.meters.estimate import EstimateMeter, fitted_model, j_per_prompt_token, model_params_b
+from scer_proxy.attribution.energy_model import fitted_model, j_per_prompt_token, model_params_b
+from scer_proxy.attribution.timeline import Timeline
+from scer_proxy.meters.estimate import TokenEstimator
+from scer_proxy.meters.sampler import UpstreamMeter
 from scer_proxy.sim import create_sim_app
 from tests.fake_upstream import MODEL
 from tests.servers import ThreadedServers
@@ -69,14 +72,25 @@ def test_model_size_sources(name: str, configured: float, expected: tuple[float,
 
 
 def test_share_is_settled_at_once_and_flags_an_assumed_size() -> None:
-    meter = EstimateMeter(gpu="H100", gpus=1)
-    share, flags = meter.share(
-        "r", model="tiny-llama", prompt_tokens=100, completion_tokens=50, concurrency=4, duration_s=2.0
+    now = [0.0]
+    upstream = UpstreamMeter(
+        "local",
+        None,
+        Timeline(),
+        interval_s=0.1,
+        on_settled=lambda _upstream, _share: None,
+        clock=lambda: now[0],
+        estimator=TokenEstimator(gpu="H100", gpus=1),
     )
-    assert share.settled and flags == ("model_size_assumed",)
+    for rid in ("r", "b", "c", "d"):  # four running together
+        upstream.start_request(rid, 100, stream=False)
+    now[0] = 2.0
+    share, uncertainty, flags = upstream.finish_request("r", 100, 50, model="tiny-llama")
+    assert share is not None and share.settled and flags == ("model_size_assumed",)
     assert share.energy_j == pytest.approx(share.prefill_j + share.decode_j)
     assert share.decode_j == pytest.approx(50 * fitted_model().j_per_output_token(8.0, 4, "H100", 1))
     assert share.hw_s == pytest.approx(0.5)
+    assert uncertainty == fitted_model().uncertainty_rel
 
 
 def test_proxy_with_the_estimate_meter(fake_upstream: str, start_proxy: Callable[..., str]) -> None:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from scer_proxy.attribution.timeline import Share, Timeline
+from scer_proxy.attribution.timeline import Share, Timeline, TimelineConfig
 from scer_proxy.meters.sampler import SETTLE_BATCH, UpstreamMeter
 
 
@@ -14,7 +14,7 @@ def _meter(got: list[str]) -> UpstreamMeter:
     return UpstreamMeter(
         "local",
         None,
-        Timeline(prefill_weight=None, idle="separate"),
+        Timeline(TimelineConfig(prefill_weight=None, idle="separate")),
         interval_s=0.1,
         on_settled=lambda upstream, share: got.append(share.rid),
     )

@@ -1,0 +1,128 @@
+"""How one meter interval's energy divides among the requests active in it, and idle (pure)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from scer_proxy.attribution.learned import Learned
+from scer_proxy.attribution.state import OpenRequest, PendingInterval
+
+
+@dataclass(slots=True)
+class Split:
+    """One interval's division: per request (prefill J, decode J, hardware s), and idle."""
+
+    parts: dict[str, tuple[float, float, float]]
+    decode: dict[str, float]  # decode tokens per request
+    credits: dict[str, float]  # prompt tokens credited per request
+    idle_j: float
+    prefill_tokens: float
+    decode_tokens: float
+    busy_s: float
+    steps: float | None  # decode steps in the interval, as the streams decoding all through it show
+    rate: float  # decode tokens a second per sequence, the rate non-streams are counted at
+    rate_seen: bool  # the streams showed it (else it is the rate learned from requests that ended)
+
+
+def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned: Learned) -> Split:
+    t0, t1, energy_j = iv.t0_s, iv.t1_s, iv.energy_j
+    dt = t1 - t0
+    active = [r for r in requests if r.start_s <= t1 and (r.end_s is None or r.end_s >= t0)]
+    # The per-sequence token rate, as the streams decoding all through the interval show it (one that
+    # receives nothing shows a pure prefill interval).
+    seen = [
+        iv.tokens.get(r.rid, 0)
+        for r in active
+        if r.stream
+        and r.first_token_s is not None
+        and r.first_token_s <= t0
+        and (r.end_s is None or r.end_s >= t1)
+    ]
+    rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(learned.token_interval_s, 1e-6)
+    prefill: dict[str, float] = {}
+    decode: dict[str, float] = {}
+    for r in active:
+        prefill[r.rid] = _prefill_tokens(r, t0, t1)
+        if r.stream:
+            decode[r.rid] = float(iv.tokens.get(r.rid, 0))
+        else:
+            end = r.end_s if r.end_s is not None else t1
+            decode[r.rid] = max(0.0, min(end, t1) - max(r.decode_from, t0)) * rate
+    busy_s = _covered_seconds(
+        [(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1)) for r in active]
+    )
+    total_p, total_d = sum(prefill.values()), sum(decode.values())
+    steps = (sum(seen) / len(seen)) if seen else (0.0 if total_d <= 0 else None)
+    if not active or (total_p <= 0 and total_d <= 0 and busy_s <= 0):
+        return Split({}, {}, {}, energy_j, 0.0, 0.0, 0.0, steps, rate, bool(seen))
+    uncovered = max(0.0, dt - busy_s)
+    idle_j = 0.0
+    if uncovered > 0:
+        idle_power = learned.idle_power_w if learned.idle_power_w is not None else energy_j / dt
+        idle_j = min(energy_j, idle_power * uncovered)
+    busy_j = energy_j - idle_j
+    prefill_share: dict[str, float] = {}
+    decode_share: dict[str, float] = {}
+    j_per_prompt = learned.calibrated_prefill_j_per_token()
+    if j_per_prompt is not None and total_d > 0:
+        prefill_j = min(busy_j, j_per_prompt * total_p)
+        for rid, p in prefill.items():
+            prefill_share[rid] = prefill_j * p / total_p if total_p > 0 else 0.0
+        for rid, d in decode.items():
+            decode_share[rid] = (busy_j - prefill_j) * d / total_d
+    else:
+        weight = learned.prefill_weight
+        if total_d <= 0:
+            weight = 1.0  # nothing decoded: the interval is prefill (or waiting) only
+        total_w = weight * total_p + total_d
+        if total_w <= 0:
+            # Requests were present but neither prefilled nor decoded visibly: share by presence.
+            decode = {
+                r.rid: max(0.0, min(r.end_s if r.end_s is not None else t1, t1) - max(r.start_s, t0))
+                for r in active
+            }
+            total_w = sum(decode.values())
+            weight = 0.0
+        for rid in decode:
+            prefill_share[rid] = busy_j * weight * prefill[rid] / total_w if total_w > 0 else 0.0
+            decode_share[rid] = busy_j * decode[rid] / total_w if total_w > 0 else 0.0
+    parts = {}
+    for rid in decode:
+        pj, dj = prefill_share.get(rid, 0.0), decode_share.get(rid, 0.0)
+        hw = (busy_s * (pj + dj) / busy_j) if busy_j > 0 else 0.0
+        parts[rid] = (pj, dj, hw)
+    return Split(parts, decode, prefill, idle_j, total_p, total_d, busy_s, steps, rate, bool(seen))
+
+
+def _prefill_tokens(req: OpenRequest, t0: float, t1: float) -> float:
+    """Prompt tokens credited to [t0, t1], never more than the prompt in all."""
+    remaining = req.prompt_tokens - req.prefill_credited
+    if remaining <= 0:
+        return 0.0
+    lo, hi = req.prefill_lo, req.prefill_hi
+    if hi <= t1 and (req.pinned or req.end_s is not None):
+        return remaining  # the prefill is over by t1: whatever is left belongs here
+    if hi <= lo:
+        return 0.0
+    overlap = max(0.0, min(hi, t1) - max(lo, t0))
+    return min(remaining, req.prompt_tokens * overlap / (hi - lo))
+
+
+def _covered_seconds(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of [lo, hi] spans."""
+    total = 0.0
+    current_lo = current_hi = -math.inf
+    for lo, hi in sorted(spans):
+        if hi <= lo:
+            continue
+        if lo > current_hi:
+            if current_hi > current_lo:
+                total += current_hi - current_lo
+            current_lo, current_hi = lo, hi
+        else:
+            current_hi = max(current_hi, hi)
+    if current_hi > current_lo:
+        total += current_hi - current_lo
+    return total

@@ -1,0 +1,59 @@
+"""The interval state of a timeline: its open requests, the intervals waiting to be split, its counters."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class OpenRequest:
+    """A request on the timeline, from its start until a reading after its end settles it."""
+
+    rid: str
+    start_s: float
+    prompt_tokens: int
+    stream: bool = True
+    first_token_s: float | None = None
+    end_s: float | None = None
+    completion_tokens: int = 0
+    tokens_since_reading: int = 0
+    prefill_lo: float = 0.0
+    prefill_hi: float = 0.0
+    pinned: bool = False  # the prefill window is known (first token seen, or the request ended)
+    decode_from: float = 0.0  # decoding starts after the whole block of prefills this one was part of
+    prefill_credited: float = 0.0
+    decode_units: float = 0.0
+    prefill_j: float = 0.0
+    decode_j: float = 0.0
+    hw_s: float = 0.0
+
+
+@dataclass(slots=True)
+class PendingInterval:
+    """A meter interval waiting to be split, with the stream tokens each request received in it."""
+
+    t0_s: float
+    t1_s: float
+    energy_j: float
+    tokens: dict[str, int]
+
+
+@dataclass(slots=True)
+class IntervalState:
+    requests: dict[str, OpenRequest] = field(default_factory=dict)
+    intervals: list[PendingInterval] = field(default_factory=list)
+    pinned_until_s: float = -math.inf  # the end of the last pinned prefill
+    queue_end_s: float = -math.inf  # the end of the last prefill placed by estimate
+    last_t_s: float | None = None
+    last_energy_j: float | None = None
+    last_power_w: float | None = None
+    split_until_s: float | None = None  # the end of the last interval split (later ones may wait)
+    measured_j: float = 0.0  # the energy of every usable interval read
+    idle_j: float = 0.0  # idle energy reported apart (``idle = "separate"``)
+    pending_idle_j: float = 0.0  # idle energy and time waiting for the next busy interval (``amortize``)
+    pending_idle_s: float = 0.0
+
+    def queued(self) -> list[OpenRequest]:
+        """The requests whose prefill window is not pinned yet, in arrival order."""
+        return [r for r in self.requests.values() if not r.pinned]
