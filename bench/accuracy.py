@@ -3,9 +3,9 @@
 Two measurements, side by side, for each profile and idle policy:
 - ``http``: the simulator and the proxy as real servers on loopback, each in its own process, the
   workload through the official openai client; the proxy sees only HTTP and the DCGM-style counter
-  (``scer_proxy.sim.accuracy``).
+  (``bench.harness.accuracy``).
 - ``replay``: the same attribution method on a virtual clock with no event-loop jitter
-  (``scer_proxy.sim.replay``): the method's own error.
+  (``bench.harness.replay``): the method's own error.
 
 Workload (the energy issue's acceptance): 200 requests, 32 concurrent, half streamed, prompts of 20 to
 2,000 tokens, outputs of 1 to 1,000 tokens. Errors are |proxy - truth| / truth per request; the

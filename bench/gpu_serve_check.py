@@ -81,11 +81,19 @@ class Counter(threading.Thread):
         self.values: list[float] = []
         self.stop_event = threading.Event()
         self.reads = 0
+        self.read_errors = 0
 
     def run(self) -> None:
         while not self.stop_event.is_set():
             before = time.monotonic()
-            value = self.read_j()
+            try:
+                value = self.read_j()
+            except httpx.HTTPError:
+                # A scrape that timed out (the --cpu upstream's loop busy with a step on a loaded machine)
+                # is a missed sample, not the end of the reference: skip it and read again.
+                self.read_errors += 1
+                time.sleep(self.step_s)
+                continue
             now = (before + time.monotonic()) / 2.0
             self.reads += 1
             if not self.values or value != self.values[-1]:
@@ -371,6 +379,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if measured_j
         else None,
         "counter_reads": counter.reads,
+        "counter_read_errors": counter.read_errors,
     }
 
 

@@ -41,6 +41,7 @@ class RequestResult:
     true_j: float
     header_j: float | None
     settled_j: float | None
+    record: dict[str, Any] = field(default_factory=dict)  # the proxy's ledger record ({} when missing)
 
 
 @dataclass
@@ -51,12 +52,22 @@ class AccuracyReport:
     counter_j: float = 0.0
     attributed_j: float = 0.0
     idle_j: float = 0.0
-    measured_j: float = 0.0
+    measured_j: float = 0.0  # the proxy's measured energy once everything was split (read before the summary)
+    measured_after_j: float = 0.0  # ... and read again after it (idle keeps accruing in between)
     wall_s: float = 0.0
 
     def errors(self, which: str) -> list[float]:
         """Relative errors |proxy - truth| / truth of the header or settled figure, per request."""
         return relative_errors(self.results, which)
+
+    def conservation_rel(self) -> float | None:
+        """How far attributed + idle lies outside [measured before, measured after] the summary was read,
+        relative to the measured energy: 0 when nothing was lost or invented."""
+        if not self.measured_j:
+            return None
+        total = self.attributed_j + self.idle_j
+        high = max(self.measured_j, self.measured_after_j)
+        return max(self.measured_j - total, total - high, 0.0) / self.measured_j
 
     def summary(self) -> dict[str, Any]:
         pct = percentile
@@ -70,11 +81,7 @@ class AccuracyReport:
             "settled_max": max(settled, default=None),
             "header_median": pct(header, 0.5),
             "header_p95": pct(header, 0.95),
-            "conservation_rel": (
-                abs(self.attributed_j + self.idle_j - self.measured_j) / self.measured_j
-                if self.measured_j
-                else None
-            ),
+            "conservation_rel": self.conservation_rel(),
             "measured_vs_counter_rel": (
                 abs(self.measured_j - self.counter_j) / self.counter_j if self.counter_j else None
             ),
@@ -262,13 +269,24 @@ async def _drive(
         await asyncio.gather(*(one(i, p, o, s) for i, (p, o, s) in enumerate(plan)))
         report.wall_s = loop.time() - started
         async with httpx.AsyncClient(timeout=30) as http:
-            # Let the counter publish past the last request's end, then wait until every record settled.
-            for _ in range(500):
+            # Let the counter publish past the last request's end, then wait until every record settled
+            # and every measured interval is split (a deadline in wall time: a busy machine is slower).
+            deadline = loop.time() + 60.0
+            while True:
                 records = {
                     r["request_id"]: r
                     for r in (await http.get(f"{proxy_url}/scer/requests?limit=10000")).json()["data"]
                 }
-                if all(records.get(rid, {}).get("settled") for rid, *_ in pending):
+                health = (await http.get(f"{proxy_url}/scer/health")).json()
+                meter = health["meter"]["upstreams"][0]
+                split = not (
+                    meter["pending_requests"]
+                    or meter["deferred_intervals"]
+                    or health["ledger"]["pending_settlement"]
+                )
+                if split and all(records.get(rid, {}).get("settled") for rid, *_ in pending):
+                    break
+                if loop.time() > deadline:
                     break
                 await asyncio.sleep(0.02)
             for rid, completion_id, stream, header_j in pending:
@@ -284,11 +302,13 @@ async def _drive(
                         true_j=truth["energy_j"],
                         header_j=header_j,
                         settled_j=record.get("energy_j") if record.get("settled") else None,
+                        record=record,
                     )
                 )
             summary = (await http.get(f"{proxy_url}/scer/summary")).json()
-            meter = (await http.get(f"{proxy_url}/scer/health")).json()["meter"]["upstreams"][0]
+            after = (await http.get(f"{proxy_url}/scer/health")).json()["meter"]["upstreams"][0]
         report.measured_j = meter["measured_j"]
+        report.measured_after_j = after["measured_j"]
         report.counter_j = meter["counter_j"] or 0.0
         report.idle_j = summary["idle_energy_j"]
         report.attributed_j = summary["totals"]["energy_j"] or 0.0
