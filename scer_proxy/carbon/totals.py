@@ -122,7 +122,7 @@ def totals(sums: Sequence[float], *, counted: bool = True) -> dict[str, Any]:
 
 
 def summary_body(
-    groups: Mapping[tuple[str, str], Sequence[float]],
+    groups: Mapping[tuple[str, ...], Sequence[float]],
     *,
     start: float | None,
     end: float,

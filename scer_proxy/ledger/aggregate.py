@@ -132,7 +132,7 @@ class Aggregator:
         flt = Filter(start, model, tenant)
         groups = self.sums(("model", "tenant"), flt, overlay)
         return summary_body(
-            {(m, t): sums for (m, t), sums in groups.items()},
+            groups,
             start=start if start is not None else self.first_started(flt, overlay),
             end=end,
             grades=grades,

@@ -37,7 +37,7 @@ def summarize(
     categories: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Aggregate finished records started in [start, end] (optionally one model or tenant)."""
-    groups: dict[tuple[str, str], list[float]] = {}
+    groups: dict[tuple[str, ...], list[float]] = {}
     first: float | None = None
     for r in records:
         if (
