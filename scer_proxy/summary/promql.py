@@ -1,11 +1,13 @@
 """``scer-proxy report --prometheus`` (pure): the PromQL queries it sends and the summary built from their answers.
 
-Prometheus scrapes each proxy's ``GET /metrics`` (``scer_proxy.web.scer_routes``): ``scer_requests_total``
-``{model, status}``, ``scer_tokens_total{model, kind}``, ``scer_energy_joules_total{model, source}``,
-``scer_carbon_grams_total{model, part}``, ``scer_idle_energy_joules`` and ``scer_meter_healthy{upstream}``.
-Every query sums across all scraped proxies (``sum by (model)``); with a window the counters are read as
-``increase(metric[window])``. The summary has the keys of ``/scer/summary``; what the metrics do not carry
-(grade, category, tenants, metered and settled counts, the meter's details, the grid) is null or absent.
+Prometheus scrapes each proxy's ``GET /metrics`` (the metrics of ``scer_proxy.summary.metrics``):
+``scer_requests_total{model, status}``, ``scer_tokens_total{model, kind}``, ``scer_energy_joules_total
+{model, source}``, ``scer_carbon_grams_total{model, part}``, ``scer_idle_energy_joules`` and
+``scer_meter_healthy{upstream}``. Every query sums across all scraped proxies (``sum by (model)``); with a
+window the counters are read as ``increase(metric[window])``. The answers are summed into the quantities
+of ``scer_proxy.carbon.totals`` and its rule gives the figures. The summary has the keys of
+``/scer/summary``; what the metrics do not carry (grade, category, tenants, metered and settled counts,
+the meter's details, the grid) is null or absent.
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-REQUESTS = "scer_requests_total"
-TOKENS = "scer_tokens_total"
-ENERGY = "scer_energy_joules_total"
-CARBON = "scer_carbon_grams_total"
-IDLE = "scer_idle_energy_joules"
-HEALTHY = "scer_meter_healthy"
-COUNTERS = (REQUESTS, TOKENS, ENERGY, CARBON)
+from scer_proxy.carbon.totals import add, sums_of, totals, zero
+from scer_proxy.summary.metrics import (
+    CARBON,
+    COMPLETION,
+    COUNTERS,
+    EMBODIED,
+    ENERGY,
+    HEALTHY,
+    IDLE,
+    NO_ENERGY,
+    OPERATIONAL,
+    PROMPT,
+    REQUESTS,
+    TOKENS,
+)
 
 # One vector sample: its labels and its value.
 Sample = tuple[dict[str, str], float]
@@ -95,18 +105,18 @@ def summary_queries(
     if tenant is not None:
         only["tenant"] = ("=", tenant)
     return {
-        "requests": _sum(REQUESTS, ("model",), only, window),
-        "tokens": _sum(TOKENS, ("model", "kind"), only, window),
-        "energy": _sum(ENERGY, ("model",), {**only, "source": ("!=", "none")}, window),
-        "carbon": _sum(CARBON, ("model", "part"), only, window),
-        "idle": f"sum({IDLE})",
-        "healthy": f"min({HEALTHY})",
+        "requests": _sum(REQUESTS.total, ("model",), only, window),
+        "tokens": _sum(TOKENS.total, ("model", "kind"), only, window),
+        "energy": _sum(ENERGY.total, ("model",), {**only, "source": ("!=", NO_ENERGY)}, window),
+        "carbon": _sum(CARBON.total, ("model", "part"), only, window),
+        "idle": f"sum({IDLE.name})",
+        "healthy": f"min({HEALTHY.name})",
     }
 
 
 def tenant_probe_queries() -> dict[str, str]:
     """Per counter, a query that is non-empty only when its series carry a ``tenant`` label."""
-    return {metric: _sum(metric, ("model",), {"tenant": ("!=", "")}, None) for metric in COUNTERS}
+    return {m.total: _sum(m.total, ("model",), {"tenant": ("!=", "")}, None) for m in COUNTERS}
 
 
 def vector(body: Any) -> list[Sample]:
@@ -144,79 +154,53 @@ def _by(samples: list[Sample], *labels: str) -> dict[tuple[str, ...], float]:
     return out
 
 
-def _totals(
-    requests: float,
-    prompt: float,
-    completion: float,
-    energy_j: float | None,
-    operational_g: float,
-    embodied_g: float,
-) -> dict[str, Any]:
-    """The keys of the summary's ``totals``; per 1,000 output tokens counts every completion token of the
-    group (the metrics have no endpoint label, so embeddings' input tokens are not units here)."""
-    metered = energy_j is not None
-    carbon_g = operational_g + embodied_g
-    completion_tokens = round(completion)
-    return {
-        "requests": round(requests),
-        "prompt_tokens": round(prompt),
-        "completion_tokens": completion_tokens,
-        "energy_j": energy_j,
-        "carbon_g": carbon_g if metered else None,
-        "carbon_operational_g": operational_g if metered else None,
-        "carbon_embodied_g": embodied_g if metered else None,
-        "energy_j_per_1k_output_tokens": (
-            energy_j * 1000.0 / completion_tokens if energy_j is not None and completion_tokens else None
-        ),
-        "sci": carbon_g * 1000.0 / completion_tokens if metered and completion_tokens else None,
-        "metered_requests": None,
-        "settled_requests": None,
-    }
-
-
 def build_summary(results: Mapping[str, list[Sample]], *, start: float | None, end: float) -> dict[str, Any]:
     """The summary from the answers to ``summary_queries`` (by the same names). A model is listed when it has
-    at least one request in the window; its energy and carbon are null when none of its requests was metered."""
+    at least one request in the window; its energy and carbon are null when none of its requests was metered.
+
+    A model with an energy figure counts as metered with all its output tokens (the metrics have no endpoint
+    label, so embeddings' input tokens are not units here); the totals' units are those of metered models.
+    """
     requests = _by(results["requests"], "model")
     tokens = _by(results["tokens"], "model", "kind")
     energy = _by(results["energy"], "model")
     carbon = _by(results["carbon"], "model", "part")
     names = sorted(m for (m,), n in requests.items() if round(n) > 0)
 
-    def figures(name: str) -> tuple[float, float, float, float | None, float, float]:
-        return (
-            requests[(name,)],
-            tokens.get((name, "prompt"), 0.0),
-            tokens.get((name, "completion"), 0.0),
-            energy.get((name,)),
-            carbon.get((name, "operational"), 0.0),
-            carbon.get((name, "embodied"), 0.0),
+    def sums(name: str) -> list[float]:
+        completion = tokens.get((name, COMPLETION), 0.0)
+        counts = {
+            "records": requests[(name,)],
+            "prompt_tokens": tokens.get((name, PROMPT), 0.0),
+            "completion_tokens": completion,
+        }
+        if (name,) not in energy:
+            return sums_of(**counts)
+        operational, embodied = carbon.get((name, OPERATIONAL), 0.0), carbon.get((name, EMBODIED), 0.0)
+        return sums_of(
+            **counts,
+            metered=1,
+            metered_completion=completion,
+            metered_units=completion,
+            energy_j=energy[(name,)],
+            carbon_g=operational + embodied,
+            carbon_operational_g=operational,
+            carbon_embodied_g=embodied,
         )
 
-    per_model = {name: figures(name) for name in names}
-    metered = [f for f in per_model.values() if f[3] is not None]
-    totals = _totals(
-        sum(f[0] for f in per_model.values()),
-        sum(f[1] for f in per_model.values()),
-        sum(f[2] for f in per_model.values()),
-        sum(f[3] or 0.0 for f in metered) if metered else None,
-        sum(f[4] for f in metered),
-        sum(f[5] for f in metered),
-    )
-    # Per 1,000 output tokens of the metered models only, as the ledger counts them.
-    units = round(sum(f[2] for f in metered))
-    totals["energy_j_per_1k_output_tokens"] = (
-        totals["energy_j"] * 1000.0 / units if metered and units else None
-    )
-    totals["sci"] = totals["carbon_g"] * 1000.0 / units if metered and units else None
+    per_model = {name: sums(name) for name in names}
+    total = zero()
+    for s in per_model.values():
+        add(total, s)
     idle = results["idle"]
     healthy = results["healthy"]
     return {
         "window": {"start": start, "end": end},
-        "totals": totals,
+        "totals": totals(total, counted=False),
         "idle_energy_j": sum(v for _, v in idle) if idle else None,
         "models": [
-            {"model": name, "category": None, "grade": None, **_totals(*per_model[name])} for name in names
+            {"model": name, "category": None, "grade": None, **totals(per_model[name], counted=False)}
+            for name in names
         ],
         "meter": {"healthy": min(v for _, v in healthy) >= 1.0 if healthy else None},
     }

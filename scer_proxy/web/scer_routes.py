@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scer_proxy.summary.build import parse_duration_s
+from scer_proxy.summary.metrics import COUNTERS, HEALTHY, IDLE, series
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS
 from scer_proxy.wire import openai as wire
 
@@ -119,37 +120,19 @@ class _LedgerCollector:
         self.rows = rows  # SqliteLedger.metrics_rows(): sums per model x status x energy source
 
     def collect(self) -> Any:
-        requests = CounterMetricFamily(
-            "scer_requests", "Metered requests finished", labels=["model", "status"]
-        )
-        tokens = CounterMetricFamily("scer_tokens", "Tokens of metered requests", labels=["model", "kind"])
-        energy = CounterMetricFamily(
-            "scer_energy_joules", "Energy attributed to requests, PUE included", labels=["model", "source"]
-        )
-        carbon = CounterMetricFamily(
-            "scer_carbon_grams", "Carbon attributed to requests, gCO2e", labels=["model", "part"]
-        )
-        agg: dict[tuple[str, ...], float] = {}
-        for r in self.rows:
-            for key, value in (
-                (("req", r["model"], r["status"]), float(r["records"])),
-                (("tok", r["model"], "prompt"), float(r["prompt_tokens"])),
-                (("tok", r["model"], "completion"), float(r["completion_tokens"])),
-                (("en", r["model"], r["energy_source"]), float(r["energy_j"])),
-                (("co2", r["model"], "operational"), float(r["carbon_operational_g"])),
-                (("co2", r["model"], "embodied"), float(r["carbon_embodied_g"])),
-            ):
+        families = {m.name: CounterMetricFamily(m.name, m.help, labels=list(m.labels)) for m in COUNTERS}
+        agg: dict[tuple[str, tuple[str, str]], float] = {}
+        for row in self.rows:
+            for metric, labels, value in series(row):
+                key = (metric.name, labels)
                 agg[key] = agg.get(key, 0.0) + value
-        families = {"req": requests, "tok": tokens, "en": energy, "co2": carbon}
-        for (family, *labels), value in sorted(agg.items()):
-            families[family].add_metric(labels, value)
+        for (name, labels), value in sorted(agg.items()):
+            families[name].add_metric(list(labels), value)
         yield from families.values()
-        idle = GaugeMetricFamily("scer_idle_energy_joules", "Measured energy not attributed to any request")
+        idle = GaugeMetricFamily(IDLE.name, IDLE.help)
         idle.add_metric([], idle_energy_j(self.app))
         yield idle
-        healthy = GaugeMetricFamily(
-            "scer_meter_healthy", "1 when the upstream's meter answers", labels=["upstream"]
-        )
+        healthy = GaugeMetricFamily(HEALTHY.name, HEALTHY.help, labels=list(HEALTHY.labels))
         for name, meter in self.app[METERS].items():
             healthy.add_metric([name], 1.0 if meter.healthy else 0.0)
         yield healthy

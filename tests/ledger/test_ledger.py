@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
 import sqlite3
@@ -12,16 +13,20 @@ from pathlib import Path
 import pytest
 
 from scer_proxy.carbon.records import Record
-from scer_proxy.ledger.sqlite import (
-    _SELECT,
+from scer_proxy.carbon.totals import QUANTITIES, contribution
+from scer_proxy.ledger.schema import (
     COLUMNS,
     MIGRATIONS,
     SCHEMA_VERSION,
+    SELECT,
+    UPSERT,
     LedgerError,
-    SqliteLedger,
-    _from_row,
+    contribution_sql,
+    from_row,
     tenant_salt,
+    to_row,
 )
+from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.summary.build import summarize
 
 NOW = time.time()
@@ -81,7 +86,7 @@ def raw_records(path: Path) -> list[Record]:
     """The records as stored, read with a connection of our own (independent of the ledger's summary)."""
     conn = sqlite3.connect(path)
     try:
-        return [_from_row(row) for row in conn.execute(_SELECT)]
+        return [from_row(row) for row in conn.execute(SELECT)]
     finally:
         conn.close()
 
@@ -107,6 +112,22 @@ def assert_summaries_equal(got: dict, want: dict) -> None:
 
 def test_columns_are_the_record_fields() -> None:
     assert set(COLUMNS) == {f.name for f in dataclasses.fields(Record)}
+
+
+def test_sql_contribution_is_the_python_one() -> None:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for migration in MIGRATIONS:
+        for statement in migration:
+            conn.execute(statement)
+    rollup = [row[1] for row in conn.execute("PRAGMA table_info(rollup)")]
+    assert rollup[5:] == list(contribution_sql("")) == list(QUANTITIES)
+    records = [make_record(i, rng=random.Random(i)) for i in range(200)]
+    conn.executemany(UPSERT, [to_row(r) for r in records])
+    exprs = ", ".join(contribution_sql("").values())
+    for r in records:
+        row = conn.execute(f"SELECT {exprs} FROM requests WHERE request_id = ?", (r.request_id,)).fetchone()
+        assert row == pytest.approx(contribution(r)), r
+    conn.close()
 
 
 async def test_put_get_recent_before_and_after_flush(tmp_path: Path) -> None:
@@ -213,7 +234,7 @@ async def test_migrates_a_v1_database(tmp_path: Path) -> None:
     v1 = [c for c in COLUMNS if c not in ("energy_uncertainty_rel", "energy_gpu_j", "grid_age_s")]
     conn.execute("BEGIN")
     for r in records:
-        values = dict(zip(COLUMNS, _to_row_for_test(r), strict=True))
+        values = dict(zip(COLUMNS, to_row(r), strict=True))
         conn.execute(
             f"INSERT INTO requests ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})",
             [values[c] for c in v1],
@@ -237,12 +258,6 @@ async def test_migrates_a_v1_database(tmp_path: Path) -> None:
     conn.close()
 
 
-def _to_row_for_test(r: Record) -> tuple[object, ...]:
-    from scer_proxy.ledger.sqlite import _to_row
-
-    return _to_row(r)
-
-
 async def test_newer_schema_and_bad_files_are_clear_errors(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
     conn = sqlite3.connect(path)
@@ -259,6 +274,17 @@ async def test_newer_schema_and_bad_files_are_clear_errors(tmp_path: Path) -> No
         await SqliteLedger(tmp_path / "absent.db", read_only=True).open()
 
 
+class Faults:
+    """``before_write`` for the ledger: runs the statements queued here on the writer's connection."""
+
+    def __init__(self) -> None:
+        self.statements: list[str] = []
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        while self.statements:
+            conn.execute(self.statements.pop(0))
+
+
 @pytest.mark.parametrize(
     ("fault", "undo", "message"),
     [
@@ -271,7 +297,8 @@ async def test_full_or_read_only_database_keeps_records_and_recovers(
 ) -> None:
     rng = random.Random(11)
     path = tmp_path / "scer.db"
-    ledger = SqliteLedger(path, flush_interval_s=0.02, max_pending=300)
+    faults = Faults()
+    ledger = SqliteLedger(path, flush_interval_s=0.02, max_pending=300, before_write=faults)
     await ledger.open()
     try:
         first = [make_record(i, rng=rng) for i in range(10)]
@@ -281,7 +308,7 @@ async def test_full_or_read_only_database_keeps_records_and_recovers(
         if "max_page_count" in fault:  # the file is as big as it may get: the next pages do not fit
             pages = sqlite3.connect(path).execute("PRAGMA page_count").fetchone()[0]
             fault = f"PRAGMA max_page_count = {pages}"
-        await ledger.on_writer(fault)
+        faults.statements.append(fault)
         batch = [make_record(i, rng=rng) for i in range(10, 510)]  # rows big enough to need new pages
         for r in batch:
             ledger.put(r)
@@ -297,7 +324,7 @@ async def test_full_or_read_only_database_keeps_records_and_recovers(
             for k, v in summarize(kept, start=None, end=time.time())["totals"].items()
             if isinstance(v, float)
         }
-        await ledger.on_writer(undo)
+        faults.statements.append(undo)
         assert await ledger.flush()
         health = ledger.health()
         assert health["healthy"] and health["last_error"] is None and health["pending"] == 0
@@ -311,18 +338,22 @@ async def test_retention_deletes_old_records_and_keeps_the_rollup_exact(tmp_path
     path = tmp_path / "scer.db"
     ledger = SqliteLedger(path, retention_days=1e6)  # the writer's own check (at open) deletes nothing
     await ledger.open()
+    old = [make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(1.01, 30)) for i in range(300)]
+    new = [make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(0, 0.99)) for i in range(300, 600)]
     try:
-        old = [make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(1.01, 30)) for i in range(300)]
-        new = [
-            make_record(i, rng=rng, started_at=NOW - 86400 * rng.uniform(0, 0.99)) for i in range(300, 600)
-        ]
         for r in old + new:
             ledger.put(r)
         assert await ledger.flush()
         assert len(ledger) == 600
-        ledger.retention_days = 1.0
-        await ledger.run_retention()
-        assert len(ledger) == 300
+    finally:
+        await ledger.close()
+    ledger = SqliteLedger(path, retention_days=1.0, flush_interval_s=0.01)  # the check at open deletes
+    await ledger.open()
+    try:
+        deadline = time.monotonic() + 10
+        while len(ledger) != 300:
+            assert time.monotonic() < deadline, len(ledger)
+            await asyncio.sleep(0.01)
         assert {r.request_id for r in raw_records(path)} == {r.request_id for r in new}
         now = time.time()
         assert_summaries_equal(await ledger.summary(now=now), summarize(new, start=None, end=now))

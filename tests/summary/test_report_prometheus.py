@@ -25,6 +25,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from scer_proxy.app import create_app
+from scer_proxy.carbon.totals import TOTALS
 from scer_proxy.cli.report import add_report_arguments, main_report
 from scer_proxy.config import UpstreamConfig
 from scer_proxy.proxy.serving import free_port
@@ -36,17 +37,8 @@ from tests.servers import ThreadedServers
 
 LLAMA = get_profile("llama-3.1-8b-h100").model_id
 QWEN = get_profile("qwen3-14b-h100").model_id
-COMPARED = (
-    "requests",
-    "prompt_tokens",
-    "completion_tokens",
-    "energy_j",
-    "carbon_g",
-    "carbon_operational_g",
-    "carbon_embodied_g",
-    "energy_j_per_1k_output_tokens",
-    "sci",
-)
+COMPARED = TOTALS[: TOTALS.index("metered_requests")]  # the figures the metrics carry
+ADDITIVE = COMPARED[: COMPARED.index("energy_j_per_1k_output_tokens")]  # sums, not ratios
 CSV_COMPARED = (
     "requests",
     "prompt_tokens",
@@ -305,15 +297,7 @@ def test_two_scrape_targets_are_summed(fleet: Fleet, capsys: pytest.CaptureFixtu
     assert sorted(b) == [LLAMA]
     _, prom = fleet.prometheus((fleet.proxy_a, "a:8080"), (fleet.proxy_b, "b:8080"))
     summed = by_model(report_json(["--prometheus", prom], capsys))
-    for key in (
-        "requests",
-        "prompt_tokens",
-        "completion_tokens",
-        "energy_j",
-        "carbon_g",
-        "carbon_operational_g",
-        "carbon_embodied_g",
-    ):
+    for key in ADDITIVE:
         assert summed[LLAMA][key] == pytest.approx(a[LLAMA][key] + b[LLAMA][key], rel=1e-9), key
     assert_same(summed[QWEN], a[QWEN])
 
