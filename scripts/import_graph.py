@@ -91,8 +91,13 @@ def graph(root: Path = ROOT) -> dict[str, dict[str, set[str]]]:
     return edges
 
 
-def violations(edges: dict[str, dict[str, set[str]]]) -> list[str]:
-    """Upward or sideways imports, and nodes that no layer names."""
+def nodes(root: Path = ROOT) -> set[str]:
+    """Every node of the tree under ``root``."""
+    return {node for node in (node_of(m) for m, _ in modules(root)) if node}
+
+
+def violations(edges: dict[str, dict[str, set[str]]], found: set[str]) -> list[str]:
+    """Upward or sideways imports in ``edges``, and nodes in ``found`` that no layer names."""
     ranks = rank()
     out = []
     for src, targets in sorted(edges.items()):
@@ -101,8 +106,7 @@ def violations(edges: dict[str, dict[str, set[str]]]) -> list[str]:
                 out.append(f"{src} -> {dst}: not in LAYERS")
             elif ranks[dst] >= ranks[src]:
                 out.append(f"{src} -> {dst}: not a lower layer (in {', '.join(sorted(by))})")
-    missing = {node_of(m) for m, _ in modules()} - set(ranks)
-    out.extend(f"{n}: not in LAYERS" for n in sorted(n for n in missing if n))
+    out.extend(f"{n}: not in LAYERS" for n in sorted(found - set(ranks)))
     return out
 
 
@@ -113,7 +117,7 @@ def main() -> int:
         for src in layer:
             targets = sorted(edges.get(src, {}), key=lambda d: (-ranks.get(d, -1), d))
             print(f"{src:12} -> {', '.join(targets) if targets else '(nothing)'}")
-    bad = violations(edges)
+    bad = violations(edges, nodes())
     for line in bad:
         print(f"violation: {line}", file=sys.stderr)
     print("no upward import, no cycle" if not bad else f"{len(bad)} violation(s)")
