@@ -21,28 +21,80 @@ from scer_proxy.sim.engine import Engine, Sequence
 from scer_proxy.sim.profiles import get_profile
 
 
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One request of a workload: its shape, when it arrives and whether its client goes away."""
+
+    prompt_tokens: int
+    output_tokens: int
+    stream: bool
+    at_s: float | None = None  # arrival time (open loop); None: when a closed-loop client is free
+    cancel_after: int | None = None  # a stream whose client disconnects after this many chunks
+
+
 @dataclass(frozen=True)
 class Workload:
+    """A seeded request mix and arrival process, the same for the replay and the HTTP harness.
+
+    Closed loop by default (``concurrency`` clients, each sending its next request ``idle_gap_s`` after
+    the last one ended); ``arrival_rate_per_s`` makes it open loop with Poisson arrivals, and
+    ``burst_size`` open loop in bursts of that many requests every ``burst_gap_s``.
+    """
+
     requests: int = 200
     concurrency: int = 32
     prompt_tokens: tuple[int, int] = (20, 2000)
     output_tokens: tuple[int, int] = (1, 1000)
     stream_share: float = 0.5
     seed: int = 1
-    idle_gap_s: float = 0.0  # pause between a client's requests (creates idle time; replay only)
+    idle_gap_s: float = 0.0  # pause between a closed-loop client's requests
+    arrival_rate_per_s: float | None = None
+    burst_size: int = 0
+    burst_gap_s: float = 0.0
+    start_s: float = 0.0  # idle before the first arrival
+    long_share: float = 0.0  # requests with a long prompt and a short output, mixed in
+    long_prompt_tokens: tuple[int, int] = (4000, 32000)
+    long_output_tokens: tuple[int, int] = (1, 8)
+    cancel_share: float = 0.0  # share of streams whose client disconnects ...
+    cancel_chunks: tuple[int, int] = (1, 60)  # ... after this many chunks
 
-    def plan(self) -> list[tuple[int, int, bool]]:
-        """Each request's (prompt tokens, output tokens, streamed), drawn from ``seed``: the same plan for
-        the replay and the HTTP harness."""
+    @property
+    def open_loop(self) -> bool:
+        return self.arrival_rate_per_s is not None or self.burst_size > 0
+
+    def plan(self) -> list[Planned]:
+        """Each request's shape and arrival, drawn from ``seed``."""
         rng = random.Random(self.seed)
-        return [
-            (
-                rng.randint(*self.prompt_tokens),
-                rng.randint(*self.output_tokens),
-                rng.random() < self.stream_share,
-            )
-            for _ in range(self.requests)
-        ]
+        out: list[Planned] = []
+        t = self.start_s
+        for i in range(self.requests):
+            prompt, output = rng.randint(*self.prompt_tokens), rng.randint(*self.output_tokens)
+            stream = rng.random() < self.stream_share
+            if self.long_share and rng.random() < self.long_share:
+                prompt, output = rng.randint(*self.long_prompt_tokens), rng.randint(*self.long_output_tokens)
+            cancel = None
+            if stream and self.cancel_share and rng.random() < self.cancel_share:
+                cancel = rng.randint(*self.cancel_chunks)
+                cancel = cancel if cancel < output else None  # a client that waits for the end did not cancel
+            at: float | None = None
+            if self.burst_size > 0:
+                at = self.start_s + (i // self.burst_size) * self.burst_gap_s
+            elif self.arrival_rate_per_s is not None:
+                t += rng.expovariate(self.arrival_rate_per_s)
+                at = t
+            out.append(Planned(prompt, output, stream, at, cancel))
+        return out
+
+
+def capacity_per_s(profile_name: str, workload: Workload) -> float:
+    """The requests a second the profile's engine completes at its full batch for ``workload``'s mix: the
+    GPU time a request takes is its prefill plus its share of the decode steps of a full batch."""
+    profile = get_profile(profile_name)
+    plan = workload.plan()
+    batch = profile.max_num_seqs
+    per_token_s = profile.step_time_s(batch) / batch
+    gpu_s = sum(p.prompt_tokens / profile.prefill_tokens_per_s + p.output_tokens * per_token_s for p in plan)
+    return len(plan) / gpu_s
 
 
 @dataclass
@@ -94,29 +146,42 @@ def replay(
     timeline = Timeline(TimelineConfig(idle=idle, prefill_weight=prefill_weight))
     plan = workload.plan()
     report = ReplayReport()
-    running: dict[str, tuple[Sequence, bool, int]] = {}  # rid -> (sequence, stream, tokens seen)
+    running: dict[str, tuple[Sequence, Planned, int]] = {}  # rid -> (sequence, plan, tokens seen)
     headers: dict[str, float] = {}
     settled: dict[str, Share] = {}
     next_index = 0
-    client_free_at = [0.0] * workload.concurrency
+    # Closed loop: when each client is free (-1 while busy); open loop: the arrivals' own times.
+    client_free_at = [] if workload.open_loop else [workload.start_s] * workload.concurrency
+    slot_of: dict[str, int] = {}
     next_sample = sample_phase_s  # the proxy's reads are not in step with the counter's updates
     last_published = None
     first_counter = engine.published.energy_j
 
-    def submit(now: float) -> None:
+    def begin(now: float, slot: int | None) -> None:
         nonlocal next_index
+        planned = plan[next_index]
+        rid = f"r{next_index}"
+        next_index += 1
+        seq = engine.submit(rid, planned.prompt_tokens, planned.output_tokens)
+        running[rid] = (seq, planned, 0)
+        timeline.start(rid, now, planned.prompt_tokens, stream=planned.stream)
+        if slot is not None:
+            client_free_at[slot] = -1.0  # busy
+            slot_of[rid] = slot
+
+    def submit(now: float) -> None:
+        if workload.open_loop:
+            while next_index < len(plan) and (plan[next_index].at_s or 0.0) <= now:
+                begin(now, None)
+            return
         for slot, free_at in enumerate(client_free_at):
-            if next_index >= len(plan):
-                return
-            if free_at <= now and free_at >= 0:
-                prompt, output, stream = plan[next_index]
-                rid = f"r{next_index}"
-                next_index += 1
-                seq = engine.submit(rid, prompt, output)
-                running[rid] = (seq, stream, 0)
-                timeline.start(rid, now, prompt, stream=stream)
-                client_free_at[slot] = -1.0  # busy
-                slot_of[rid] = slot
+            if next_index < len(plan) and 0 <= free_at <= now:
+                begin(now, slot)
+
+    def next_arrival() -> list[float]:
+        if workload.open_loop:
+            return [plan[next_index].at_s or 0.0] if next_index < len(plan) else []
+        return [t for t in client_free_at if t > clock.t]
 
     def sample() -> None:
         """The proxy reads the counter: a new published value closes an interval."""
@@ -136,28 +201,32 @@ def replay(
                 report.max_interval_imbalance_rel, imbalance / result.energy_j
             )
 
-    slot_of: dict[str, int] = {}
-    submit(0.0)
+    submit(clock.t)
     while running or next_index < len(plan):
-        candidates = [next_sample]
+        candidates = [next_sample, *next_arrival()]
         phase_end = engine.next_event_s()
         if phase_end is not None:
             candidates.append(phase_end)
-        candidates += [t for t in client_free_at if t > clock.t]
-        t_next = min(candidates)
-        clock.t = max(t_next, clock.t)
+        clock.t = max(min(candidates), clock.t)
         engine.sync()
-        # What the proxy sees at this instant: new tokens of streams, ends of requests.
-        for rid, (seq, stream, seen) in list(running.items()):
-            if stream and seq.completion_tokens > seen:
+        # What the proxy sees at this instant: new tokens of streams, ends of requests, and clients
+        # that go away mid-stream (the engine drops them before its next step).
+        for rid, (seq, planned, seen) in list(running.items()):
+            if planned.stream and seq.completion_tokens > seen:
                 timeline.tokens(rid, clock.t, seq.completion_tokens - seen)
-                running[rid] = (seq, stream, seq.completion_tokens)
+                seen = seq.completion_tokens
+                running[rid] = (seq, planned, seen)
+            if not seq.done and planned.cancel_after is not None and seen >= planned.cancel_after:
+                engine.cancel(seq)
             if seq.done:
-                timeline.finish(rid, clock.t, seq.prompt_tokens, seq.completion_tokens)
+                timeline.finish(
+                    rid, clock.t, seq.prompt_tokens, seen if planned.stream else seq.completion_tokens
+                )
                 estimate = timeline.estimate(rid, clock.t)
                 headers[rid] = estimate.energy_j if estimate is not None else math.nan
                 del running[rid]
-                client_free_at[slot_of[rid]] = clock.t + workload.idle_gap_s
+                if rid in slot_of:
+                    client_free_at[slot_of[rid]] = clock.t + workload.idle_gap_s
         if clock.t >= next_sample:
             sample()
             next_sample += sample_interval_s
@@ -168,7 +237,7 @@ def replay(
         engine.sync()
         sample()
         next_sample += sample_interval_s
-    for i in range(len(plan)):
+    for i, planned in enumerate(plan):
         rid = f"r{i}"
         truth = engine.truth(rid)
         assert truth is not None
@@ -176,7 +245,7 @@ def replay(
         report.results.append(
             ReplayResult(
                 rid=rid,
-                stream=plan[i][2],
+                stream=planned.stream,
                 prompt_tokens=truth.prompt_tokens,
                 completion_tokens=truth.completion_tokens,
                 true_j=truth.energy_j,

@@ -70,7 +70,7 @@ def test_http_run_settles_every_record_and_conserves_the_meters_energy() -> None
     # Each request produced exactly its planned output (ignore_eos), streamed or not as planned, and the
     # record counts the tokens the simulator produced.
     assert sorted((r.completion_tokens, r.stream) for r in report.results) == sorted(
-        (output, stream) for _prompt, output, stream in workload.plan()
+        (p.output_tokens, p.stream) for p in workload.plan()
     )
     assert all(r.record["completion_tokens"] == r.completion_tokens for r in report.results)
     # Conservation: attributed + idle = the energy the proxy measured, which is the counter's increase.
