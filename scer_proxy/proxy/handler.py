@@ -513,6 +513,10 @@ class _StreamRelay:
                 tail = self.scanner.flush()
                 ending = (self._event(tail) if tail else b"") + self._release(final=True)
                 if not self.figures_sent:
+                    if self.closed is None and self.last_usage is None:
+                        # The stream ended without usage and without [DONE]: count as at [DONE].
+                        text = "".join(self.text_parts)
+                        self.counted_completion = await self.h._count_text(self.upstream, text)
                     ending += wire.scer_comment(self._finish("ok", (), self.last_usage).scer())
                 if ending:
                     await out.write(ending)
@@ -520,19 +524,35 @@ class _StreamRelay:
         except asyncio.CancelledError:
             # The client went away: drop the upstream connection now so the server stops generating.
             self.resp.close()
-            self._finish("cancelled", ("client_disconnected",))
+            await self._finish_cut("cancelled", ("client_disconnected",))
             raise
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             self.resp.close()
-            self._finish("cancelled", ("client_disconnected",))
+            await self._finish_cut("cancelled", ("client_disconnected",))
             return out
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.resp.close()
             status, flags = "upstream_error", ("upstream_broke_stream", exc.__class__.__name__)
-            self._finish(status, flags)
+            await self._finish_cut(status, flags)
             return out
         self._finish(status, flags, self.last_usage)
         return out
+
+    async def _finish_cut(self, status: str, flags: tuple[str, ...]) -> None:
+        """Close the record of a stream cut short, its tokens so far counted as at a usage-less end.
+
+        The completion text is counted with the upstream's ``/tokenize`` where it has one (cl100k
+        otherwise), and the prompt with cl100k, as for a stream that ends without usage. The count
+        awaits I/O (5 s at most) on a task that may be cancelled, now or again while it waits: the
+        ``finally`` closes the record whatever happens, with cl100k's count if the upstream's did not
+        arrive, so it is written exactly once (``_finish`` closes only the first time) and never lost.
+        """
+        try:
+            if self.closed is None and self.counted_completion is None:
+                text = "".join(self.text_parts)
+                self.counted_completion = await self.h._count_text(self.upstream, text)
+        finally:
+            self._finish(status, flags)
 
     def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
         if self.closed is None:
