@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from scer_proxy.attribution.readings import ValueClock
 from scer_proxy.attribution.timeline import Share, Timeline, TimelineConfig
 from scer_proxy.sim.engine import Engine, Sequence
 from scer_proxy.sim.profiles import get_profile
@@ -106,6 +107,9 @@ class ReplayResult:
     true_j: float
     header_j: float
     settled_j: float
+    idle_j: float = 0.0  # the amortized idle share in settled_j
+    settled_unc: float | None = None  # the stated uncertainty of each figure
+    header_unc: float | None = None
 
 
 @dataclass
@@ -147,7 +151,7 @@ def replay(
     plan = workload.plan()
     report = ReplayReport()
     running: dict[str, tuple[Sequence, Planned, int]] = {}  # rid -> (sequence, plan, tokens seen)
-    headers: dict[str, float] = {}
+    headers: dict[str, Share | None] = {}
     settled: dict[str, Share] = {}
     next_index = 0
     # Closed loop: when each client is free (-1 while busy); open loop: the arrivals' own times.
@@ -155,6 +159,7 @@ def replay(
     slot_of: dict[str, int] = {}
     next_sample = sample_phase_s  # the proxy's reads are not in step with the counter's updates
     last_published = None
+    value_clock = ValueClock()
     first_counter = engine.published.energy_j
 
     def begin(now: float, slot: int | None) -> None:
@@ -187,10 +192,11 @@ def replay(
         """The proxy reads the counter: a new published value closes an interval."""
         nonlocal last_published
         published = engine.published
-        if published is last_published:
+        value_s = value_clock.observe(clock.t, published is not last_published)
+        if value_s is None:
             return
         last_published = published
-        result = timeline.reading(clock.t, published.energy_j)
+        result = timeline.reading(value_s, published.energy_j)
         if result is None:
             return
         for share in result.settled:
@@ -222,8 +228,7 @@ def replay(
                 timeline.finish(
                     rid, clock.t, seq.prompt_tokens, seen if planned.stream else seq.completion_tokens
                 )
-                estimate = timeline.estimate(rid, clock.t)
-                headers[rid] = estimate.energy_j if estimate is not None else math.nan
+                headers[rid] = timeline.estimate(rid, clock.t)
                 del running[rid]
                 if rid in slot_of:
                     client_free_at[slot_of[rid]] = clock.t + workload.idle_gap_s
@@ -242,6 +247,7 @@ def replay(
         truth = engine.truth(rid)
         assert truth is not None
         final = settled.get(rid)
+        header = headers.get(rid)
         report.results.append(
             ReplayResult(
                 rid=rid,
@@ -249,14 +255,17 @@ def replay(
                 prompt_tokens=truth.prompt_tokens,
                 completion_tokens=truth.completion_tokens,
                 true_j=truth.energy_j,
-                header_j=headers.get(rid, math.nan),
-                settled_j=final.energy_j if final is not None else math.nan,
+                header_j=header.energy_j if header is not None else math.nan,
+                settled_j=final.energy_j - final.idle_j if final is not None else math.nan,
+                idle_j=final.idle_j if final is not None else 0.0,
+                settled_unc=final.uncertainty_rel if final is not None else None,
+                header_unc=header.uncertainty_rel if header is not None else None,
             )
         )
     report.counter_j = (last_published.energy_j if last_published else 0.0) - first_counter
     report.measured_j = timeline.measured_j
     report.attributed_j = sum(s.energy_j for s in settled.values())
-    report.idle_j = timeline.idle_j + timeline.pending_idle_j
+    report.idle_j = timeline.idle_j + timeline.idle_balance_j
     return report
 
 

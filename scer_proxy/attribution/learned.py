@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scer_proxy.attribution.calibration import Calibration
+from scer_proxy.attribution.fitting import solve_linear
 
 DEFAULT_PREFILL_WEIGHT = 0.1
 """Decode-token equivalents per prompt token while ``auto`` has not calibrated (and as its prior).
@@ -22,8 +23,20 @@ class Learned:
     calibration: Calibration | None = None  # None: the prefill weight is fixed
     token_interval_s: float = 0.02  # per-sequence seconds per token
     token_interval_learned: bool = False  # a non-stream of FIRST_RATE_MIN_TOKENS replaced the prior
-    prefill_tokens_per_s: float = 10_000.0
-    idle_power_w: float | None = None
+    prefill_tokens_per_s: float = 10_000.0  # the prior until a prefill is seen
+    prefill_tokens_seen: float = 0.0  # prompt tokens and seconds of the prefills seen, decayed ...
+    prefill_seconds_seen: float = 0.0
+    prefill_samples: int = 0  # ... and how many
+    token_interval_samples: int = 0
+    idle_power_w: float | None = None  # from intervals with no request in them
+    idle_samples: int = 0
+    # Interval energy on (busy s, idle s), decayed sums: the idle power before an idle interval is seen.
+    power_xtx: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # bb, bi, ii
+    power_xty: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # A request served alone: its life on (prompt tokens, completion tokens), decayed sums.
+    alone_xtx: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # pp, pc, cc
+    alone_xty: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    alone_samples: int = 0
     j_per_decode_token: float | None = None
     decode_rate_per_s: float = 0.0  # the per-sequence rate of the split that set j_per_decode_token
     decode_rate_seen: bool = False  # ... and whether streams showed it
@@ -37,6 +50,7 @@ class Learned:
     def learn_stream_interval(self, interval_s: float) -> None:
         """A stream's mean time between tokens, averaged in."""
         self.token_interval_s += 0.2 * (interval_s - self.token_interval_s)
+        self.token_interval_samples += 1
 
     def learn_token_interval(self, interval_s: float, tokens: int) -> None:
         """A non-streamed request's time per token, averaged in; the first of at least
@@ -47,9 +61,39 @@ class Learned:
             self.token_interval_s, self.token_interval_learned = interval_s, True
         else:
             self.token_interval_s += 0.2 * (interval_s - self.token_interval_s)
+        self.token_interval_samples += 1
 
-    def learn_prefill_rate(self, tokens_per_s: float) -> None:
-        self.prefill_tokens_per_s += 0.3 * (tokens_per_s - self.prefill_tokens_per_s)
+    def learn_prefill(self, prompt_tokens: float, seconds: float) -> None:
+        """A prefill (or a block of them) of ``prompt_tokens`` that took ``seconds``.
+
+        The rate is the ratio of the decayed sums (about the last 32 prefills), so a long prompt weighs
+        as much as its tokens and a short one, whose time is mostly the wait for a decode step to end,
+        weighs little; the first prefill replaces the prior outright.
+        """
+        if prompt_tokens <= 0 or seconds <= 0:
+            return
+        decay = 1.0 - 1.0 / 32
+        self.prefill_tokens_seen = self.prefill_tokens_seen * decay + prompt_tokens
+        self.prefill_seconds_seen = self.prefill_seconds_seen * decay + seconds
+        self.prefill_tokens_per_s = self.prefill_tokens_seen / self.prefill_seconds_seen
+        self.prefill_samples += 1
+
+    def describe(self) -> dict[str, float | int | None]:
+        """The learned values and how many observations each rests on (for ``/scer/health``)."""
+        return {
+            "prefill_tokens_per_s": self.prefill_tokens_per_s,
+            "prefill_samples": self.prefill_samples,
+            "token_interval_ms": self.token_interval_s * 1000.0,
+            "token_interval_samples": self.token_interval_samples,
+            "decode_step_ms": self.decode_step_s() * 1000.0,
+            "alone_samples": self.alone_samples,
+            "idle_power_w": self.idle_power_estimate_w(),
+            "idle_samples": self.idle_samples,
+            "busy_power_w": self.busy_power_w,
+            "j_per_decode_token": self.j_per_decode_token,
+            "j_per_prompt_token": self.j_per_prompt_token,
+            "prefill_j_per_token_calibrated": self.calibrated_prefill_j_per_token(),
+        }
 
     def learn_idle_power(self, power_w: float) -> None:
         self.idle_power_w = (
@@ -57,6 +101,57 @@ class Learned:
             if self.idle_power_w is None
             else (self.idle_power_w + 0.2 * (power_w - self.idle_power_w))
         )
+        self.idle_samples += 1
+
+    def learn_power(self, busy_s: float, idle_s: float, energy_j: float) -> None:
+        """A busy interval's energy against its busy and uncovered seconds."""
+        decay = 1.0 - 1.0 / 256
+        xtx, xty = self.power_xtx, self.power_xty
+        xtx[0] = xtx[0] * decay + busy_s * busy_s
+        xtx[1] = xtx[1] * decay + busy_s * idle_s
+        xtx[2] = xtx[2] * decay + idle_s * idle_s
+        xty[0] = xty[0] * decay + busy_s * energy_j
+        xty[1] = xty[1] * decay + idle_s * energy_j
+
+    def learn_alone(self, prompt_tokens: int, completion_tokens: int, life_s: float) -> None:
+        """A request that had the GPU to itself from its start to its end."""
+        decay = 1.0 - 1.0 / 64
+        p, c = float(prompt_tokens), float(completion_tokens)
+        xtx, xty = self.alone_xtx, self.alone_xty
+        xtx[0] = xtx[0] * decay + p * p
+        xtx[1] = xtx[1] * decay + p * c
+        xtx[2] = xtx[2] * decay + c * c
+        xty[0] = xty[0] * decay + p * life_s
+        xty[1] = xty[1] * decay + c * life_s
+        self.alone_samples += 1
+
+    @property
+    def decode_step_known(self) -> bool:
+        """Whether requests have shown the decode step (else it is the prior)."""
+        return bool(self.token_interval_samples or self.token_interval_learned or self.alone_samples >= 2)
+
+    def decode_step_s(self) -> float:
+        """The time a token of a sequence takes: as streams show it, else as requests served alone show
+        it (their life less their prompt at the prefill rate, over their tokens), else the prior."""
+        if self.token_interval_samples or self.alone_samples < 2:
+            return self.token_interval_s
+        xtx, xty = self.alone_xtx, self.alone_xty
+        coef = solve_linear([[xtx[0], xtx[1]], [xtx[1], xtx[2]]], xty)
+        if coef is not None and coef[0] >= 0 and coef[1] > 0:
+            return coef[1]
+        # All alike (one token each, say): the time beyond the prefill, per token.
+        beyond = xty[1] - xtx[1] / max(self.prefill_tokens_per_s, 1e-9)
+        return beyond / xtx[2] if beyond > 0 and xtx[2] > 0 else self.token_interval_s
+
+    def idle_power_estimate_w(self) -> float | None:
+        """The idle power: measured on idle intervals, else fitted on busy ones with idle time in them."""
+        if self.idle_power_w is not None:
+            return self.idle_power_w
+        xtx, xty = self.power_xtx, self.power_xty
+        coef = solve_linear([[xtx[0], xtx[1]], [xtx[1], xtx[2]]], xty)
+        if coef is None or coef[0] <= 0 or coef[1] <= 0 or coef[1] > coef[0]:
+            return None
+        return coef[1]
 
     def learn_prices(
         self,

@@ -40,16 +40,21 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         and r.first_token_s <= t0
         and (r.end_s is None or r.end_s >= t1)
     ]
-    rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(learned.token_interval_s, 1e-6)
+    rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(learned.decode_step_s(), 1e-6)
     prefill: dict[str, float] = {}
     decode: dict[str, float] = {}
     for r in active:
         prefill[r.rid] = _prefill_tokens(r, t0, t1)
         if r.stream:
             decode[r.rid] = float(iv.tokens.get(r.rid, 0))
+        elif r.end_s is not None:
+            # Ended: its token count is known, the rest of it over the rest of its decode time.
+            rest = max(0.0, r.completion_tokens - r.decode_units)
+            window = r.end_s - max(r.decode_from, t0)
+            inside = max(0.0, min(r.end_s, t1) - max(r.decode_from, t0))
+            decode[r.rid] = rest if window <= 0 or r.end_s <= t1 else rest * inside / window
         else:
-            end = r.end_s if r.end_s is not None else t1
-            decode[r.rid] = max(0.0, min(end, t1) - max(r.decode_from, t0)) * rate
+            decode[r.rid] = max(0.0, t1 - max(r.decode_from, t0)) * rate
     busy_s = _covered_seconds(
         [(max(r.start_s, t0), min(r.end_s if r.end_s is not None else t1, t1)) for r in active]
     )
@@ -60,7 +65,8 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     uncovered = max(0.0, dt - busy_s)
     idle_j = 0.0
     if uncovered > 0:
-        idle_power = learned.idle_power_w if learned.idle_power_w is not None else energy_j / dt
+        idle_power = learned.idle_power_estimate_w()
+        idle_power = idle_power if idle_power is not None else energy_j / dt
         idle_j = min(energy_j, idle_power * uncovered)
     busy_j = energy_j - idle_j
     prefill_share: dict[str, float] = {}
@@ -70,6 +76,17 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         prefill_j = min(busy_j, j_per_prompt * total_p)
         for rid, p in prefill.items():
             prefill_share[rid] = prefill_j * p / total_p if total_p > 0 else 0.0
+        for rid, d in decode.items():
+            decode_share[rid] = (busy_j - prefill_j) * d / total_d
+    elif learned.calibration is not None and total_d > 0 and total_p > 0:
+        # Uncalibrated: a prefill holds the GPU alone, so prefill energy is the busy energy over the
+        # prefill's share of the busy time (its windows, at the observed prefill rate).
+        # The decode steps took time too: at least the most tokens one request got, at the step time.
+        prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)
+        decode_s = max(busy_s - prefill_s, max(decode.values()) * learned.decode_step_s())
+        prefill_j = busy_j * prefill_s / (prefill_s + decode_s) if prefill_s > 0 else 0.0
+        for rid, p in prefill.items():
+            prefill_share[rid] = prefill_j * p / total_p
         for rid, d in decode.items():
             decode_share[rid] = (busy_j - prefill_j) * d / total_d
     else:
@@ -108,6 +125,11 @@ def _prefill_tokens(req: OpenRequest, t0: float, t1: float) -> float:
         return 0.0
     overlap = max(0.0, min(hi, t1) - max(lo, t0))
     return min(remaining, req.prompt_tokens * overlap / (hi - lo))
+
+
+def _prefill_seconds(req: OpenRequest, t0: float, t1: float) -> float:
+    """How long ``req``'s prefill window overlaps [t0, t1]."""
+    return max(0.0, min(req.prefill_hi, t1) - max(req.prefill_lo, t0))
 
 
 def _covered_seconds(spans: list[tuple[float, float]]) -> float:

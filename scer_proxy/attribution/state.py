@@ -14,7 +14,8 @@ class OpenRequest:
     start_s: float
     prompt_tokens: int
     stream: bool = True
-    first_token_s: float | None = None
+    first_token_s: float | None = None  # seen on a stream, or inferred from a non-stream's end
+    inferred_decode_s: float = 0.0  # the decode time subtracted from a non-stream's end to infer it
     end_s: float | None = None
     completion_tokens: int = 0
     tokens_since_reading: int = 0
@@ -45,14 +46,13 @@ class IntervalState:
     intervals: list[PendingInterval] = field(default_factory=list)
     pinned_until_s: float = -math.inf  # the end of the last pinned prefill
     queue_end_s: float = -math.inf  # the end of the last prefill placed by estimate
+    last_end_s: float = -math.inf  # the latest end of a finished request
     last_t_s: float | None = None
     last_energy_j: float | None = None
     last_power_w: float | None = None
     split_until_s: float | None = None  # the end of the last interval split (later ones may wait)
     measured_j: float = 0.0  # the energy of every usable interval read
     idle_j: float = 0.0  # idle energy reported apart (``idle = "separate"``)
-    pending_idle_j: float = 0.0  # idle energy and time waiting for the next busy interval (``amortize``)
-    pending_idle_s: float = 0.0
 
     def queued(self) -> list[OpenRequest]:
         """The requests whose prefill window is not pinned yet, in arrival order."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from scer_proxy.attribution.calibration import Calibration
+from scer_proxy.attribution.idle import IdleSpread
 from scer_proxy.attribution.learned import DEFAULT_PREFILL_WEIGHT, Learned
 from scer_proxy.attribution.split import split_interval
 from scer_proxy.attribution.state import IntervalState, OpenRequest, PendingInterval
@@ -46,6 +47,8 @@ class Share:
     decode_j: float
     hw_s: float
     settled: bool
+    idle_j: float = 0.0  # the amortized idle energy in ``energy_j`` (the rest is prefill + decode)
+    uncertainty_rel: float | None = None  # the stated 90 % bound on the relative error of energy_j
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,13 @@ class TimelineConfig:
     idle: str = "amortize"  # or "separate"
     max_defer_s: float = 2.0  # how long an interval may wait for the first tokens that place its prefills
     token_interval_s: float = 0.02  # the prior per-sequence time per token, until requests show it
+    idle_window_s: float = 3600.0  # ``amortize``: idle energy is spread over this window's requests
 
 
 class Timeline:
     """The attribution timeline of one upstream (its GPUs and the requests it serves)."""
 
-    __slots__ = ("config", "learned", "state")
+    __slots__ = ("config", "idle", "learned", "state")
 
     def __init__(self, config: TimelineConfig | None = None) -> None:
         self.config = config = config if config is not None else TimelineConfig()
@@ -87,6 +91,7 @@ class Timeline:
             token_interval_s=config.token_interval_s,
         )
         self.state = IntervalState()
+        self.idle = IdleSpread(config.idle_window_s)
 
     # -- what the proxy observes -------------------------------------------------------------
     # Prefill runs as a FIFO queue, as servers run it. Until a request's first token is seen, its
@@ -128,17 +133,39 @@ class Timeline:
             return
         req.end_s = max(t_s, req.start_s)
         req.prompt_tokens = max(0, prompt_tokens)
+        state, learned = self.state, self.learned
+        if not req.pinned and not req.stream and completion_tokens > 0:
+            # The end shows where the prefill ended: the decode time of its tokens before it. Placed like
+            # a stream's first token, it pins the windows queued before it and teaches the prefill rate,
+            # when that decode time is known well enough (short, or at a step requests have shown).
+            step_s = learned.decode_step_s()
+            decode_s = completion_tokens * step_s
+            if completion_tokens <= 2 or (
+                learned.decode_step_known and decode_s <= 0.5 * (req.end_s - req.start_s)
+            ):
+                req.first_token_s = max(req.start_s, req.end_s - decode_s + step_s)
+                req.inferred_decode_s = decode_s
+        alone = state.last_end_s <= req.start_s and not any(
+            r is not req and (r.end_s is None or r.end_s > req.start_s) for r in state.requests.values()
+        )
+        state.last_end_s = max(state.last_end_s, req.end_s)
+        if alone and completion_tokens > 0:
+            learned.learn_alone(req.prompt_tokens, completion_tokens, req.end_s - req.start_s)
         if req.stream and req.first_token_s is not None:
             seen = req.completion_tokens
             if seen > 1 and req.end_s > req.first_token_s:
-                self.learned.learn_stream_interval((req.end_s - req.first_token_s) / (seen - 1))
+                learned.learn_stream_interval((req.end_s - req.first_token_s) / (seen - 1))
         elif not req.stream and completion_tokens > 1 and req.end_s > req.decode_from:
             # Without streams the token rate can only be learned from whole non-streamed requests.
-            self.learned.learn_token_interval(
-                (req.end_s - req.decode_from) / completion_tokens, completion_tokens
-            )
+            learned.learn_token_interval((req.end_s - req.decode_from) / completion_tokens, completion_tokens)
         req.completion_tokens = max(0, completion_tokens)
-        if not req.pinned:
+        if req.pinned:
+            return
+        if req.first_token_s is not None:
+            self._pin()
+        else:
+            # No first token (a stream cut before it, a response with no tokens): the prefill, if any,
+            # ended by the end at the latest.
             req.prefill_hi = min(req.prefill_hi, req.end_s)
             req.prefill_lo = min(req.prefill_lo, req.prefill_hi)
             req.decode_from = min(req.decode_from, req.end_s)
@@ -154,6 +181,9 @@ class Timeline:
         for req in self.state.queued():
             req.prefill_lo = max(cursor, req.start_s)
             req.prefill_hi = req.prefill_lo + req.prompt_tokens / rate
+            if req.end_s is not None:  # ended, waiting for the streams that place its block
+                req.prefill_hi = min(req.prefill_hi, req.end_s)
+                req.prefill_lo = min(req.prefill_lo, req.prefill_hi)
             req.decode_from = req.prefill_hi
             cursor = req.prefill_hi
         self.state.queue_end_s = cursor
@@ -171,26 +201,39 @@ class Timeline:
             first = queued[j].first_token_s
             assert first is not None
             # First tokens within one decode step (and a few ms of the proxy's own jitter) came together.
-            tolerance = max(learned.token_interval_s, 0.005)
-            # The group: the streams after j whose first tokens came with j's (non-streams in between,
-            # whose tokens are not seen, go with them).
-            k, m = j, j + 1
+            step_s = learned.decode_step_s()
+            tolerance = max(step_s, 0.005)
+            end = max(first - step_s, queued[j].start_s)
+            # The block: the requests after j whose first tokens came with j's, and those that arrived
+            # before its prefill ended (prefilled, first come first served, before the decode step that
+            # gave the first token). A stream of those whose first token is not seen yet may still show
+            # where the block ends: wait for it.
+            k, m, wait = j, j + 1, False
             while m < len(queued):
-                other_first = queued[m].first_token_s
-                if other_first is not None and other_first <= first + tolerance:
-                    k = m
-                elif queued[m].stream:
+                other = queued[m]
+                seen = other.first_token_s is not None and not other.inferred_decode_s
+                if seen:
+                    assert other.first_token_s is not None
+                    if other.first_token_s > first + tolerance:
+                        break
+                elif other.start_s < end:
+                    if other.stream:
+                        wait = True
+                        break
+                elif other.first_token_s is None or other.first_token_s > first + tolerance:
                     break
+                k = m
                 m += 1
-            end = max(first - learned.token_interval_s, queued[j].start_s)
-            nxt = next((r for r in queued[k + 1 :] if r.stream), None)
-            if nxt is not None and nxt.first_token_s is None and nxt.start_s < end:
-                break  # the next stream may still show it was prefilled in this same block: wait for it
+            if wait:
+                break
             block = queued[i : k + 1]
             begin = min(max(state.pinned_until_s, min(r.start_s for r in block)), end)
             prompts = sum(r.prompt_tokens for r in block)
-            if end > begin and prompts > 0:
-                learned.learn_prefill_rate(prompts / (end - begin))
+            # A first token inferred from a non-stream's end is as good as its decode time: it teaches
+            # the rate only when that time is small beside the prefill's.
+            inferred_s = queued[j].inferred_decode_s
+            if end > begin and prompts > 0 and inferred_s <= 0.5 * (end - begin):
+                learned.learn_prefill(prompts, end - begin)
             scale = (end - begin) / prompts if prompts > 0 else 0.0
             cursor = begin
             for other in block:
@@ -273,13 +316,13 @@ class Timeline:
         if not split.parts:
             learned.learn_idle_power(d_energy / dt)
             if amortize:
-                state.pending_idle_j += d_energy
-                state.pending_idle_s += dt
+                self.idle.add_idle(t1, d_energy, dt)
                 return IntervalResult(t0, t1, d_energy, 0.0, 0.0, d_energy, self._settle(t1))
             state.idle_j += d_energy
             return IntervalResult(t0, t1, d_energy, 0.0, d_energy, 0.0, self._settle(t1))
 
         busy_j = d_energy - split.idle_j
+        learned.learn_power(split.busy_s, dt - split.busy_s, d_energy)
         learned.learn_prices(
             prefill_j=sum(p for p, _d, _h in split.parts.values()),
             decode_j=sum(d for _p, d, _h in split.parts.values()),
@@ -290,36 +333,43 @@ class Timeline:
             busy_j=busy_j,
             busy_s=split.busy_s,
         )
-        idle_to_idle = 0.0
-        extra_j, extra_s = 0.0, 0.0
+        self.idle.mark_active()
+        idle_to_idle, carried = 0.0, 0.0
         if amortize:
-            extra_j = split.idle_j + state.pending_idle_j
-            extra_s = (dt - split.busy_s) + state.pending_idle_s
-            state.pending_idle_j = 0.0
-            state.pending_idle_s = 0.0
+            self.idle.add_idle(t1, split.idle_j, dt - split.busy_s)
+            carried = split.idle_j
         else:
             idle_to_idle = split.idle_j
             state.idle_j += split.idle_j
         attributed = 0.0
         for rid, (pj, dj, hw) in split.parts.items():
             req = state.requests[rid]
-            fraction = (pj + dj) / busy_j if busy_j > 0 else 1.0 / len(split.parts)
-            extra_p = extra_j * fraction * (pj / (pj + dj)) if pj + dj > 0 else 0.0
-            req.prefill_j += pj + extra_p
-            req.decode_j += dj + extra_j * fraction - extra_p
-            req.hw_s += hw + extra_s * fraction
-            attributed += pj + dj + extra_j * fraction
-        carried = d_energy - attributed - idle_to_idle  # idle carried in earlier, released now (<= 0)
+            req.prefill_j += pj
+            req.decode_j += dj
+            req.hw_s += hw
+            attributed += pj + dj
         return IntervalResult(t0, t1, d_energy, attributed, idle_to_idle, carried, self._settle(t1))
 
     def _settle(self, t_s: float) -> tuple[Share, ...]:
         requests = self.state.requests
         done = [r for r in requests.values() if r.end_s is not None and r.end_s <= t_s]
+        shares = []
         for req in done:
             del requests[req.rid]
-        return tuple(
-            Share(r.rid, r.prefill_j + r.decode_j, r.prefill_j, r.decode_j, r.hw_s, True) for r in done
-        )
+            active_j = req.prefill_j + req.decode_j
+            idle_j, idle_s = self.idle.share(t_s, active_j) if self.config.idle == "amortize" else (0.0, 0.0)
+            shares.append(
+                Share(
+                    req.rid,
+                    active_j + idle_j,
+                    req.prefill_j,
+                    req.decode_j,
+                    req.hw_s + idle_s,
+                    True,
+                    idle_j=idle_j,
+                )
+            )
+        return tuple(shares)
 
     # -- figures at response time ------------------------------------------------------------
     def estimate(self, rid: str, now_s: float) -> Share | None:
@@ -400,5 +450,6 @@ class Timeline:
         return self.state.idle_j
 
     @property
-    def pending_idle_j(self) -> float:
-        return self.state.pending_idle_j
+    def idle_balance_j(self) -> float:
+        """Idle energy waiting to be spread under ``amortize`` (0 under ``separate``)."""
+        return self.idle.balance_j

@@ -15,6 +15,7 @@ from typing import Any
 
 import structlog
 
+from scer_proxy.attribution.readings import ValueClock
 from scer_proxy.attribution.timeline import Share, Timeline
 from scer_proxy.meters import Estimator, Meter, MeterError, Reading
 
@@ -56,6 +57,7 @@ class UpstreamMeter:
         self.healthy = self._source is not None
         self.readings = 0
         self.update_period_s: float | None = None
+        self._value_clock = ValueClock()
 
     @property
     def source(self) -> str:
@@ -132,7 +134,9 @@ class UpstreamMeter:
         self.last_reading = reading
         if self.first_reading is None:
             self.first_reading = reading
-        if previous is not None and reading.energy_j == previous.energy_j:
+        changed = previous is None or reading.energy_j != previous.energy_j
+        value_s = self._value_clock.observe(reading.t_s, changed)
+        if value_s is None:
             return  # the counter has not updated since the last read: no new interval yet
         if self.last_value_change_s is not None:
             period = reading.t_s - self.last_value_change_s
@@ -140,7 +144,7 @@ class UpstreamMeter:
                 period if self.update_period_s is None else min(self.update_period_s, period)
             )
         self.last_value_change_s = reading.t_s
-        result = self.timeline.reading(reading.t_s, reading.energy_j)
+        result = self.timeline.reading(value_s, reading.energy_j)
         if result is not None:
             await self._settle(result.settled)
 

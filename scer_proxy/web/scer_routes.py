@@ -49,7 +49,7 @@ def idle_energy_j(app: web.Application) -> float:
     """Measured energy left unattributed: idle under ``separate``; under ``amortize`` only what is still
     waiting for the next busy interval."""
     pue = app[CONFIG].carbon.pue
-    return sum((m.timeline.idle_j + m.timeline.pending_idle_j) * pue for m in app[METERS].values())
+    return sum((m.timeline.idle_j + m.timeline.idle_balance_j) * pue for m in app[METERS].values())
 
 
 async def summary(request: web.Request) -> web.Response:

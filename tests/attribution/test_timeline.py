@@ -14,7 +14,7 @@ from scer_proxy.attribution.timeline import Timeline, TimelineConfig
 def _accounted(tl: Timeline, settled_j: float) -> float:
     in_flight = sum(r.prefill_j + r.decode_j for r in tl.state.requests.values())
     deferred = sum(iv.energy_j for iv in tl.state.intervals)
-    return settled_j + in_flight + tl.idle_j + tl.pending_idle_j + deferred
+    return settled_j + in_flight + tl.idle_j + tl.idle_balance_j + deferred
 
 
 def _decoding(tl: Timeline, rid: str, t: float) -> None:
@@ -144,10 +144,10 @@ def test_conservation_on_every_interval_random_schedule(idle: str, weight: float
     assert tl.measured_j > 0 and settled_j > 0
 
 
-def test_idle_amortize_goes_to_the_next_busy_requests() -> None:
+def test_idle_amortize_spreads_over_the_window_never_onto_the_next_request() -> None:
     tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="amortize"))
     tl.reading(0.0, 0.0)
-    result = tl.reading(1.0, 70.0)  # an idle second at 70 W
+    result = tl.reading(1.0, 70.0)  # an idle second at 70 W before any request: in the balance only
     assert result is not None and result.carried_j == pytest.approx(70.0)
     _decoding(tl, "a", 1.0)
     tl.tokens("a", 1.5, 3)
@@ -155,8 +155,25 @@ def test_idle_amortize_goes_to_the_next_busy_requests() -> None:
     result = tl.reading(2.0, 570.0)
     assert result is not None
     (share,) = result.settled
-    assert share.energy_j == pytest.approx(570.0)
-    assert share.hw_s == pytest.approx(2.0)
+    assert share.energy_j == pytest.approx(500.0) and share.idle_j == 0.0
+    assert tl.idle_balance_j == pytest.approx(70.0)
+    # Ten idle minutes, then a request: it takes the window's idle-to-active ratio of its own active
+    # energy, and what the window's requests cannot carry stays in the balance.
+    energy = 570.0
+    for k in range(1, 601):
+        energy += 70.0
+        tl.reading(2.0 + k, energy)
+    start = 602.0
+    _decoding(tl, "b", start)
+    tl.tokens("b", start + 0.5, 3)
+    tl.finish("b", start + 1.0, 0, 3)
+    result = tl.reading(start + 1.0, energy + 500.0)
+    assert result is not None
+    (share,) = result.settled
+    ratio = 600 * 70.0 / (500.0 + 500.0)  # the window's idle over its active energy, b's included
+    assert share.energy_j - share.idle_j == pytest.approx(500.0)
+    assert share.idle_j == pytest.approx(ratio * 500.0)
+    assert tl.idle_balance_j == pytest.approx(70.0 + 600 * 70.0 - ratio * 500.0)
     assert tl.idle_j == 0.0
 
 
