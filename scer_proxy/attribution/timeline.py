@@ -174,6 +174,19 @@ class Timeline:
     def forget(self, rid: str) -> None:
         self.state.requests.pop(rid, None)
 
+    def void(self, rid: str, t_s: float) -> None:
+        """``rid`` used no GPU (an error before any token): it leaves the timeline with no energy, and what
+        the intervals already split gave it goes back to idle, so the balances still hold."""
+        req = self.state.requests.pop(rid, None)
+        if req is None:
+            return
+        given_j = req.prefill_j + req.decode_j
+        if given_j > 0:
+            if self.config.idle == "amortize":
+                self.idle.add_idle(t_s, given_j, 0.0)
+            else:
+                self.state.idle_j += given_j
+
     def _estimate_windows(self) -> None:
         """Place the unpinned prefills one after the other from the end of the last pinned one."""
         cursor = self.state.pinned_until_s
