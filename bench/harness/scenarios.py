@@ -62,7 +62,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             CHAT, requests=40, concurrency=1, prompt_tokens=(4000, 32000), output_tokens=(1, 1)
         ),
     ),
-    Scenario("long-and-chat", _open(6.0, long_share=0.3)),
+    Scenario("long-and-chat", _open(long_share=0.3), capacity_share=0.6),
     Scenario("tiny-120rps", _open(120.0, requests=400, prompt_tokens=(5, 40), output_tokens=(1, 12))),
     Scenario(
         "embeddings",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 
@@ -47,12 +48,21 @@ class IntervalState:
     pinned_until_s: float = -math.inf  # the end of the last pinned prefill
     queue_end_s: float = -math.inf  # the end of the last prefill placed by estimate
     last_end_s: float = -math.inf  # the latest end of a finished request
+    # When streamed tokens arrived (recent ones): each marks the end of a decode step.
+    step_ends_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256))
     last_t_s: float | None = None
     last_energy_j: float | None = None
     last_power_w: float | None = None
     split_until_s: float | None = None  # the end of the last interval split (later ones may wait)
     measured_j: float = 0.0  # the energy of every usable interval read
     idle_j: float = 0.0  # idle energy reported apart (``idle = "separate"``)
+
+    def step_end_after(self, t_s: float, before_s: float) -> float | None:
+        """The first decode step seen ending in [t_s, before_s), or None."""
+        for end in self.step_ends_s:  # oldest first; a few hundred at most
+            if t_s <= end < before_s:
+                return end
+        return None
 
     def queued(self) -> list[OpenRequest]:
         """The requests whose prefill window is not pinned yet, in arrival order."""

@@ -117,6 +117,9 @@ class Timeline:
             return
         if req.first_token_s is None:
             req.first_token_s = t_s
+        ends = self.state.step_ends_s
+        if not ends or t_s > ends[-1] + 0.0005:
+            ends.append(t_s)
         req.tokens_since_reading += count
         req.completion_tokens += count
 
@@ -239,8 +242,21 @@ class Timeline:
                 m += 1
             if wait:
                 break
-            block = queued[i : k + 1]
+            # A non-stream whose prefill, at the learned rate, was over before j arrived was not in j's
+            # block: it has been decoding since (its window is kept as estimated).
+            block = []
+            for other in queued[i : k + 1]:
+                if not other.stream and other is not queued[j] and other.prefill_hi <= queued[j].start_s:
+                    other.pinned = True
+                    other.decode_from = other.prefill_hi
+                    state.pinned_until_s = max(state.pinned_until_s, other.prefill_hi)
+                else:
+                    block.append(other)
             begin = min(max(state.pinned_until_s, min(r.start_s for r in block)), end)
+            if any(r.first_token_s is not None and r.end_s is None for r in state.requests.values()):
+                # Sequences were decoding: the block's prefill began when the step in progress ended.
+                step_end = state.step_end_after(begin, end)
+                begin = step_end if step_end is not None else begin
             prompts = sum(r.prompt_tokens for r in block)
             # A first token inferred from a non-stream's end is as good as its decode time: it teaches
             # the rate only when that time is small beside the prefill's.
