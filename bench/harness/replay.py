@@ -256,7 +256,7 @@ def replay(
                 completion_tokens=truth.completion_tokens,
                 true_j=truth.energy_j,
                 header_j=header.energy_j if header is not None else math.nan,
-                settled_j=final.energy_j - final.idle_j if final is not None else math.nan,
+                settled_j=final.energy_j if final is not None else math.nan,
                 idle_j=final.idle_j if final is not None else 0.0,
                 settled_unc=final.uncertainty_rel if final is not None else None,
                 header_unc=header.uncertainty_rel if header is not None else None,
@@ -270,11 +270,13 @@ def replay(
 
 
 def relative_errors(results: Iterable[Any], which: str) -> list[float]:
-    """|figure - truth| / truth per request for the ``header`` or ``settled`` figure (``<which>_j``);
-    a request without that figure (None or NaN) is left out."""
+    """|figure - truth| / truth per request for the ``header`` or ``settled`` figure (``<which>_j``, the
+    settled one less its amortized idle share); a request without that figure (None or NaN) is left out."""
     out = []
     for r in results:
         value = getattr(r, f"{which}_j")
+        if which == "settled" and value is not None:
+            value -= getattr(r, "idle_j", 0.0) or 0.0  # the truth is the active energy
         if value is not None and not math.isnan(value) and r.true_j > 0:
             out.append(abs(value - r.true_j) / r.true_j)
     return out

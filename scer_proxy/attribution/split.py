@@ -43,6 +43,10 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(learned.decode_step_s(), 1e-6)
     prefill: dict[str, float] = {}
     decode: dict[str, float] = {}
+    if not seen:
+        # No stream shows the rate: a prefill holds the GPU, so nothing decodes while one runs.
+        prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)
+        rate *= max(0.0, 1.0 - prefill_s / dt)
     for r in active:
         prefill[r.rid] = _prefill_tokens(r, t0, t1)
         if r.stream:
@@ -72,6 +76,13 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     prefill_share: dict[str, float] = {}
     decode_share: dict[str, float] = {}
     j_per_prompt = learned.calibrated_prefill_j_per_token()
+    if j_per_prompt is not None and learned.busy_power_w and learned.prefill_samples:
+        # The fit is trusted while it agrees with the physics within a factor of two: a prompt token
+        # holds the GPU for 1 / prefill rate seconds at about the busy power. Prefills misplaced in
+        # time bias the fit low (errors in the variables); then the time share is the better rule.
+        timed = learned.busy_power_w / max(learned.prefill_tokens_per_s, 1e-9)
+        if not 0.5 * timed <= j_per_prompt <= 2.0 * timed:
+            j_per_prompt = None
     if j_per_prompt is not None and total_d > 0:
         prefill_j = min(busy_j, j_per_prompt * total_p)
         for rid, p in prefill.items():
@@ -81,9 +92,10 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     elif learned.calibration is not None and total_d > 0 and total_p > 0:
         # Uncalibrated: a prefill holds the GPU alone, so prefill energy is the busy energy over the
         # prefill's share of the busy time (its windows, at the observed prefill rate).
-        # The decode steps took time too: at least the most tokens one request got, at the step time.
+        # The decode steps took time too: at least the most tokens a stream got, at the step time.
         prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)
-        decode_s = max(busy_s - prefill_s, max(decode.values()) * learned.decode_step_s())
+        streamed = max((iv.tokens.get(r.rid, 0) for r in active if r.stream), default=0)
+        decode_s = max(busy_s - prefill_s, streamed * learned.decode_step_s(), 1e-9)
         prefill_j = busy_j * prefill_s / (prefill_s + decode_s) if prefill_s > 0 else 0.0
         for rid, p in prefill.items():
             prefill_share[rid] = prefill_j * p / total_p

@@ -29,6 +29,9 @@ class OpenRequest:
     prefill_j: float = 0.0
     decode_j: float = 0.0
     hw_s: float = 0.0
+    context_j: float = 0.0  # the energy of the intervals it was in, over the time it was in them
+    estimated_j: float = 0.0  # the part of its energy counted from estimates (decode time at a rate)
+    intervals: int = 0
 
 
 @dataclass(slots=True)
@@ -53,6 +56,7 @@ class IntervalState:
     last_t_s: float | None = None
     last_energy_j: float | None = None
     last_power_w: float | None = None
+    interval_s: float | None = None  # the typical length of a meter interval (a running mean)
     split_until_s: float | None = None  # the end of the last interval split (later ones may wait)
     measured_j: float = 0.0  # the energy of every usable interval read
     idle_j: float = 0.0  # idle energy reported apart (``idle = "separate"``)

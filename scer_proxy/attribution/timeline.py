@@ -35,6 +35,7 @@ from scer_proxy.attribution.idle import IdleSpread
 from scer_proxy.attribution.learned import DEFAULT_PREFILL_WEIGHT, Learned
 from scer_proxy.attribution.split import split_interval
 from scer_proxy.attribution.state import IntervalState, OpenRequest, PendingInterval
+from scer_proxy.attribution.uncertainty import uncertainty_rel
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +303,9 @@ class Timeline:
         else:
             state.measured_j += d_energy
             state.last_power_w = d_energy / (t1 - t0)
+            state.interval_s = (
+                t1 - t0 if state.interval_s is None else state.interval_s + 0.1 * (t1 - t0 - state.interval_s)
+            )
             state.intervals.append(PendingInterval(t0, t1, d_energy, tokens))
         self._pin()
         total = IntervalResult(t0, t1, 0.0, 0.0, 0.0, 0.0)
@@ -377,6 +381,11 @@ class Timeline:
             req.decode_j += dj
             req.hw_s += hw
             attributed += pj + dj
+            inside_s = min(req.end_s if req.end_s is not None else t1, t1) - max(req.start_s, t0)
+            req.context_j += busy_j * max(0.0, inside_s) / dt
+            req.intervals += 1
+            if not req.stream and req.end_s is None:
+                req.estimated_j += dj  # decode time at the streams' rate: its tokens are not known yet
         return IntervalResult(t0, t1, d_energy, attributed, idle_to_idle, carried, self._settle(t1))
 
     def _settle(self, t_s: float) -> tuple[Share, ...]:
@@ -396,6 +405,7 @@ class Timeline:
                     req.hw_s + idle_s,
                     True,
                     idle_j=idle_j,
+                    uncertainty_rel=self._uncertainty(req, 0.0),
                 )
             )
         return tuple(shares)
@@ -444,7 +454,28 @@ class Timeline:
             tail_s = max(0.0, now_s - req.start_s)
             decode_j += state.last_power_w * tail_s / max(1, sharing)
             hw_s += tail_s / max(1, sharing)
-        return Share(rid, prefill_j + decode_j, prefill_j, decode_j, hw_s, settled=False)
+        priced_j = prefill_j + decode_j - req.prefill_j - req.decode_j
+        return Share(
+            rid,
+            prefill_j + decode_j,
+            prefill_j,
+            decode_j,
+            hw_s,
+            settled=False,
+            uncertainty_rel=self._uncertainty(req, priced_j),
+        )
+
+    def _uncertainty(self, req: OpenRequest, priced_j: float) -> float:
+        end = req.end_s if req.end_s is not None else self.state.last_t_s or req.start_s
+        return uncertainty_rel(
+            energy_j=req.prefill_j + req.decode_j + priced_j,
+            context_j=req.context_j,
+            estimated_j=req.estimated_j,
+            priced_j=priced_j,
+            intervals=req.intervals,
+            duration_s=end - req.start_s,
+            interval_s=self.state.interval_s,
+        )
 
     # -- what callers read -------------------------------------------------------------------
     def started_s(self, rid: str) -> float | None:
