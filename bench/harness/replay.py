@@ -110,6 +110,7 @@ class ReplayResult:
     idle_j: float = 0.0  # the amortized idle share in settled_j
     settled_unc: float | None = None  # the stated uncertainty of each figure
     header_unc: float | None = None
+    settle_readings: int | None = None  # new counter values read after its end until it settled
 
 
 @dataclass
@@ -160,6 +161,8 @@ def replay(
     next_sample = sample_phase_s  # the proxy's reads are not in step with the counter's updates
     last_published = None
     value_clock = ValueClock()
+    awaiting: dict[str, int] = {}  # ended, not settled: new counter values read since the end
+    lag: dict[str, int] = {}
     first_counter = engine.published.energy_j
 
     def begin(now: float, slot: int | None) -> None:
@@ -201,6 +204,10 @@ def replay(
             return
         for share in result.settled:
             settled[share.rid] = share
+        for rid in list(awaiting):
+            awaiting[rid] += 1
+        for share in result.settled:
+            lag[share.rid] = awaiting.pop(share.rid, 0)
         imbalance = abs(result.energy_j - result.attributed_j - result.idle_j - result.carried_j)
         if result.energy_j > 0:
             report.max_interval_imbalance_rel = max(
@@ -229,6 +236,7 @@ def replay(
                     rid, clock.t, seq.prompt_tokens, seen if planned.stream else seq.completion_tokens
                 )
                 headers[rid] = timeline.estimate(rid, clock.t)
+                awaiting[rid] = 0
                 del running[rid]
                 if rid in slot_of:
                     client_free_at[slot_of[rid]] = clock.t + workload.idle_gap_s
@@ -260,6 +268,7 @@ def replay(
                 idle_j=final.idle_j if final is not None else 0.0,
                 settled_unc=final.uncertainty_rel if final is not None else None,
                 header_unc=header.uncertainty_rel if header is not None else None,
+                settle_readings=lag.get(rid),
             )
         )
     report.counter_j = (last_published.energy_j if last_published else 0.0) - first_counter
