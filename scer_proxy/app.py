@@ -89,7 +89,9 @@ def create_app(
                 choice = await build_meter(config, upstream)
             timeline = Timeline(
                 TimelineConfig(
-                    prefill_weight=None if isinstance(weight, str) else weight, idle=config.attribution.idle
+                    prefill_weight=None if isinstance(weight, str) else weight,
+                    idle=config.attribution.idle,
+                    idle_window_s=config.attribution.idle_window_s,
                 )
             )
             app[METERS][upstream.name] = UpstreamMeter(

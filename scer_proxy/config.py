@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import re
 import tomllib
 import types
@@ -127,6 +128,7 @@ class MeterConfig:
 class AttributionConfig:
     prefill_weight: float | str = "auto"
     idle: str = "amortize"
+    idle_window_s: float = 3600.0  # ``amortize``: idle energy is spread over this window's requests
 
     def __post_init__(self) -> None:
         weight = self.prefill_weight
@@ -144,6 +146,11 @@ class AttributionConfig:
             raise ConfigError(
                 f"attribution.idle: expected one of {', '.join(IDLE_POLICIES)}, got {self.idle!r}"
             )
+        window = self.idle_window_s
+        if isinstance(window, bool) or not isinstance(window, int | float):
+            raise ConfigError(f"attribution.idle_window_s: expected a number, got {window!r}")
+        if not (math.isfinite(window) and window > 0):
+            raise ConfigError(f"attribution.idle_window_s: must be > 0 and finite, got {window}")
 
 
 @dataclass(frozen=True)

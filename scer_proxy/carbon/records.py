@@ -36,6 +36,7 @@ class Record:
     energy_gpu_j: float | None = None  # the meter's (or the estimate's) figure, before PUE
     energy_prefill_j: float | None = None
     energy_decode_j: float | None = None
+    energy_idle_j: float | None = None  # the amortized idle energy included in energy_j (PUE included)
     energy_source: str = "none"  # nvml | dcgm | rapl | simulated | estimate | none
     energy_uncertainty_rel: float | None = None  # stated relative uncertainty of energy_j
     hardware_s: float | None = None
@@ -184,6 +185,7 @@ def energy_fields(
         "energy_gpu_j": share.energy_j,
         "energy_prefill_j": energy_with_pue_j(share.prefill_j, pue),
         "energy_decode_j": energy_with_pue_j(share.decode_j, pue),
+        "energy_idle_j": energy_with_pue_j(share.idle_j, pue),
         "energy_source": source,
         "hardware_s": share.hw_s,
         "carbon_g": carbon.total_g,

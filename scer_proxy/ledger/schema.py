@@ -46,6 +46,7 @@ _COLUMNS_TYPED: tuple[tuple[str, str], ...] = (
     ("energy_gpu_j", "REAL"),
     ("energy_prefill_j", "REAL"),
     ("energy_decode_j", "REAL"),
+    ("energy_idle_j", "REAL"),
     ("energy_source", "TEXT NOT NULL"),
     ("energy_uncertainty_rel", "REAL"),
     ("hardware_s", "REAL"),
@@ -62,6 +63,7 @@ _COLUMNS_TYPED: tuple[tuple[str, str], ...] = (
 )
 COLUMNS: tuple[str, ...] = tuple(name for name, _ in _COLUMNS_TYPED)
 _V2_COLUMNS = ("energy_gpu_j", "energy_uncertainty_rel", "grid_age_s")  # added by migration 2
+_V3_COLUMNS = ("energy_idle_j",)  # added by migration 3
 
 # Key order: model and tenant first, so the summary's GROUP BY model, tenant reads the table in key order
 # (no sort); an hour range is a filter on the same scan. Cost is proportional to the buckets kept.
@@ -117,7 +119,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
     # v1: the request table (seq keeps insertion order for ``recent``; a replacement keeps its seq).
     (
         "CREATE TABLE requests (seq INTEGER PRIMARY KEY, "
-        + ", ".join(f"{c} {t}" for c, t in _COLUMNS_TYPED if c not in _V2_COLUMNS)
+        + ", ".join(f"{c} {t}" for c, t in _COLUMNS_TYPED if c not in (*_V2_COLUMNS, *_V3_COLUMNS))
         + ")",
         "CREATE INDEX requests_started_at ON requests (started_at)",
     ),
@@ -138,6 +140,8 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         f"{_rollup_upsert('NEW.', '+')} END",
         f"CREATE TRIGGER requests_delete AFTER DELETE ON requests BEGIN {_rollup_upsert('OLD.', '-')} END",
     ),
+    # v3: the amortized idle energy in each energy figure (NULL for the records written before: unknown).
+    tuple(f"ALTER TABLE requests ADD COLUMN {c} {t}" for c, t in _COLUMNS_TYPED if c in _V3_COLUMNS),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -209,6 +213,7 @@ def to_row(r: Record) -> tuple[Any, ...]:
         r.energy_gpu_j,
         r.energy_prefill_j,
         r.energy_decode_j,
+        r.energy_idle_j,
         r.energy_source,
         r.energy_uncertainty_rel,
         r.hardware_s,

@@ -102,7 +102,23 @@ class UpstreamMeter:
         if self.meter is None or self.timeline.last_t_s is None:
             self.timeline.forget(rid)
             return None, None, ()
-        return self.timeline.estimate(rid, now), self.uncertainty_rel(now - started, settled=False), ()
+        figure = self.timeline.estimate(rid, now)
+        return figure, self.stated_uncertainty(figure, now - started, settled=False), ()
+
+    def void_request(self, rid: str) -> Share | None:
+        """``rid`` used no GPU (an error answered before any token): it leaves the timeline with no energy
+        (what was already split to it goes back to idle) and its figure is a real, settled zero. None
+        where the upstream has neither meter nor estimator: no figure, not even a zero."""
+        self.timeline.void(rid, self._clock())
+        if self._source is None:
+            return None
+        return Share(rid, 0.0, 0.0, 0.0, 0.0, settled=True, idle_j=0.0, uncertainty_rel=0.0)
+
+    def stated_uncertainty(self, share: Share | None, duration_s: float, *, settled: bool) -> float:
+        """The bound the timeline states for ``share``, else the heuristic :meth:`uncertainty_rel`."""
+        if share is not None and share.uncertainty_rel is not None:
+            return share.uncertainty_rel
+        return self.uncertainty_rel(duration_s, settled=settled)
 
     def uncertainty_rel(self, duration_s: float, *, settled: bool) -> float:
         """A stated bound on the relative error of a measured figure (a heuristic, see the README).
@@ -186,6 +202,22 @@ class UpstreamMeter:
         if self.meter is not None:
             await self.meter.close()
 
+    def idle_state(self) -> dict[str, float | None]:
+        """The timeline's idle figures now, GPU joules before PUE: reported apart (``separate_j``), waiting
+        to be spread (``balance_j``), spread to requests so far (``spread_j``); ``ratio``, the idle-to-active
+        energy ratio of the window now (None before any active energy, and under ``separate``); and
+        ``active_j``, the prefill and decode energy split to requests so far (to weigh ratios by)."""
+        timeline = self.timeline
+        spread = timeline.idle
+        active_j = max(0.0, timeline.measured_j - timeline.idle_j - spread.accrued_j)
+        return {
+            "separate_j": timeline.idle_j,
+            "balance_j": timeline.idle_balance_j,
+            "spread_j": spread.spread_j,
+            "ratio": spread.ratio(self._clock()),
+            "active_j": active_j,
+        }
+
     def describe(self) -> dict[str, Any]:
         age_ms = None
         if self.last_reading is not None:
@@ -207,6 +239,12 @@ class UpstreamMeter:
             "pending_requests": self.timeline.pending(),
             "deferred_intervals": self.timeline.deferred_intervals,
             "prefill_j_per_token": self.timeline.calibrated_prefill_j_per_token(),
+            # What the timeline has learned, with how many observations each figure rests on.
+            "learned": self.timeline.learned.describe()
+            | {
+                "idle_ratio": self.timeline.idle.ratio(self._clock()),
+                "idle_balance_j": self.timeline.idle_balance_j,
+            },
             # GPU energy before PUE since the first reading: split among intervals, and the raw counter.
             "measured_j": self.timeline.measured_j,
             "counter_j": (

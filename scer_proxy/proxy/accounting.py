@@ -27,6 +27,22 @@ from scer_proxy.meters.sampler import UpstreamMeter
 _TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
 
 
+def used_no_gpu(
+    *, status: str, http_status: int | None, completion_tokens: int, reached_upstream: bool
+) -> bool:
+    """Whether a finished request used no GPU, so that its energy is a real zero.
+
+    An error answered before any token: the upstream refused it (``upstream_error``, any status >= 400,
+    an unknown model's 404 among them; servers check a request before they schedule it), or the proxy
+    answered it (502/504) without the request ever reaching the upstream (no connection). Not an answer
+    with a token, not a success, not a cancellation (the prompt was sent: it may have been prefilled),
+    not a proxy error after the request was sent (a read timeout, a broken answer: it may have run).
+    """
+    if completion_tokens > 0 or http_status is None or http_status < 400:
+        return False
+    return status == "upstream_error" or not reached_upstream
+
+
 def new_request_id() -> str:
     """``scer-`` and 32 hex digits: the Unix time in milliseconds (12 digits), then 80 random bits.
 
@@ -115,15 +131,31 @@ class Accounting:
         status: str,
         http_status: int | None,
         flags: tuple[str, ...] = (),
+        reached_upstream: bool = True,
     ) -> Record:
-        """Finish a record with the response-time figures and put it in the ledger; never waits."""
+        """Finish a record with the response-time figures and put it in the ledger; never waits.
+
+        A request that used no GPU (:func:`used_no_gpu`) leaves the timeline with a settled zero, flagged
+        ``no_gpu_work``: no energy, no operational or embodied carbon (it took no hardware time)."""
         meter = self.meters[record.upstream]
-        share, uncertainty, meter_flags = meter.finish_request(
-            record.request_id, prompt_tokens, completion_tokens, model=record.model
+        void = used_no_gpu(
+            status=status,
+            http_status=http_status,
+            completion_tokens=completion_tokens,
+            reached_upstream=reached_upstream,
         )
+        uncertainty: float | None
+        if void:
+            share = meter.void_request(record.request_id)
+            uncertainty = None if share is None else share.uncertainty_rel
+            meter_flags: tuple[str, ...] = ("no_gpu_work",)
+        else:
+            share, uncertainty, meter_flags = meter.finish_request(
+                record.request_id, prompt_tokens, completion_tokens, model=record.model
+            )
         grid = self.grid.current()  # O(1), no I/O: the cached live value, else the table
         flags = (*flags, *meter_flags, *grid.flags)
-        if not meter.healthy and meter.meter is not None:
+        if not meter.healthy and meter.meter is not None and not void:
             flags = (*flags, "meter_error")
         ended_at = self._wall()
         changes: dict[str, Any] = {
@@ -146,10 +178,10 @@ class Accounting:
             )
         else:
             units = functional_units(record.endpoint, prompt_tokens, completion_tokens)
-            done = record.evolve(
-                **changes,
-                **self._energy(record.upstream, share, units, grid.intensity_g_per_kwh, grid.source),
-            )
+            energy = self._energy(record.upstream, share, units, grid.intensity_g_per_kwh, grid.source)
+            if void:
+                energy["sci"] = 0.0  # nothing emitted: zero per unit, even with no unit produced
+            done = record.evolve(**changes, **energy)
             if not share.settled:
                 self._pending[done.request_id] = done
         self.ledger.put(done)
@@ -180,7 +212,7 @@ class Accounting:
         self.ledger.put(
             record.evolve(
                 **self._energy(upstream, share, record.functional_units, intensity, record.grid_source),
-                energy_uncertainty_rel=meter.uncertainty_rel(duration_s, settled=True),
+                energy_uncertainty_rel=meter.stated_uncertainty(share, duration_s, settled=True),
             )
         )
 

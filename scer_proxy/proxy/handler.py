@@ -73,9 +73,13 @@ def error_response(
 class ProxyError(Exception):
     """An error the proxy itself answers, in the OpenAI error shape."""
 
-    def __init__(self, status: int, message: str, type_: str, code: str) -> None:
+    def __init__(
+        self, status: int, message: str, type_: str, code: str, *, reached_upstream: bool = True
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.type_, self.code = status, message, type_, code
+        # False when the request never got to the upstream (no connection): it cannot have used its GPU.
+        self.reached_upstream = reached_upstream
 
     def response(self) -> web.Response:
         return error_response(self.status, self.message, self.type_, code=self.code)
@@ -187,6 +191,8 @@ class ProxyHandler:
                 f"Upstream '{upstream.name}' did not answer in time.",
                 "upstream_error",
                 "upstream_timeout",
+                # A connect timeout: the request was never sent. A read timeout: it was, and may be running.
+                reached_upstream=not isinstance(exc, aiohttp.ConnectionTimeoutError),
             ) from exc
         except aiohttp.ClientConnectorError as exc:
             raise ProxyError(
@@ -194,6 +200,7 @@ class ProxyHandler:
                 f"Upstream '{upstream.name}' refused the connection: {exc.os_error}.",
                 "upstream_error",
                 "upstream_unavailable",
+                reached_upstream=False,
             ) from exc
         except aiohttp.ClientError as exc:
             raise ProxyError(
@@ -302,6 +309,7 @@ class ProxyHandler:
                     completion_tokens=0,
                     usage=None,
                     flags=(flag,),
+                    reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
                 )
             raise
 
@@ -362,6 +370,7 @@ class ProxyHandler:
         completion_tokens: int,
         usage: wire.Usage | None,
         flags: tuple[str, ...] = (),
+        reached_upstream: bool = True,
     ) -> Record:
         if usage is not None:
             prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
@@ -376,6 +385,7 @@ class ProxyHandler:
             status=status,
             http_status=http_status,
             flags=flags,
+            reached_upstream=reached_upstream,
         )
         if not log.is_enabled_for(logging.INFO):  # its fields cost more than the call: skip both
             return done

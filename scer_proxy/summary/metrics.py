@@ -29,6 +29,9 @@ TOKENS = Metric("scer_tokens", "Tokens of metered requests", ("model", "kind"))
 ENERGY = Metric("scer_energy_joules", "Energy attributed to requests, PUE included", ("model", "source"))
 CARBON = Metric("scer_carbon_grams", "Carbon attributed to requests, gCO2e", ("model", "part"))
 IDLE = Metric("scer_idle_energy_joules", "Measured energy not attributed to any request")
+IDLE_BALANCE = Metric(
+    "scer_idle_balance_joules", "Idle energy waiting to be spread over requests (amortize), PUE included"
+)
 HEALTHY = Metric("scer_meter_healthy", "1 when the upstream's meter answers", ("upstream",))
 COUNTERS = (REQUESTS, TOKENS, ENERGY, CARBON)
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scer_proxy.summary.build import parse_duration_s
-from scer_proxy.summary.metrics import COUNTERS, HEALTHY, IDLE, series
+from scer_proxy.summary.metrics import COUNTERS, HEALTHY, IDLE, IDLE_BALANCE, series
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS
 from scer_proxy.wire import openai as wire
 
@@ -46,10 +46,36 @@ def meter_info(app: web.Application) -> dict[str, Any]:
 
 
 def idle_energy_j(app: web.Application) -> float:
-    """Measured energy left unattributed: idle under ``separate``; under ``amortize`` only what is still
-    waiting for the next busy interval."""
+    """Measured energy left unattributed: idle under ``separate``; under ``amortize`` the balance still
+    waiting to be spread over requests."""
     pue = app[CONFIG].carbon.pue
     return sum((m.timeline.idle_j + m.timeline.idle_balance_j) * pue for m in app[METERS].values())
+
+
+def idle_info(app: web.Application) -> dict[str, Any]:
+    """The summary's ``idle`` object, summed over upstreams with PUE applied as in ``idle_energy_j``.
+
+    ``ratio`` is the idle-to-active energy ratio of the window now: one upstream's own, for several the
+    mean of theirs weighted by their active energy (None where no upstream has one yet)."""
+    config = app[CONFIG]
+    pue = config.carbon.pue
+    meters = app[METERS].values()
+    states = [m.idle_state() for m in meters]
+    windows = {m.timeline.idle.window_s for m in meters}  # the timelines' own (all built from the config)
+    rated = [(s["ratio"], s["active_j"] or 0.0) for s in states if s["ratio"] is not None]
+    ratio: float | None = None
+    if len(rated) == 1:
+        ratio = rated[0][0]
+    elif rated and sum(w for _r, w in rated) > 0:
+        ratio = sum(r * w for r, w in rated) / sum(w for _r, w in rated)
+    return {
+        "policy": config.attribution.idle,
+        "window_s": windows.pop() if len(windows) == 1 else config.attribution.idle_window_s,
+        "separate_j": sum((s["separate_j"] or 0.0) * pue for s in states),
+        "balance_j": sum((s["balance_j"] or 0.0) * pue for s in states),
+        "spread_j": sum((s["spread_j"] or 0.0) * pue for s in states),
+        "ratio": ratio,
+    }
 
 
 async def summary(request: web.Request) -> web.Response:
@@ -70,6 +96,7 @@ async def summary(request: web.Request) -> web.Response:
         entry["grade"] = ratings.grade(entry["model"])
         entry["category"] = ratings.category(entry["model"])
     body["idle_energy_j"] = idle_energy_j(request.app)
+    body["idle"] = idle_info(request.app)
     body["meter"] = meter_info(request.app)
     body["grid"] = request.app[GRID].describe()
     return _json(body)
@@ -132,6 +159,9 @@ class _LedgerCollector:
         idle = GaugeMetricFamily(IDLE.name, IDLE.help)
         idle.add_metric([], idle_energy_j(self.app))
         yield idle
+        balance = GaugeMetricFamily(IDLE_BALANCE.name, IDLE_BALANCE.help)
+        balance.add_metric([], idle_info(self.app)["balance_j"])
+        yield balance
         healthy = GaugeMetricFamily(HEALTHY.name, HEALTHY.help, labels=list(HEALTHY.labels))
         for name, meter in self.app[METERS].items():
             healthy.add_metric([name], 1.0 if meter.healthy else 0.0)

@@ -20,6 +20,7 @@ def test_defaults_match_the_contract() -> None:
     assert config.upstreams[0].models == ("*",)
     assert config.meter.kind == "auto" and config.meter.interval_ms == 100
     assert config.attribution.prefill_weight == "auto" and config.attribution.idle == "amortize"
+    assert config.attribution.idle_window_s == 3600.0
     assert config.carbon.region == "USA" and config.carbon.pue == 1.0
     assert config.embodied.gpu_kg == 164.0 and config.embodied.lifetime_years == 4.0
     assert config.storage.path == "scer.db" and config.storage.retention_days == 90
@@ -44,6 +45,8 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert config.upstream_for("llama-3").name == "a"  # type: ignore[union-attr]
     assert config.upstream_for("qwen").name == "b"  # type: ignore[union-attr]
     assert load_config(path, upstream_url="http://h:1").upstreams[0].url == "http://h:1"
+    window = load_config(environ={"SCER_ATTRIBUTION_IDLE_WINDOW_S": "90"}).attribution.idle_window_s
+    assert window == 90.0
 
 
 @pytest.mark.parametrize(
@@ -56,6 +59,11 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("[carbon]\npue = 'high'\n", {}, "carbon.pue"),
         ("[carbon]\npue = 0.5\n", {}, "carbon.pue"),
         ("[attribution]\nprefill_weight = 'lots'\n", {}, "attribution.prefill_weight"),
+        ("[attribution]\nidle_window_s = 0\n", {}, "attribution.idle_window_s"),
+        ("[attribution]\nidle_window_s = -1\n", {}, "attribution.idle_window_s"),
+        ("[attribution]\nidle_window_s = 'x'\n", {}, "attribution.idle_window_s"),
+        ("[attribution]\nidle_window_s = inf\n", {}, "attribution.idle_window_s"),
+        ("", {"SCER_ATTRIBUTION_IDLE_WINDOW_S": "nan"}, "attribution.idle_window_s"),
         ("[wat]\nx = 1\n", {}, "wat"),
         ("[[upstreams]]\nurl = 'ftp://x'\n", {}, "url"),
         ("[[upstreams]]\nname='a'\n[[upstreams]]\nname='a'\n", {}, "upstreams.name"),

@@ -54,6 +54,7 @@ def make_record(i: int, *, rng: random.Random, started_at: float | None = None) 
         energy_gpu_j=energy / 1.2 if energy else None,
         energy_prefill_j=energy / 3 if energy else None,
         energy_decode_j=energy * 2 / 3 if energy else None,
+        energy_idle_j=energy / 10 if energy else None,
         energy_source="simulated" if metered else "none",
         energy_uncertainty_rel=0.1 if metered else None,
         hardware_s=0.5,
@@ -218,26 +219,34 @@ async def test_summary_totals_equal_the_sum_of_the_records(tmp_path: Path) -> No
         await ledger.close()
 
 
-async def test_migrates_a_v1_database(tmp_path: Path) -> None:
+# The columns each old schema version had (what its migrations added), and the fields it lacked.
+_ADDED_SINCE = {
+    1: ("energy_uncertainty_rel", "energy_gpu_j", "grid_age_s", "energy_idle_j"),
+    2: ("energy_idle_j",),
+}
+
+
+@pytest.mark.parametrize("version", sorted(_ADDED_SINCE))
+async def test_migrates_an_old_database(tmp_path: Path, version: int) -> None:
     path = tmp_path / "old.db"
     conn = sqlite3.connect(path, isolation_level=None)
-    for statement in MIGRATIONS[0]:
-        conn.execute(statement)
-    conn.execute("PRAGMA user_version = 1")
+    for migration in MIGRATIONS[:version]:
+        for statement in migration:
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version = {version}")
+    old_columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)") if row[1] != "seq"]
+    assert set(old_columns) == set(COLUMNS) - set(_ADDED_SINCE[version])
     rng = random.Random(3)
     records = [
-        dataclasses.replace(
-            make_record(i, rng=rng), energy_uncertainty_rel=None, energy_gpu_j=None, grid_age_s=None
-        )
+        dataclasses.replace(make_record(i, rng=rng), **dict.fromkeys(_ADDED_SINCE[version]))
         for i in range(200)
     ]
-    v1 = [c for c in COLUMNS if c not in ("energy_uncertainty_rel", "energy_gpu_j", "grid_age_s")]
     conn.execute("BEGIN")
     for r in records:
         values = dict(zip(COLUMNS, to_row(r), strict=True))
         conn.execute(
-            f"INSERT INTO requests ({', '.join(v1)}) VALUES ({', '.join('?' * len(v1))})",
-            [values[c] for c in v1],
+            f"INSERT INTO requests ({', '.join(old_columns)}) VALUES ({', '.join('?' * len(old_columns))})",
+            [values[c] for c in old_columns],
         )
     conn.execute("COMMIT")
     conn.close()
@@ -247,14 +256,22 @@ async def test_migrates_a_v1_database(tmp_path: Path) -> None:
         assert len(ledger) == 200
         now = time.time()
         assert_summaries_equal(await ledger.summary(now=now), summarize(records, start=None, end=now))
-        assert ledger.get(records[5].request_id) == records[5]
+        old = ledger.get(records[5].request_id)
+        assert old == records[5] and old is not None and old.energy_idle_j is None  # unknown, not zero
+        # A new record keeps every field the new columns hold, the idle share among them.
+        fresh = make_record(1000, rng=rng, started_at=now)
+        assert fresh.energy_idle_j is not None and fresh.energy_idle_j > 0
+        ledger.put(fresh)
         ledger.put(settle(records[5], rng))
         assert await ledger.flush()
     finally:
         await ledger.close()
+    assert raw_records(path)[-1] == fresh
     conn = sqlite3.connect(path)
     assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(requests)") if row[1] != "seq"]
+    assert set(columns) == set(COLUMNS)
     conn.close()
 
 

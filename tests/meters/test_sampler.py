@@ -1,12 +1,16 @@
-"""The meter runtime hands settled shares on without holding the event loop for a whole reading's worth."""
+"""The meter runtime hands settled shares on without holding the event loop for a whole reading's worth;
+states the timeline's uncertainty where it gives one; voids requests that used no GPU."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from typing import Any
 
 import pytest
 
 from scer_proxy.attribution.timeline import Share, Timeline, TimelineConfig
+from scer_proxy.meters import MeterError, Reading
 from scer_proxy.meters.sampler import SETTLE_BATCH, UpstreamMeter
 
 
@@ -53,3 +57,73 @@ async def test_a_shutdown_while_settling_still_hands_on_every_share() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert got == [s.rid for s in SHARES], "the settled figures are not derivable again: none is dropped"
+
+
+class _Counter:
+    """A meter whose counter the test sets (the sampler is not run: readings go to the timeline directly)."""
+
+    source = "simulated"
+
+    async def read(self) -> Reading:  # pragma: no cover - not sampled here
+        raise MeterError("not read in these tests")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "simulated", "devices": []}
+
+    async def close(self) -> None:
+        pass
+
+
+class _StatingTimeline(Timeline):
+    """A timeline that states a bound for its estimates, as the attribution does where it can."""
+
+    def estimate(self, rid: str, now_s: float) -> Share | None:
+        share = super().estimate(rid, now_s)
+        return None if share is None else dataclasses.replace(share, uncertainty_rel=0.031)
+
+
+def _metered(timeline: Timeline, now: list[float]) -> UpstreamMeter:
+    return UpstreamMeter(
+        "local", _Counter(), timeline, interval_s=0.1, on_settled=lambda u, s: None, clock=lambda: now[0]
+    )
+
+
+@pytest.mark.parametrize("stating", [False, True])
+def test_a_stated_uncertainty_replaces_the_heuristic(stating: bool) -> None:
+    now = [0.0]
+    timeline = (_StatingTimeline if stating else Timeline)(TimelineConfig(idle="separate"))
+    meter = _metered(timeline, now)
+    timeline.reading(0.0, 0.0)
+    meter.start_request("r1", 100, stream=False)
+    now[0] = 0.5
+    timeline.reading(0.5, 200.0)
+    share, uncertainty, _flags = meter.finish_request("r1", 100, 20, model="m")
+    assert share is not None and share.energy_j > 0
+    heuristic = meter.uncertainty_rel(0.5, settled=False)
+    assert uncertainty == (0.031 if stating else heuristic) and heuristic != 0.031
+    # At settlement: the settled share's own bound where it states one.
+    settled = Share("r1", 1.0, 0.5, 0.5, 0.1, True)
+    assert meter.stated_uncertainty(settled, 0.5, settled=True) == meter.uncertainty_rel(0.5, settled=True)
+    stated = dataclasses.replace(settled, uncertainty_rel=0.02)
+    assert meter.stated_uncertainty(stated, 0.5, settled=True) == 0.02
+
+
+@pytest.mark.parametrize("idle", ["separate", "amortize"])
+def test_a_voided_request_leaves_with_a_settled_zero_and_its_energy_goes_to_idle(idle: str) -> None:
+    now = [0.0]
+    timeline = Timeline(TimelineConfig(idle=idle))
+    meter = _metered(timeline, now)
+    timeline.reading(0.0, 0.0)
+    meter.start_request("gone", 50, stream=False)
+    now[0] = 0.5
+    timeline.reading(0.5, 100.0)  # split while the request was on the timeline: it got some of this
+    assert timeline.estimate("gone", 0.5) is not None and timeline.pending() == 1
+    share = meter.void_request("gone")
+    assert share == Share("gone", 0.0, 0.0, 0.0, 0.0, True, idle_j=0.0, uncertainty_rel=0.0)
+    assert timeline.pending() == 0 and timeline.estimate("gone", 0.5) is None
+    # None of the measured energy is lost: it is idle now (apart, or in the balance).
+    assert timeline.idle_j + timeline.idle_balance_j == pytest.approx(timeline.measured_j, rel=1e-12)
+    # An upstream with neither meter nor estimator has no figure, not even a zero.
+    bare = UpstreamMeter("bare", None, Timeline(), interval_s=0.1, on_settled=lambda u, s: None)
+    bare.start_request("x", 10, stream=False)
+    assert bare.void_request("x") is None and bare.timeline.pending() == 0

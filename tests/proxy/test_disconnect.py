@@ -105,6 +105,9 @@ def test_non_streamed_client_that_gives_up_cancels_the_upstream(
 
     _wait(lambda: record().get("status") == "cancelled")
     assert "client_disconnected" in record()["flags"]
+    # Cancelled after its prompt was sent, it used the GPU: it is not voided, and its figure settles.
+    _wait(lambda: record()["settled"])
+    assert record()["energy_j"] > 0 and "no_gpu_work" not in record()["flags"]
     # The simulator stopped the sequence, the proxy's timeline settles and lets go of it, and it keeps serving.
     _wait(lambda: httpx.get(f"{sim}/sim/energy").json()["active"] == 0)
     _wait(lambda: httpx.get(f"{proxy}/scer/health").json()["meter"]["upstreams"][0]["pending_requests"] == 0)
