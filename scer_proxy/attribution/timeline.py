@@ -16,10 +16,9 @@ times. Every meter interval ``[t0, t1]`` with energy ``dE`` is split among the r
 
 For every interval, attributed + idle + carried == dE (conservation).
 
-Time with no active request is idle. ``idle = "amortize"`` carries idle energy (and idle hardware
-time) to the requests of the next busy interval in proportion to their share, so totals include all
-the energy of the reserved hardware (SCI 1.1); ``idle = "separate"`` reports it apart. Inside a busy
-interval the uncovered time is idle at the idle power learned from fully idle intervals.
+Time with no active request is idle. ``idle = "amortize"`` puts idle energy in a pool spread over the
+requests of a rolling window in proportion to their active energy (:mod:`.idle`); ``idle =
+"separate"`` reports it apart. Inside a busy interval the uncovered time is idle at the idle power.
 
 A request's figure is final once a reading at or after its end has been applied. Before that,
 :meth:`Timeline.estimate` gives the settled part plus the tail since the last reading at the latest
@@ -56,8 +55,7 @@ class Share:
 class IntervalResult:
     """What one applied meter interval did: energy in, to requests, to idle, and carried.
 
-    ``carried_j`` is idle energy deferred to later requests under ``amortize`` (positive), or released
-    from earlier idle intervals to this one's requests (negative); energy = attributed + idle + carried.
+    ``carried_j`` is idle energy put in the ``amortize`` pool; energy = attributed + idle + carried.
     """
 
     t0_s: float
@@ -184,6 +182,8 @@ class Timeline:
         req = self.state.requests.pop(rid, None)
         if req is None:
             return
+        if not req.pinned:
+            self._estimate_windows()  # the prompt it was queued with is not ahead of the others
         given_j = req.prefill_j + req.decode_j
         if given_j > 0:
             if self.config.idle == "amortize":

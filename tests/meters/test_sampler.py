@@ -75,11 +75,19 @@ class _Counter:
 
 
 class _StatingTimeline(Timeline):
-    """A timeline that states a bound for its estimates, as the attribution does where it can."""
+    """A timeline that states a given bound for its estimates."""
 
     def estimate(self, rid: str, now_s: float) -> Share | None:
         share = super().estimate(rid, now_s)
         return None if share is None else dataclasses.replace(share, uncertainty_rel=0.031)
+
+
+class _SilentTimeline(Timeline):
+    """A timeline that states no bound (the meter falls back to its heuristic)."""
+
+    def estimate(self, rid: str, now_s: float) -> Share | None:
+        share = super().estimate(rid, now_s)
+        return None if share is None else dataclasses.replace(share, uncertainty_rel=None)
 
 
 def _metered(timeline: Timeline, now: list[float]) -> UpstreamMeter:
@@ -91,7 +99,7 @@ def _metered(timeline: Timeline, now: list[float]) -> UpstreamMeter:
 @pytest.mark.parametrize("stating", [False, True])
 def test_a_stated_uncertainty_replaces_the_heuristic(stating: bool) -> None:
     now = [0.0]
-    timeline = (_StatingTimeline if stating else Timeline)(TimelineConfig(idle="separate"))
+    timeline = (_StatingTimeline if stating else _SilentTimeline)(TimelineConfig(idle="separate"))
     meter = _metered(timeline, now)
     timeline.reading(0.0, 0.0)
     meter.start_request("r1", 100, stream=False)
