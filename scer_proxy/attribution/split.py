@@ -43,9 +43,9 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(learned.decode_step_s(), 1e-6)
     prefill: dict[str, float] = {}
     decode: dict[str, float] = {}
+    prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)  # prefills run one at a time
     if not seen:
         # No stream shows the rate: a prefill holds the GPU, so nothing decodes while one runs.
-        prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)
         rate *= max(0.0, 1.0 - prefill_s / dt)
     for r in active:
         prefill[r.rid] = _prefill_tokens(r, t0, t1)
@@ -93,7 +93,6 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         # Uncalibrated: a prefill holds the GPU alone, so prefill energy is the busy energy over the
         # prefill's share of the busy time (its windows, at the observed prefill rate).
         # The decode steps took time too: at least the most tokens a stream got, at the step time.
-        prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)
         streamed = max((iv.tokens.get(r.rid, 0) for r in active if r.stream), default=0)
         decode_s = max(busy_s - prefill_s, streamed * learned.decode_step_s(), 1e-9)
         prefill_j = busy_j * prefill_s / (prefill_s + decode_s) if prefill_s > 0 else 0.0
