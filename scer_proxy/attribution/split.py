@@ -69,8 +69,8 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     uncovered = max(0.0, dt - busy_s)
     idle_j = 0.0
     if uncovered > 0:
-        idle_power = learned.idle_power_estimate_w()
-        idle_power = idle_power if idle_power is not None else energy_j / dt
+        # Never above the interval's mean power: the busy part draws at least the idle power.
+        idle_power = min(learned.idle_power_estimate_w() or math.inf, energy_j / dt)
         idle_j = min(energy_j, idle_power * uncovered)
     busy_j = energy_j - idle_j
     prefill_share: dict[str, float] = {}
