@@ -34,3 +34,28 @@ def least_squares(x: Sequence[Sequence[float]], y: Sequence[float]) -> tuple[lis
     residuals = [v - sum(c * r for c, r in zip(coef, row, strict=True)) for row, v in zip(x, y, strict=True)]
     dof = max(1, len(y) - n)
     return coef, (sum(e * e for e in residuals) / dof) ** 0.5
+
+
+class DecayedFit2:
+    """Least squares of y on two regressors without intercept, over decayed sums (about ``window``
+    observations); the sufficient statistics only, so one observation costs a few multiplications."""
+
+    __slots__ = ("decay", "xtx", "xty")
+
+    def __init__(self, window: float) -> None:
+        self.decay = 1.0 - 1.0 / window
+        self.xtx = [0.0, 0.0, 0.0]  # x0 x0, x0 x1, x1 x1
+        self.xty = [0.0, 0.0]
+
+    def add(self, x0: float, x1: float, y: float) -> None:
+        d, xtx, xty = self.decay, self.xtx, self.xty
+        xtx[0] = xtx[0] * d + x0 * x0
+        xtx[1] = xtx[1] * d + x0 * x1
+        xtx[2] = xtx[2] * d + x1 * x1
+        xty[0] = xty[0] * d + x0 * y
+        xty[1] = xty[1] * d + x1 * y
+
+    def solve(self) -> list[float] | None:
+        """The two coefficients, or None while the regressors do not tell them apart."""
+        xtx = self.xtx
+        return solve_linear([[xtx[0], xtx[1]], [xtx[1], xtx[2]]], self.xty)

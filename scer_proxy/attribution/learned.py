@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from scer_proxy.attribution.calibration import Calibration
-from scer_proxy.attribution.fitting import solve_linear
+from scer_proxy.attribution.fitting import DecayedFit2
 
 DEFAULT_PREFILL_WEIGHT = 0.1
 """Decode-token equivalents per prompt token while ``auto`` has not calibrated (and as its prior).
@@ -30,12 +30,10 @@ class Learned:
     token_interval_samples: int = 0
     idle_power_w: float | None = None  # from intervals with no request in them
     idle_samples: int = 0
-    # Interval energy on (busy s, idle s), decayed sums: the idle power before an idle interval is seen.
-    power_xtx: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # bb, bi, ii
-    power_xty: list[float] = field(default_factory=lambda: [0.0, 0.0])
-    # A request served alone: its life on (prompt tokens, completion tokens), decayed sums.
-    alone_xtx: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # pp, pc, cc
-    alone_xty: list[float] = field(default_factory=lambda: [0.0, 0.0])
+    # Interval energy on (busy s, idle s): the idle power before an idle interval is seen.
+    power_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(256))
+    # A request served alone: its life on (prompt tokens, completion tokens).
+    alone_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(64))
     alone_samples: int = 0
     j_per_decode_token: float | None = None
     decode_rate_per_s: float = 0.0  # the per-sequence rate of the split that set j_per_decode_token
@@ -105,24 +103,11 @@ class Learned:
 
     def learn_power(self, busy_s: float, idle_s: float, energy_j: float) -> None:
         """A busy interval's energy against its busy and uncovered seconds."""
-        decay = 1.0 - 1.0 / 256
-        xtx, xty = self.power_xtx, self.power_xty
-        xtx[0] = xtx[0] * decay + busy_s * busy_s
-        xtx[1] = xtx[1] * decay + busy_s * idle_s
-        xtx[2] = xtx[2] * decay + idle_s * idle_s
-        xty[0] = xty[0] * decay + busy_s * energy_j
-        xty[1] = xty[1] * decay + idle_s * energy_j
+        self.power_fit.add(busy_s, idle_s, energy_j)
 
     def learn_alone(self, prompt_tokens: int, completion_tokens: int, life_s: float) -> None:
         """A request that had the GPU to itself from its start to its end."""
-        decay = 1.0 - 1.0 / 64
-        p, c = float(prompt_tokens), float(completion_tokens)
-        xtx, xty = self.alone_xtx, self.alone_xty
-        xtx[0] = xtx[0] * decay + p * p
-        xtx[1] = xtx[1] * decay + p * c
-        xtx[2] = xtx[2] * decay + c * c
-        xty[0] = xty[0] * decay + p * life_s
-        xty[1] = xty[1] * decay + c * life_s
+        self.alone_fit.add(float(prompt_tokens), float(completion_tokens), life_s)
         self.alone_samples += 1
 
     @property
@@ -135,11 +120,11 @@ class Learned:
         it (their life less their prompt at the prefill rate, over their tokens), else the prior."""
         if self.token_interval_samples or self.alone_samples < 2:
             return self.token_interval_s
-        xtx, xty = self.alone_xtx, self.alone_xty
-        coef = solve_linear([[xtx[0], xtx[1]], [xtx[1], xtx[2]]], xty)
+        coef = self.alone_fit.solve()
         if coef is not None and coef[0] >= 0 and coef[1] > 0:
             return coef[1]
         # All alike (one token each, say): the time beyond the prefill, per token.
+        xtx, xty = self.alone_fit.xtx, self.alone_fit.xty
         beyond = xty[1] - xtx[1] / max(self.prefill_tokens_per_s, 1e-9)
         return beyond / xtx[2] if beyond > 0 and xtx[2] > 0 else self.token_interval_s
 
@@ -147,8 +132,7 @@ class Learned:
         """The idle power: measured on idle intervals, else fitted on busy ones with idle time in them."""
         if self.idle_power_w is not None:
             return self.idle_power_w
-        xtx, xty = self.power_xtx, self.power_xty
-        coef = solve_linear([[xtx[0], xtx[1]], [xtx[1], xtx[2]]], xty)
+        coef = self.power_fit.solve()
         if coef is None or coef[0] <= 0 or coef[1] <= 0 or coef[1] > coef[0]:
             return None
         return coef[1]
