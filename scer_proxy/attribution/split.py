@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -75,6 +76,7 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     busy_j = energy_j - idle_j
     prefill_share: dict[str, float] = {}
     decode_share: dict[str, float] = {}
+    held = _decode_time_shares(active, t0, t1)
     j_per_prompt = learned.calibrated_prefill_j_per_token()
     if j_per_prompt is not None and learned.busy_power_w and learned.prefill_samples:
         # The fit is trusted while it agrees with the physics within a factor of two: a prompt token
@@ -87,8 +89,7 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         prefill_j = min(busy_j, j_per_prompt * total_p)
         for rid, p in prefill.items():
             prefill_share[rid] = prefill_j * p / total_p if total_p > 0 else 0.0
-        for rid, d in decode.items():
-            decode_share[rid] = (busy_j - prefill_j) * d / total_d
+        _share_decode(decode_share, busy_j - prefill_j, held, decode)
     elif learned.calibration is not None and total_d > 0 and total_p > 0:
         # Uncalibrated: a prefill holds the GPU alone, so prefill energy is the busy energy over the
         # prefill's share of the busy time (its windows, at the observed prefill rate).
@@ -98,8 +99,7 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         prefill_j = busy_j * prefill_s / (prefill_s + decode_s) if prefill_s > 0 else 0.0
         for rid, p in prefill.items():
             prefill_share[rid] = prefill_j * p / total_p
-        for rid, d in decode.items():
-            decode_share[rid] = (busy_j - prefill_j) * d / total_d
+        _share_decode(decode_share, busy_j - prefill_j, held, decode)
     else:
         weight = learned.prefill_weight
         if total_d <= 0:
@@ -122,6 +122,50 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         hw = (busy_s * (pj + dj) / busy_j) if busy_j > 0 else 0.0
         parts[rid] = (pj, dj, hw)
     return Split(parts, decode, prefill, idle_j, total_p, total_d, busy_s, steps, rate, bool(seen))
+
+
+def _share_decode(
+    out: dict[str, float], decode_j: float, held: dict[str, float], decode: dict[str, float]
+) -> None:
+    """Divide ``decode_j`` by decode time held (a step's energy is shared by its batch), else tokens."""
+    weights = {rid: held.get(rid, 0.0) for rid in decode if decode[rid] > 0}
+    total = sum(weights.values())
+    if total <= 0:
+        weights, total = decode, sum(decode.values())
+    for rid in decode:
+        out[rid] = decode_j * weights.get(rid, 0.0) / total if total > 0 else 0.0
+
+
+def _decode_time_shares(active: list[OpenRequest], t0: float, t1: float) -> dict[str, float]:
+    """Each request's share of the decode time in [t0, t1]: every instant split equally among those
+    decoding then (a decode step runs its whole batch at once), prefill windows excluded (a prefill
+    holds the GPU alone). A sweep over the span ends, O(n log n)."""
+    spans: dict[str, tuple[float, float]] = {}
+    changes: dict[float, list[int]] = {}  # time -> [decoding count change, prefill count change]
+    for r in active:
+        lo = max(r.decode_from, t0)
+        hi = min(r.end_s if r.end_s is not None else t1, t1)
+        if hi > lo:
+            spans[r.rid] = (lo, hi)
+            changes.setdefault(lo, [0, 0])[0] += 1
+            changes.setdefault(hi, [0, 0])[0] -= 1
+        plo, phi = max(r.prefill_lo, t0), min(r.prefill_hi, t1)
+        if phi > plo:
+            changes.setdefault(plo, [0, 0])[1] += 1
+            changes.setdefault(phi, [0, 0])[1] -= 1
+    if not spans:
+        return {}
+    points = sorted(changes)
+    held_at = {points[0]: 0.0}  # the time-share a request decoding since the first point holds
+    decoding = prefilling = 0
+    held = 0.0
+    for a, b in itertools.pairwise(points):
+        decoding += changes[a][0]
+        prefilling += changes[a][1]
+        if decoding > 0 and prefilling <= 0:
+            held += (b - a) / decoding
+        held_at[b] = held
+    return {rid: held_at[hi] - held_at[lo] for rid, (lo, hi) in spans.items()}
 
 
 def _prefill_tokens(req: OpenRequest, t0: float, t1: float) -> float:

@@ -332,3 +332,19 @@ def test_calibration_never_goes_negative() -> None:
         calibration.add((float(i), 10.0, 100.0, 0.0), 500.0 - i)
     solution = calibration.solve()
     assert solution is not None and all(c >= 0 for c in solution)
+
+
+def test_decode_time_is_shared_by_the_batch_at_each_instant() -> None:
+    """A request decoding alone holds the whole step; two together hold half each; a prefill
+    window holds the GPU alone, so nobody's decode share runs through it."""
+    from scer_proxy.attribution.split import _decode_time_shares
+    from scer_proxy.attribution.state import OpenRequest
+
+    a = OpenRequest("a", start_s=0.0, prompt_tokens=1, decode_from=0.0)
+    b = OpenRequest("b", start_s=0.0, prompt_tokens=1, decode_from=0.5, end_s=0.9)
+    c = OpenRequest("c", start_s=0.9, prompt_tokens=1, prefill_lo=0.9, prefill_hi=1.0, decode_from=1.0)
+    shares = _decode_time_shares([a, b, c], 0.0, 1.0)
+    assert shares["a"] == pytest.approx(0.5 + 0.4 / 2)
+    assert shares["b"] == pytest.approx(0.4 / 2)
+    assert "c" not in shares  # its decode starts at the interval's end
+    assert sum(shares.values()) == pytest.approx(0.9)  # the prefill's 0.1 s is no one's decode time
