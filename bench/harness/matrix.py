@@ -119,6 +119,8 @@ class MatrixRow:
     settled_bound_ratio: float | None  # median stated bound / median error
     header_bound_ratio: float | None
     conservation_rel: float | None  # |attributed + idle - measured| / measured
+    settle_p95_readings: float | None = None  # new counter values read after a request's end until it
+    settle_max_readings: float | None = None  # settled (None where results do not say)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,6 +133,7 @@ def matrix_row(
     results = list(results)
     settled = figure(results, "settled", active_only=active_only)
     header = figure(results, "header", active_only=active_only)
+    lags = [v for r in results if (v := number(getattr(r, "settle_readings", None))) is not None]
     return MatrixRow(
         name=name,
         requests=len(results),
@@ -149,6 +152,8 @@ def matrix_row(
         settled_bound_ratio=settled.bound_ratio,
         header_bound_ratio=header.bound_ratio,
         conservation_rel=conservation_rel,
+        settle_p95_readings=quantile(lags, 0.95),
+        settle_max_readings=max(lags, default=None),
     )
 
 
@@ -186,6 +191,8 @@ _COLUMNS = (
     ("cov hdr", 8),
     ("bnd/err", 8),
     ("conserv", 8),
+    ("lag p95", 7),
+    ("max", 4),
 )
 
 
@@ -203,7 +210,11 @@ def _pct(value: float | None) -> str:
 
 def table_header() -> str:
     """The column names, and a line saying the units."""
-    return _cells([name for name, _ in _COLUMNS]) + "\n" + _cells(["", "", *["%"] * 8, "ratio", "rel"])
+    return (
+        _cells([name for name, _ in _COLUMNS])
+        + "\n"
+        + _cells(["", "", *["%"] * 8, "ratio", "rel", "reads", ""])
+    )
 
 
 def format_row(row: MatrixRow) -> str:
@@ -221,5 +232,7 @@ def format_row(row: MatrixRow) -> str:
             _pct(row.header_coverage),
             "-" if row.settled_bound_ratio is None else f"{row.settled_bound_ratio:.2f}",
             "-" if row.conservation_rel is None else f"{row.conservation_rel:.1e}",
+            "-" if row.settle_p95_readings is None else f"{row.settle_p95_readings:.0f}",
+            "-" if row.settle_max_readings is None else f"{row.settle_max_readings:.0f}",
         ]
     )

@@ -72,6 +72,7 @@ class TimelineConfig:
     prefill_weight: float | None = None  # decode-token equivalents per prompt token; None: calibrate
     idle: str = "amortize"  # or "separate"
     max_defer_s: float = 2.0  # how long an interval may wait for the first tokens that place its prefills
+    max_hold_s: float = 30.0  # ... while no request in it has ended (none is waiting to settle)
     token_interval_s: float = 0.02  # the prior per-sequence time per token, until requests show it
     idle_window_s: float = 3600.0  # ``amortize``: idle energy is spread over this window's requests
 
@@ -323,11 +324,20 @@ class Timeline:
         return total
 
     def _ready(self, iv: PendingInterval, now_s: float) -> bool:
-        if now_s - iv.t1_s >= self.config.max_defer_s:
+        """An interval is split once the prefills in it are placed. While a stream's first token that
+        places them is awaited, it waits when no request in it has ended (none waits to settle), up to
+        ``max_hold_s``: a queue of long prompts starves the decode for seconds, and an early split would
+        price those prefills at a rate no first token has confirmed. A request that ended waits for it
+        ``max_defer_s`` at most, and not at all once a placed prefill has shown the rate."""
+        requests = self.state.requests.values()
+        if not any(r.stream and not r.pinned and r.start_s <= iv.t1_s for r in requests):
             return True
-        return not any(
-            r.stream and not r.pinned and r.start_s <= iv.t1_s for r in self.state.requests.values()
-        )
+        age_s = now_s - iv.t1_s
+        if age_s >= self.config.max_hold_s:
+            return True
+        if not any(r.end_s is not None and r.start_s <= iv.t1_s for r in requests):
+            return False
+        return age_s >= self.config.max_defer_s or self.learned.prefill_samples > 0
 
     def _apply(self, iv: PendingInterval) -> IntervalResult:
         learned, state = self.learned, self.state

@@ -97,15 +97,40 @@ def test_first_tokens_arriving_together_pin_one_block_of_prefills() -> None:
     assert total == pytest.approx(200.0)
 
 
-def test_deferral_is_bounded_by_max_defer() -> None:
-    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate", max_defer_s=1.0))
+def test_deferral_is_bounded_by_max_defer_once_a_request_waits_to_settle() -> None:
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate", max_defer_s=1.0, max_hold_s=60.0))
     tl.reading(0.0, 0.0)
     tl.start("silent", 0.0, 50)  # a stream whose first token never comes
+    tl.start("quick", 0.1, 10, stream=False)
+    tl.finish("quick", 0.4, 10, 0)
     tl.reading(0.5, 10.0)
     assert tl.deferred_intervals == 1
     tl.reading(1.6, 30.0)
     assert tl.deferred_intervals == 1  # [0.5, 1.6] is still young
-    assert tl.state.requests["silent"].prefill_j + tl.state.requests["silent"].decode_j == pytest.approx(10.0)
+    assert "quick" not in tl.state.requests  # settled with [0, 0.5]
+    assert tl.state.requests["silent"].prefill_j + tl.state.requests["silent"].decode_j > 0
+
+
+def test_an_interval_nobody_waits_on_is_held_for_the_first_token() -> None:
+    """A queue of prefills with no first token yet: no request has ended, so its intervals wait for
+    the first token that places them (up to ``max_hold_s``) rather than being split at a guessed rate."""
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate", max_defer_s=1.0, max_hold_s=5.0))
+    tl.reading(0.0, 0.0)
+    tl.start("long", 0.0, 50_000)
+    for i in range(1, 31):
+        tl.reading(0.1 * i, 70.0 * i)
+    assert tl.deferred_intervals == 30  # 3 s, past max_defer_s
+    tl.tokens("long", 3.05, 1)  # its prefill took 3 s
+    tl.reading(3.1, 70.0 * 31)
+    assert tl.deferred_intervals == 0
+    assert tl.learned.prefill_tokens_per_s == pytest.approx(50_000 / 3.05, rel=0.05)
+    assert tl.state.requests["long"].prefill_j == pytest.approx(70.0 * 30.5, rel=0.02)
+    tl2 = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate", max_defer_s=1.0, max_hold_s=5.0))
+    tl2.reading(0.0, 0.0)
+    tl2.start("silent", 0.0, 50)
+    for i in range(1, 56):
+        tl2.reading(0.1 * i, 10.0 * i)
+    assert 0 < tl2.deferred_intervals <= 51  # none older than max_hold_s
 
 
 @pytest.mark.parametrize("idle", ["amortize", "separate"])
