@@ -12,6 +12,9 @@ DEFAULT_PREFILL_WEIGHT = 0.1
 
 ML.ENERGY v3, Llama-3.1-8B on one H100: a decode token costs 0.1 to 0.45 J, a prompt token about 0.02 J.
 """
+# A compute-bound prefill draws about as much as a decode step or more (the simulator's 8B profile: 1.4x;
+# H100 traces: 1.1 to 2x); a fit outside this range rests on misplaced prefills and is not used.
+PREFILL_POWER_RATIO_RANGE = (0.7, 4.0)
 FIRST_RATE_MIN_TOKENS = 16  # tokens a non-streamed request needs for its rate to replace the prior
 
 
@@ -32,6 +35,8 @@ class Learned:
     idle_samples: int = 0
     # Interval energy on (busy s, idle s): the idle power before an idle interval is seen.
     power_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(256))
+    # An interval's busy energy on (prefill s, other busy s): a prefill's power beside a decode's.
+    phase_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(256))
     # A request served alone: its life on (prompt tokens, completion tokens).
     alone_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(64))
     alone_samples: int = 0
@@ -104,6 +109,19 @@ class Learned:
     def learn_power(self, busy_s: float, idle_s: float, energy_j: float) -> None:
         """A busy interval's energy against its busy and uncovered seconds."""
         self.power_fit.add(busy_s, idle_s, energy_j)
+
+    def learn_phases(self, prefill_s: float, other_s: float, busy_j: float) -> None:
+        """A busy interval's energy (idle taken out) against its prefill seconds and the rest."""
+        self.phase_fit.add(prefill_s, other_s, busy_j)
+
+    def prefill_power_ratio(self) -> float | None:
+        """A prefill's power over a decode's, as the intervals show it; None while they cannot tell
+        (too few intervals with and without prefills) or the fit is outside what a GPU does."""
+        coef = self.phase_fit.solve()
+        if coef is None or coef[0] <= 0 or coef[1] <= 0:
+            return None
+        ratio = coef[0] / coef[1]
+        return ratio if PREFILL_POWER_RATIO_RANGE[0] <= ratio <= PREFILL_POWER_RATIO_RANGE[1] else None
 
     def learn_alone(self, prompt_tokens: int, completion_tokens: int, life_s: float) -> None:
         """A request that had the GPU to itself from its start to its end."""

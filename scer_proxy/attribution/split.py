@@ -25,6 +25,7 @@ class Split:
     steps: float | None  # decode steps in the interval, as the streams decoding all through it show
     rate: float  # decode tokens a second per sequence, the rate non-streams are counted at
     rate_seen: bool  # the streams showed it (else it is the rate learned from requests that ended)
+    prefill_s: float = 0.0  # the prefill windows' time in the interval
 
 
 def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned: Learned) -> Split:
@@ -96,7 +97,9 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         # The decode steps took time too: at least the most tokens a stream got, at the step time.
         streamed = max((iv.tokens.get(r.rid, 0) for r in active if r.stream), default=0)
         decode_s = max(busy_s - prefill_s, streamed * learned.decode_step_s(), 1e-9)
-        prefill_j = busy_j * prefill_s / (prefill_s + decode_s) if prefill_s > 0 else 0.0
+        # At the power a prefill draws beside a decode step, where the intervals have shown it.
+        weighted_s = prefill_s * (learned.prefill_power_ratio() or 1.0)
+        prefill_j = busy_j * weighted_s / (weighted_s + decode_s) if prefill_s > 0 else 0.0
         for rid, p in prefill.items():
             prefill_share[rid] = prefill_j * p / total_p
         _share_decode(decode_share, busy_j - prefill_j, held, decode)
@@ -121,7 +124,19 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
         pj, dj = prefill_share.get(rid, 0.0), decode_share.get(rid, 0.0)
         hw = (busy_s * (pj + dj) / busy_j) if busy_j > 0 else 0.0
         parts[rid] = (pj, dj, hw)
-    return Split(parts, decode, prefill, idle_j, total_p, total_d, busy_s, steps, rate, bool(seen))
+    return Split(
+        parts,
+        decode,
+        prefill,
+        idle_j,
+        total_p,
+        total_d,
+        busy_s,
+        steps,
+        rate,
+        bool(seen),
+        min(prefill_s, busy_s),
+    )
 
 
 def _share_decode(

@@ -117,11 +117,15 @@ class Timeline:
             return
         if req.first_token_s is None:
             req.first_token_s = t_s
+        self._step_end(t_s)
+        req.tokens_since_reading += count
+        req.completion_tokens += count
+
+    def _step_end(self, t_s: float) -> None:
+        """A decode step ended at ``t_s`` (a streamed token, or a request's last token)."""
         ends = self.state.step_ends_s
         if not ends or t_s > ends[-1] + 0.0005:
             ends.append(t_s)
-        req.tokens_since_reading += count
-        req.completion_tokens += count
 
     def set_prompt(self, rid: str, prompt_tokens: int) -> None:
         """A better prompt count for a request whose prefill is not placed yet."""
@@ -137,6 +141,8 @@ class Timeline:
         req.end_s = max(t_s, req.start_s)
         req.prompt_tokens = max(0, prompt_tokens)
         state, learned = self.state, self.learned
+        if completion_tokens > 0:
+            self._step_end(req.end_s)  # its last token ended a step
         if not req.pinned and not req.stream and completion_tokens > 0:
             # The end shows where the prefill ended: the decode time of its tokens before it. Placed like
             # a stream's first token, it pins the windows queued before it and teaches the prefill rate,
@@ -255,7 +261,10 @@ class Timeline:
                 else:
                     block.append(other)
             begin = min(max(state.pinned_until_s, min(r.start_s for r in block)), end)
-            if any(r.first_token_s is not None and r.end_s is None for r in state.requests.values()):
+            if any(
+                r.pinned and r.decode_from <= begin and (r.end_s is None or r.end_s > begin)
+                for r in state.requests.values()
+            ):
                 # Sequences were decoding: the block's prefill began when the step in progress ended.
                 step_end = state.step_end_after(begin, end)
                 begin = step_end if step_end is not None else begin
@@ -366,6 +375,7 @@ class Timeline:
 
         busy_j = d_energy - split.idle_j
         learned.learn_power(split.busy_s, dt - split.busy_s, d_energy)
+        learned.learn_phases(split.prefill_s, split.busy_s - split.prefill_s, busy_j)
         learned.learn_prices(
             prefill_j=sum(p for p, _d, _h in split.parts.values()),
             decode_j=sum(d for _p, d, _h in split.parts.values()),

@@ -373,3 +373,38 @@ def test_decode_time_is_shared_by_the_batch_at_each_instant() -> None:
     assert shares["b"] == pytest.approx(0.4 / 2)
     assert "c" not in shares  # its decode starts at the interval's end
     assert sum(shares.values()) == pytest.approx(0.9)  # the prefill's 0.1 s is no one's decode time
+
+
+def test_the_prefill_power_is_learned_beside_the_decode_power() -> None:
+    """Intervals with more and less prefill in them tell a prefill's power from a decode step's."""
+    from scer_proxy.attribution.learned import Learned
+
+    learned = Learned()
+    assert learned.prefill_power_ratio() is None  # nothing seen yet
+    rng = random.Random(5)
+    for _ in range(100):
+        prefill_s = rng.uniform(0.0, 0.05)
+        other_s = 0.1 - prefill_s
+        learned.learn_phases(prefill_s, other_s, 690.0 * prefill_s + 486.0 * other_s)
+    assert learned.prefill_power_ratio() == pytest.approx(690.0 / 486.0, rel=1e-6)
+    absurd = Learned()
+    for _ in range(100):
+        prefill_s = rng.uniform(0.0, 0.05)
+        absurd.learn_phases(prefill_s, 0.1 - prefill_s, 5000.0 * prefill_s + 100.0 * (0.1 - prefill_s))
+    assert absurd.prefill_power_ratio() is None  # 50x: misplaced prefills, not a GPU
+
+
+def test_a_prefill_waits_for_the_step_a_non_stream_was_finishing() -> None:
+    """A request that arrives while a one-token non-stream's decode step runs is prefilled after that
+    step ends (its end), so the step keeps its whole time."""
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
+    tl.learned.prefill_tokens_per_s = 10_000.0
+    tl.learned.prefill_samples = 1
+    tl.learned.token_interval_s, tl.learned.token_interval_samples = 0.008, 1
+    tl.reading(0.0, 0.0)
+    tl.start("a", 0.010, 100, stream=False)  # prefill 10 ms, then one 8 ms step
+    tl.start("b", 0.024, 50, stream=False)  # arrives during a's step
+    tl.finish("a", 0.028, 100, 1)
+    tl.finish("b", 0.041, 50, 1)  # prefill 0.028-0.033, step 0.033-0.041
+    b = tl.state.requests["b"]
+    assert b.prefill_lo == pytest.approx(0.028, abs=1e-9)
