@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 
 from scer_proxy.attribution.calibration import Calibration
@@ -15,6 +16,7 @@ ML.ENERGY v3, Llama-3.1-8B on one H100: a decode token costs 0.1 to 0.45 J, a pr
 # A compute-bound prefill draws about as much as a decode step or more (the simulator's 8B profile: 1.4x;
 # H100 traces: 1.1 to 2x); a fit outside this range rests on misplaced prefills and is not used.
 PREFILL_POWER_RATIO_RANGE = (0.7, 4.0)
+STEP_GAPS_MIN = 8  # per-stream token gaps before their quartile is taken for the decode step
 FIRST_RATE_MIN_TOKENS = 16  # tokens a non-streamed request needs for its rate to replace the prior
 
 
@@ -31,6 +33,10 @@ class Learned:
     prefill_seconds_seen: float = 0.0
     prefill_samples: int = 0  # ... and how many
     token_interval_samples: int = 0
+    stream_seconds_seen: float = 0.0  # streams' time from first to last token and gaps, decayed
+    stream_gaps_seen: float = 0.0
+    step_gaps_s: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=256))
+    _step_s: float | None = None  # the cached lower quartile of ``step_gaps_s``
     idle_power_w: float | None = None  # from intervals with no request in them
     idle_samples: int = 0
     # Interval energy on (busy s, idle s): the idle power before an idle interval is seen.
@@ -50,10 +56,36 @@ class Learned:
         solution = self.calibration.solve() if self.calibration is not None else None
         return solution[0] if solution is not None else None
 
-    def learn_stream_interval(self, interval_s: float) -> None:
-        """A stream's mean time between tokens, averaged in."""
-        self.token_interval_s += 0.2 * (interval_s - self.token_interval_s)
+    def learn_stream_interval(self, seconds: float, intervals: int) -> None:
+        """A stream's ``intervals`` gaps between tokens over ``seconds``: the time per token is the ratio
+        of the decayed sums (about the last 32 streams), so a stream of two tokens held apart by a long
+        prefill weighs as one gap, not as a whole stream."""
+        if intervals <= 0 or seconds <= 0:
+            return
+        decay = 1.0 - 1.0 / 32
+        self.stream_seconds_seen = self.stream_seconds_seen * decay + seconds
+        self.stream_gaps_seen = self.stream_gaps_seen * decay + intervals
+        self.token_interval_s = self.stream_seconds_seen / self.stream_gaps_seen
         self.token_interval_samples += 1
+
+    def learn_step_gap(self, gap_s: float) -> None:
+        """The time between two tokens of one stream: a decode step, or more where prefills ran
+        between its steps."""
+        if gap_s > 0:
+            self.step_gaps_s.append(gap_s)
+            self._step_s = None
+
+    def step_s(self) -> float:
+        """How long one decode step runs: the lower quartile of recent per-stream token gaps (a gap with
+        no prefill in it is one step), else the time a token takes. The time per token is longer (the
+        prefills between steps are in it), so a first token placed a token's time after its prefill
+        would place the prefill too early."""
+        if len(self.step_gaps_s) < STEP_GAPS_MIN:
+            return self.decode_step_s()
+        if self._step_s is None:
+            ordered = sorted(self.step_gaps_s)
+            self._step_s = ordered[len(ordered) // 4]
+        return self._step_s
 
     def learn_token_interval(self, interval_s: float, tokens: int) -> None:
         """A non-streamed request's time per token, averaged in; the first of at least
@@ -89,6 +121,8 @@ class Learned:
             "token_interval_ms": self.token_interval_s * 1000.0,
             "token_interval_samples": self.token_interval_samples,
             "decode_step_ms": self.decode_step_s() * 1000.0,
+            "step_ms": self.step_s() * 1000.0,
+            "step_samples": len(self.step_gaps_s),
             "alone_samples": self.alone_samples,
             "idle_power_w": self.idle_power_estimate_w(),
             "idle_samples": self.idle_samples,

@@ -18,6 +18,7 @@ class OpenRequest:
     first_token_s: float | None = None  # seen on a stream, or inferred from a non-stream's end
     inferred_decode_s: float = 0.0  # the decode time subtracted from a non-stream's end to infer it
     end_s: float | None = None
+    last_token_s: float | None = None  # a stream's latest chunk
     completion_tokens: int = 0
     tokens_since_reading: int = 0
     prefill_lo: float = 0.0

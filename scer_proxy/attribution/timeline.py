@@ -117,6 +117,9 @@ class Timeline:
             return
         if req.first_token_s is None:
             req.first_token_s = t_s
+        elif req.last_token_s is not None and count > 0:
+            self.learned.learn_step_gap((t_s - req.last_token_s) / count)
+        req.last_token_s = t_s
         self._step_end(t_s)
         req.tokens_since_reading += count
         req.completion_tokens += count
@@ -163,7 +166,7 @@ class Timeline:
         if req.stream and req.first_token_s is not None:
             seen = req.completion_tokens
             if seen > 1 and req.end_s > req.first_token_s:
-                learned.learn_stream_interval((req.end_s - req.first_token_s) / (seen - 1))
+                learned.learn_stream_interval(req.end_s - req.first_token_s, seen - 1)
         elif not req.stream and completion_tokens > 1 and req.end_s > req.decode_from:
             # Without streams the token rate can only be learned from whole non-streamed requests.
             learned.learn_token_interval((req.end_s - req.decode_from) / completion_tokens, completion_tokens)
@@ -222,10 +225,11 @@ class Timeline:
             j = next((k for k in range(i, len(queued)) if queued[k].first_token_s is not None), None)
             if j is None:
                 break
+            step_s = learned.step_s()
+            j = self._anchor(queued, j, step_s)
             first = queued[j].first_token_s
             assert first is not None
             # First tokens within one decode step (and a few ms of the proxy's own jitter) came together.
-            step_s = learned.decode_step_s()
             tolerance = max(step_s, 0.005)
             end = max(first - step_s, queued[j].start_s)
             # The block: the requests after j whose first tokens came with j's, and those that arrived
@@ -287,6 +291,22 @@ class Timeline:
             i = k + 1
         if pinned_any:
             self._estimate_windows()
+
+    @staticmethod
+    def _anchor(queued: list[OpenRequest], j: int, step_s: float) -> int:
+        """The request whose first token shows where the block ended: ``j``; or, when ``j``'s first token
+        is inferred from a non-stream's end (off by what its decode time is off), a stream's first token
+        seen later, from a request that arrived before ``j``'s inferred block end (so in that block)."""
+        first = queued[j].first_token_s
+        if not queued[j].inferred_decode_s or first is None:
+            return j
+        for m in range(j + 1, len(queued)):
+            other = queued[m]
+            if other.start_s >= first - step_s:
+                break
+            if other.first_token_s is not None and not other.inferred_decode_s:
+                return m
+        return j
 
     # -- what the meter observes -------------------------------------------------------------
     def reading(self, t_s: float, energy_j: float) -> IntervalResult | None:

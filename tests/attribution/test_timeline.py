@@ -285,9 +285,16 @@ def test_a_short_non_stream_after_one_other_is_estimated_at_the_learned_rate(pha
 
 
 @pytest.mark.parametrize(
-    ("stream", "tokens", "replaces"), [(False, 20, True), (False, 4, False), (True, 100, False)]
+    ("stream", "tokens", "replaces", "interval_s"),
+    [
+        (False, 20, True, 0.002),  # a non-stream long enough replaces the prior
+        (False, 4, False, 0.02 + 0.2 * (0.002 - 0.02)),  # a short one only blends in
+        (True, 100, False, 0.002),  # a stream's gaps are the ratio of sums: its own at first
+    ],
 )
-def test_which_requests_replace_the_token_rate_prior(stream: bool, tokens: int, replaces: bool) -> None:
+def test_which_requests_replace_the_token_rate_prior(
+    stream: bool, tokens: int, replaces: bool, interval_s: float
+) -> None:
     tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
     tl.reading(0.0, 0.0)
     tl.start("r", 0.0, 0, stream=stream)
@@ -295,8 +302,29 @@ def test_which_requests_replace_the_token_rate_prior(stream: bool, tokens: int, 
         tl.tokens("r", 0.002 * (i + 1))
     tl.finish("r", 0.002 * (tokens + 1), 0, tokens)  # 2 ms a token, ten times faster than the prior
     assert tl.learned.token_interval_learned is replaces
-    blended = 0.02 + 0.2 * (0.002 - 0.02)
-    assert tl.learned.token_interval_s == pytest.approx(0.002 if replaces else blended, rel=0.1)
+    assert tl.learned.token_interval_s == pytest.approx(interval_s, rel=0.1)
+
+
+def test_a_short_stream_held_up_by_a_prefill_weighs_as_one_gap() -> None:
+    """The time per token is the ratio of sums over streams: a two-token stream whose tokens a long
+    prefill held 0.7 s apart moves it by one gap, not by a stream's worth; and the decode step is the
+    lower quartile of per-stream gaps, not pulled up by such a gap at all."""
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
+    tl.reading(0.0, 0.0)
+    t = 0.0
+    for n in range(10):
+        rid = f"s{n}"
+        tl.start(rid, t, 0)
+        for _ in range(100):
+            t += 0.01
+            tl.tokens(rid, t)
+        tl.finish(rid, t, 0, 100)
+    tl.start("held", t, 0)
+    tl.tokens("held", t + 0.01)
+    tl.tokens("held", t + 0.71)
+    tl.finish("held", t + 0.71, 0, 2)
+    assert tl.learned.token_interval_s == pytest.approx(0.0107, rel=0.05)
+    assert tl.learned.step_s() == pytest.approx(0.01, rel=1e-6)
 
 
 def test_counter_going_backwards_attributes_nothing_and_recovers() -> None:
