@@ -203,10 +203,16 @@ class Timeline:
 
     def _estimate_windows(self) -> None:
         """Place the unpinned prefills one after the other from the end of the last pinned one."""
-        cursor = self.state.pinned_until_s
+        state = self.state
+        cursor = state.pinned_until_s
         rate = max(self.learned.prefill_tokens_per_s, 1e-9)
-        for req in self.state.queued():
+        step_s = self.learned.step_s()
+        for req in state.queued():
             req.prefill_lo = max(cursor, req.start_s)
+            # A decode step that ended within a step of it was running: the prefill waited for its end.
+            step_end = state.step_end_after(req.prefill_lo, req.prefill_lo + step_s)
+            if step_end is not None and (req.end_s is None or step_end < req.end_s):
+                req.prefill_lo = step_end
             req.prefill_hi = req.prefill_lo + req.prompt_tokens / rate
             if req.end_s is not None:  # ended, waiting for the streams that place its block
                 req.prefill_hi = min(req.prefill_hi, req.end_s)

@@ -436,3 +436,23 @@ def test_a_prefill_waits_for_the_step_a_non_stream_was_finishing() -> None:
     tl.finish("b", 0.041, 50, 1)  # prefill 0.028-0.033, step 0.033-0.041
     b = tl.state.requests["b"]
     assert b.prefill_lo == pytest.approx(0.028, abs=1e-9)
+
+
+def test_an_estimated_prefill_waits_for_the_step_in_progress() -> None:
+    """A request queued while a step runs is placed, before its first token, after that step's end."""
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
+    tl.learned.prefill_tokens_per_s = 10_000.0
+    tl.learned.prefill_samples = 1
+    tl.reading(0.0, 0.0)
+    tl.start("s", 0.0, 10)
+    t = 0.0
+    for _ in range(20):  # a stream decoding in 10 ms steps
+        t += 0.010
+        tl.tokens("s", t)
+    tl.start("q", t + 0.004, 50)  # arrives 4 ms into a step that ends at t + 0.010
+    tl.tokens("s", t + 0.010)
+    tl.reading(t + 0.011, 10.0)
+    q = tl.state.requests["q"]
+    assert not q.pinned
+    assert q.prefill_lo == pytest.approx(t + 0.010)
+    assert q.prefill_hi == pytest.approx(t + 0.010 + 50 / tl.learned.prefill_tokens_per_s)
