@@ -13,10 +13,12 @@ import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 import aiohttp
 import orjson
 import structlog
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -46,6 +48,39 @@ HOP_BY_HOP = frozenset(
         "Content-Length",
     )
 )
+# What stays unescaped when a normalized path is forwarded (RFC 3986 pchar and "/").
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+def normalize_path(raw_path: str) -> str:
+    """A request path as the upstream will resolve it: percent escapes decoded (``%2e``, ``%2f``),
+    backslashes as slashes, then dot segments removed (RFC 3986, 5.2.4).
+
+    The router matches ``/v1/{tail}`` on the path as sent; an HTTP client resolves ``..`` before it
+    sends, so ``/v1/../metrics`` would reach the upstream's ``/metrics``. Checking and forwarding this
+    form keeps every forwarded request under ``/v1``.
+    """
+    segments = unquote(raw_path).replace("\\", "/").split("/")
+    out: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")  # "/v1/a/.." is the directory "/v1/"
+    return "/" + "/".join(out)
+
+
+def upstream_target(request: web.Request) -> tuple[str, str] | None:
+    """The normalized path and the target (escaped path and raw query) to forward, or None when the
+    path leaves ``/v1``."""
+    path = normalize_path(request.rel_url.raw_path)
+    if path != "/v1" and not path.startswith("/v1/"):
+        return None
+    query = request.rel_url.raw_query_string
+    return path, quote(path, safe=_PATH_SAFE) + ("?" + query if query else "")
 
 
 def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
@@ -116,16 +151,26 @@ class ProxyHandler:
 
     # -- entry ----------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        kind = wire.metered_kind(request.method, request.path)
         try:
+            target = upstream_target(request)
+            if target is None:
+                raise ProxyError(
+                    404,
+                    "Not Found: the path resolves outside /v1/.",
+                    "invalid_request_error",
+                    "path_not_found",
+                    reached_upstream=False,
+                )
+            path, sent = target
+            kind = wire.metered_kind(request.method, path)
             if kind is None:
-                return await self._passthrough(request)
+                return await self._passthrough(request, sent)
             body = await self._read_body(request)
             parsed = wire.parse_json_object(body)
             model = parsed.get("model") if parsed is not None else None
             if not isinstance(model, str) or not model:
                 # Not something we can route or meter: forward it untouched and return the answer.
-                return await self._passthrough(request, body=body, upstream=self.config.upstreams[0])
+                return await self._passthrough(request, sent, body=body, upstream=self.config.upstreams[0])
             upstream = self._upstream_for(model)
             if upstream is None:
                 raise ProxyError(
@@ -135,7 +180,7 @@ class ProxyHandler:
                     "model_not_found",
                 )
             assert parsed is not None
-            return await self._metered(request, kind, body, parsed, model, upstream)
+            return await self._metered(request, sent, kind, body, parsed, model, upstream)
         except ProxyError as exc:
             log.info("proxy_error", path=request.path, status=exc.status, code=exc.code)
             return exc.response()
@@ -169,12 +214,14 @@ class ProxyHandler:
     async def _send(
         self,
         request: web.Request,
+        target: str,
         upstream: UpstreamConfig,
         data: Any,
         headers: CIMultiDict[str] | None = None,
     ) -> aiohttp.ClientResponse:
         session = self.upstreams.session(upstream.name)
-        url = upstream.url + request.path_qs
+        # Already normalized and escaped: taken as it is, so that nothing resolves it a second time.
+        url = yarl.URL(upstream.url + target, encoded=True)
         try:
             return await session.request(
                 request.method,
@@ -227,11 +274,16 @@ class ProxyHandler:
 
     # -- unmetered -----------------------------------------------------------------------------------
     async def _passthrough(
-        self, request: web.Request, *, body: bytes | None = None, upstream: UpstreamConfig | None = None
+        self,
+        request: web.Request,
+        target: str,
+        *,
+        body: bytes | None = None,
+        upstream: UpstreamConfig | None = None,
     ) -> web.StreamResponse:
         upstream = upstream or self.config.upstreams[0]
         data: Any = body if body is not None else (request.content if request.body_exists else None)
-        resp = await self._send(request, upstream, data)
+        resp = await self._send(request, target, upstream, data)
         try:
             headers = forward_headers(resp.headers)
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
@@ -252,6 +304,7 @@ class ProxyHandler:
     async def _metered(
         self,
         request: web.Request,
+        target: str,
         kind: str,
         body: bytes,
         parsed: dict[str, Any],
@@ -286,7 +339,7 @@ class ProxyHandler:
         # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
         # that has ended, and no ledger record is lost.
         try:
-            resp = await self._send(request, upstream, send_body, headers)
+            resp = await self._send(request, target, upstream, send_body, headers)
             try:
                 ex.first_byte_s = time.monotonic()
                 content_type = resp.headers.get("Content-Type", "")
