@@ -46,6 +46,9 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        # The proxy holds the body before it forwards it: an upstream that never answers 100 would make
+        # the client side wait for it, past timeout_s.
+        "Expect",
     )
 )
 # What stays unescaped when a normalized path is forwarded (RFC 3986 pchar and "/").
@@ -84,7 +87,7 @@ def upstream_target(request: web.Request) -> tuple[str, str] | None:
 
 
 def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
+    """Headers minus hop-by-hop ones (and those named in ``Connection``), Content-Length and Expect."""
     out = CIMultiDict(
         headers
     )  # a copy in C; removing the few present names is cheaper than filtering in Python
