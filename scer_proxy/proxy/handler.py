@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,9 @@ HOP_BY_HOP = frozenset(
         "Expect",
     )
 )
+# Characters a model name may not hold: it is echoed in a response header (X-SCER-Model), where CR, LF
+# or NUL would break the response.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # What stays unescaped when a normalized path is forwarded (RFC 3986 pchar and "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
 
@@ -112,15 +116,23 @@ class ProxyError(Exception):
     """An error the proxy itself answers, in the OpenAI error shape."""
 
     def __init__(
-        self, status: int, message: str, type_: str, code: str, *, reached_upstream: bool = True
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        *,
+        reached_upstream: bool = True,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type_, self.code = status, message, type_, code
+        self.param = param
         # False when the request never got to the upstream (no connection): it cannot have used its GPU.
         self.reached_upstream = reached_upstream
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.type_, code=self.code)
+        return error_response(self.status, self.message, self.type_, param=self.param, code=self.code)
 
 
 @dataclass
@@ -174,6 +186,14 @@ class ProxyHandler:
             if not isinstance(model, str) or not model:
                 # Not something we can route or meter: forward it untouched and return the answer.
                 return await self._passthrough(request, sent, body=body, upstream=self.config.upstreams[0])
+            if _CONTROL.search(model):
+                raise ProxyError(
+                    400,
+                    "The model name holds a control character.",
+                    "invalid_request_error",
+                    "invalid_model",
+                    param="model",
+                )
             upstream = self._upstream_for(model)
             if upstream is None:
                 raise ProxyError(
