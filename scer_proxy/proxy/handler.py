@@ -130,9 +130,14 @@ class ProxyError(Exception):
         self.param = param
         # False when the request never got to the upstream (no connection): it cannot have used its GPU.
         self.reached_upstream = reached_upstream
+        self.record: Record | None = None  # the record written for it, once there is one
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.type_, param=self.param, code=self.code)
+        out = error_response(self.status, self.message, self.type_, param=self.param, code=self.code)
+        if self.record is not None:
+            out.headers["X-SCER-Request-Id"] = self.record.request_id
+            out.headers["X-SCER-Model"] = self.record.model
+        return out
 
 
 @dataclass
@@ -374,20 +379,31 @@ class ProxyHandler:
             finally:
                 resp.release()
         except (asyncio.CancelledError, Exception) as exc:
-            if not ex.closed:
-                status, http_status, flag = _failure(exc)
-                self._close(
-                    record,
-                    ex,
-                    parsed,
-                    status=status,
-                    http_status=http_status,
-                    completion_tokens=0,
-                    usage=None,
-                    flags=(flag,),
-                    reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
-                )
-            raise
+            if ex.closed:
+                raise
+            status, http_status, flag = _failure(exc)
+            closed = self._close(
+                record,
+                ex,
+                parsed,
+                status=status,
+                http_status=http_status,
+                completion_tokens=0,
+                usage=None,
+                flags=(flag,),
+                reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
+            )
+            if isinstance(exc, ProxyError):
+                exc.record = closed  # its answer names the record
+                raise
+            if isinstance(exc, asyncio.CancelledError | ConnectionError):
+                raise
+            log.exception("handler_error", path=request.path, request_id=closed.request_id)
+            failure = ProxyError(
+                500, "The proxy failed to handle the request.", "server_error", "proxy_failure"
+            )
+            failure.record = closed
+            raise failure from exc
 
     def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
         if not done.cancelled() and done.exception() is None:
@@ -514,7 +530,7 @@ def _failure(exc: BaseException) -> tuple[str, int | None, str]:
         return "cancelled", None, "client_disconnected"
     if isinstance(exc, ProxyError):
         return "error", exc.status, exc.code
-    return "error", None, "proxy_failure"
+    return "error", 500, "proxy_failure"
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:
