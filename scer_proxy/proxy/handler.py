@@ -3,7 +3,8 @@
 Non-streamed metered responses are read whole (they are small, and their headers must carry the
 figures); streams are relayed read by read as they arrive, with backpressure, and scanned for events
 on the way. A client that goes away cancels the upstream request at once, and its record keeps the
-tokens it was sent.
+tokens it was sent. An answer the upstream breaks off is broken off for the client too: the
+connection closes without the body's end, so no client takes a cut answer for a complete one.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ HOP_BY_HOP = frozenset(
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # What stays unescaped when a normalized path is forwarded (RFC 3986 pchar and "/").
 _PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# How reading an upstream's body fails: a FIN or a reset mid-body, a read timeout.
+_UPSTREAM_READ_ERRORS = (aiohttp.ClientError, OSError)  # OSError includes TimeoutError
 
 
 def normalize_path(raw_path: str) -> str:
@@ -88,6 +91,16 @@ def upstream_target(request: web.Request) -> tuple[str, str] | None:
         return None
     query = request.rel_url.raw_query_string
     return path, quote(path, safe=_PATH_SAFE) + ("?" + query if query else "")
+
+
+def abort_client(request: web.Request) -> None:
+    """Break off a response that cannot be finished, as nginx and Envoy do: what was written is flushed,
+    then the connection closes without the body's end (a chunked body's last chunk, the rest of a
+    Content-Length), so that the client sees a truncated answer, not a complete one. The handler then
+    returns its response; aiohttp's ``write_eof`` finds the transport closing and writes nothing."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
 
 
 def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
@@ -292,7 +305,7 @@ class ProxyHandler:
             raise ProxyError(
                 504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error", "upstream_timeout"
             ) from exc
-        except aiohttp.ClientError as exc:
+        except _UPSTREAM_READ_ERRORS as exc:
             raise ProxyError(
                 502,
                 f"Upstream '{upstream.name}' broke off its response: {exc.__class__.__name__}.",
@@ -318,13 +331,22 @@ class ProxyHandler:
             if resp.content_length is not None:
                 out.content_length = resp.content_length
             await out.prepare(request)
-            async for data_chunk in resp.content.iter_any():
+            while True:
+                try:
+                    data_chunk = await resp.content.readany()
+                except _UPSTREAM_READ_ERRORS as exc:
+                    resp.close()
+                    log.info("upstream_broke_passthrough", path=request.path, error=exc.__class__.__name__)
+                    abort_client(request)
+                    return out
+                if not data_chunk:
+                    break
                 await out.write(data_chunk)
             await out.write_eof()
             return out
-        except (aiohttp.ClientError, TimeoutError):
+        except ConnectionResetError:  # the client went away
             resp.close()
-            raise ConnectionResetError("upstream broke off a pass-through response") from None
+            return out
         finally:
             resp.release()
 
@@ -533,6 +555,14 @@ def _failure(exc: BaseException) -> tuple[str, int | None, str]:
     return "error", 500, "proxy_failure"
 
 
+class _UpstreamCut(Exception):
+    """The upstream broke off a stream; ``reason`` names how (the exception's class)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 def _finishes(chunk: dict[str, Any]) -> bool:
     choices = chunk.get("choices")
     return isinstance(choices, list) and any(isinstance(c, dict) and c.get("finish_reason") for c in choices)
@@ -597,7 +627,7 @@ class _StreamRelay:
         flags: tuple[str, ...] = ()
         try:
             await out.prepare(self.request)
-            async for data in self.resp.content.iter_any():
+            while data := await self._read():
                 if not self.rewrite:
                     await out.write(data)
                     continue
@@ -628,17 +658,32 @@ class _StreamRelay:
             self.resp.close()
             await self._finish_cut("cancelled", ("client_disconnected",))
             raise
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionResetError:  # writing to a client that went away
             self.resp.close()
             await self._finish_cut("cancelled", ("client_disconnected",))
             return out
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except _UpstreamCut as cut:
+            # FIN or RST mid-body, or nothing for timeout_s: the client must not see a complete answer.
             self.resp.close()
-            status, flags = "upstream_error", ("upstream_broke_stream", exc.__class__.__name__)
-            await self._finish_cut(status, flags)
+            await self._finish_cut("upstream_error", ("upstream_broke_stream", cut.reason))
+            abort_client(self.request)
+            return out
+        except Exception:
+            log.exception("relay_error", request_id=self.record.request_id)
+            self.resp.close()
+            self._finish("error", ("proxy_failure",))
+            abort_client(self.request)
             return out
         self._finish(status, flags, self.last_usage)
         return out
+
+    async def _read(self) -> bytes:
+        """The upstream's next read (empty at its end). Its failures are raised as :class:`_UpstreamCut`,
+        so that they are not taken for the client's (a reset on either side is a ConnectionResetError)."""
+        try:
+            return await self.resp.content.readany()
+        except _UPSTREAM_READ_ERRORS as exc:
+            raise _UpstreamCut(exc.__class__.__name__) from exc
 
     async def _finish_cut(self, status: str, flags: tuple[str, ...]) -> None:
         """Close the record of a stream cut short, its tokens so far counted as at a usage-less end.
