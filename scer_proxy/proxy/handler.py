@@ -1,9 +1,9 @@
 """The ``/v1/*`` handler: forwards every request untouched and meters the ones that generate tokens.
 
-Non-streamed metered responses are read whole (they are small, and their headers must carry the
-figures); streams are relayed read by read as they arrive, with backpressure, and scanned for events
-on the way. A client that goes away cancels the upstream request at once, and its record keeps the
-tokens it was sent. An answer the upstream breaks off is broken off for the client too: the
+Non-streamed metered responses are read whole, up to ``server.max_response_bytes`` (their headers must
+carry the figures); streams are relayed read by read as they arrive, with backpressure, and scanned for
+events on the way. A client that goes away cancels the upstream request at once, and its record keeps
+the tokens it was sent. An answer the upstream breaks off is broken off for the client too: the
 connection closes without the body's end, so no client takes a cut answer for a complete one.
 """
 
@@ -27,6 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from scer_proxy.carbon.records import Record
 from scer_proxy.config import Config, UpstreamConfig
 from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.bodies import ResponseTooLarge, decode_capped, needs_decoding
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.wire import openai as wire
 from scer_proxy.wire import tokens
@@ -151,6 +152,15 @@ class ProxyError(Exception):
             out.headers["X-SCER-Request-Id"] = self.record.request_id
             out.headers["X-SCER-Model"] = self.record.model
         return out
+
+
+def _too_large(upstream: UpstreamConfig, limit: int) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Upstream '{upstream.name}' answered with a body over the limit of {limit} bytes.",
+        "upstream_error",
+        "upstream_response_too_large",
+    )
 
 
 @dataclass
@@ -299,8 +309,22 @@ class ProxyHandler:
             ) from exc
 
     async def _read_upstream(self, resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
+        """The whole body, up to ``server.max_response_bytes`` (counted as it arrives; a body over it is
+        not read on, and its connection is dropped)."""
+        limit = self.config.server.max_response_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            resp.close()
+            raise _too_large(upstream, limit)
+        chunks = []
+        size = 0
         try:
-            return await resp.read()
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    resp.close()
+                    raise _too_large(upstream, limit)
+                chunks.append(chunk)
+            return b"".join(chunks)
         except TimeoutError as exc:
             raise ProxyError(
                 504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error", "upstream_timeout"
@@ -444,7 +468,7 @@ class ProxyHandler:
         headers = forward_headers(resp.headers)
         usage = None
         completion_tokens = 0
-        decoded = wire.decode_for_reading(raw, resp.headers.get("Content-Encoding", ""))
+        decoded = await self._decoded(raw, resp.headers.get("Content-Encoding", ""), upstream)
         answer = wire.parse_json_object(decoded) if decoded is not None else None
         if answer is not None:
             usage = wire.read_usage(answer.get("usage"))
@@ -466,6 +490,18 @@ class ProxyHandler:
             headers["X-SCER-Request-Id"] = record.request_id
             headers["X-SCER-Model"] = record.model
         return web.Response(status=resp.status, reason=resp.reason, body=raw, headers=headers)
+
+    async def _decoded(self, raw: bytes, encoding: str, upstream: UpstreamConfig) -> bytes | None:
+        """A decompressed copy of a body, for reading usage (the client gets ``raw``): in a worker thread
+        (zlib releases the GIL), up to ``server.max_response_bytes``; None when it cannot be read."""
+        if not needs_decoding(encoding):
+            return raw
+        limit = self.config.server.max_response_bytes
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, decode_capped, raw, encoding, limit)
+        except ResponseTooLarge:
+            raise _too_large(upstream, limit) from None
 
     async def _count_text(self, upstream: UpstreamConfig, text: str) -> int:
         if not text:
