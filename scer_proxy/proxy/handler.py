@@ -1,28 +1,33 @@
 """The ``/v1/*`` handler: forwards every request untouched and meters the ones that generate tokens.
 
-Non-streamed metered responses are read whole (they are small, and their headers must carry the
-figures); streams are relayed read by read as they arrive, with backpressure, and scanned for events
-on the way. A client that goes away cancels the upstream request at once, and its record keeps the
-tokens it was sent.
+Non-streamed metered responses are read whole, up to ``server.max_response_bytes`` (their headers must
+carry the figures); streams are relayed read by read as they arrive, with backpressure, and scanned for
+events on the way. A client that goes away cancels the upstream request at once, and its record keeps
+the tokens it was sent. An answer the upstream breaks off is broken off for the client too: the
+connection closes without the body's end, so no client takes a cut answer for a complete one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote, unquote
 
 import aiohttp
 import orjson
 import structlog
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from scer_proxy.carbon.records import Record
 from scer_proxy.config import Config, UpstreamConfig
 from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.bodies import ResponseTooLarge, decode_capped, needs_decoding
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.wire import openai as wire
 from scer_proxy.wire import tokens
@@ -44,12 +49,63 @@ HOP_BY_HOP = frozenset(
         "Upgrade",
         "Host",
         "Content-Length",
+        # The proxy holds the body before it forwards it: an upstream that never answers 100 would make
+        # the client side wait for it, past timeout_s.
+        "Expect",
     )
 )
+# Characters a model name may not hold: it is echoed in a response header (X-SCER-Model), where CR, LF
+# or NUL would break the response.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# What stays unescaped when a normalized path is forwarded (RFC 3986 pchar and "/").
+_PATH_SAFE = "/:@!$&'()*+,;=-._~"
+# How reading an upstream's body fails: a FIN or a reset mid-body, a read timeout.
+_UPSTREAM_READ_ERRORS = (aiohttp.ClientError, OSError)  # OSError includes TimeoutError
+
+
+def normalize_path(raw_path: str) -> str:
+    """A request path as the upstream will resolve it: percent escapes decoded (``%2e``, ``%2f``),
+    backslashes as slashes, then dot segments removed (RFC 3986, 5.2.4).
+
+    The router matches ``/v1/{tail}`` on the path as sent; an HTTP client resolves ``..`` before it
+    sends, so ``/v1/../metrics`` would reach the upstream's ``/metrics``. Checking and forwarding this
+    form keeps every forwarded request under ``/v1``.
+    """
+    segments = unquote(raw_path).replace("\\", "/").split("/")
+    out: list[str] = []
+    for segment in segments[1:]:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")  # "/v1/a/.." is the directory "/v1/"
+    return "/" + "/".join(out)
+
+
+def upstream_target(request: web.Request) -> tuple[str, str] | None:
+    """The normalized path and the target (escaped path and raw query) to forward, or None when the
+    path leaves ``/v1``."""
+    path = normalize_path(request.rel_url.raw_path)
+    if path != "/v1" and not path.startswith("/v1/"):
+        return None
+    query = request.rel_url.raw_query_string
+    return path, quote(path, safe=_PATH_SAFE) + ("?" + query if query else "")
+
+
+def abort_client(request: web.Request) -> None:
+    """Break off a response that cannot be finished, as nginx and Envoy do: what was written is flushed,
+    then the connection closes without the body's end (a chunked body's last chunk, the rest of a
+    Content-Length), so that the client sees a truncated answer, not a complete one. The handler then
+    returns its response; aiohttp's ``write_eof`` finds the transport closing and writes nothing."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
 
 
 def forward_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """Headers minus hop-by-hop ones (and those named in ``Connection``), and minus Content-Length."""
+    """Headers minus hop-by-hop ones (and those named in ``Connection``), Content-Length and Expect."""
     out = CIMultiDict(
         headers
     )  # a copy in C; removing the few present names is cheaper than filtering in Python
@@ -74,15 +130,37 @@ class ProxyError(Exception):
     """An error the proxy itself answers, in the OpenAI error shape."""
 
     def __init__(
-        self, status: int, message: str, type_: str, code: str, *, reached_upstream: bool = True
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str,
+        *,
+        reached_upstream: bool = True,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type_, self.code = status, message, type_, code
+        self.param = param
         # False when the request never got to the upstream (no connection): it cannot have used its GPU.
         self.reached_upstream = reached_upstream
+        self.record: Record | None = None  # the record written for it, once there is one
 
     def response(self) -> web.Response:
-        return error_response(self.status, self.message, self.type_, code=self.code)
+        out = error_response(self.status, self.message, self.type_, param=self.param, code=self.code)
+        if self.record is not None:
+            out.headers["X-SCER-Request-Id"] = self.record.request_id
+            out.headers["X-SCER-Model"] = self.record.model
+        return out
+
+
+def _too_large(upstream: UpstreamConfig, limit: int) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Upstream '{upstream.name}' answered with a body over the limit of {limit} bytes.",
+        "upstream_error",
+        "upstream_response_too_large",
+    )
 
 
 @dataclass
@@ -116,16 +194,34 @@ class ProxyHandler:
 
     # -- entry ----------------------------------------------------------------------------------
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        kind = wire.metered_kind(request.method, request.path)
         try:
+            target = upstream_target(request)
+            if target is None:
+                raise ProxyError(
+                    404,
+                    "Not Found: the path resolves outside /v1/.",
+                    "invalid_request_error",
+                    "path_not_found",
+                    reached_upstream=False,
+                )
+            path, sent = target
+            kind = wire.metered_kind(request.method, path)
             if kind is None:
-                return await self._passthrough(request)
+                return await self._passthrough(request, sent)
             body = await self._read_body(request)
             parsed = wire.parse_json_object(body)
             model = parsed.get("model") if parsed is not None else None
             if not isinstance(model, str) or not model:
                 # Not something we can route or meter: forward it untouched and return the answer.
-                return await self._passthrough(request, body=body, upstream=self.config.upstreams[0])
+                return await self._passthrough(request, sent, body=body, upstream=self.config.upstreams[0])
+            if _CONTROL.search(model):
+                raise ProxyError(
+                    400,
+                    "The model name holds a control character.",
+                    "invalid_request_error",
+                    "invalid_model",
+                    param="model",
+                )
             upstream = self._upstream_for(model)
             if upstream is None:
                 raise ProxyError(
@@ -135,7 +231,7 @@ class ProxyHandler:
                     "model_not_found",
                 )
             assert parsed is not None
-            return await self._metered(request, kind, body, parsed, model, upstream)
+            return await self._metered(request, sent, kind, body, parsed, model, upstream)
         except ProxyError as exc:
             log.info("proxy_error", path=request.path, status=exc.status, code=exc.code)
             return exc.response()
@@ -169,12 +265,14 @@ class ProxyHandler:
     async def _send(
         self,
         request: web.Request,
+        target: str,
         upstream: UpstreamConfig,
         data: Any,
         headers: CIMultiDict[str] | None = None,
     ) -> aiohttp.ClientResponse:
         session = self.upstreams.session(upstream.name)
-        url = upstream.url + request.path_qs
+        # Already normalized and escaped: taken as it is, so that nothing resolves it a second time.
+        url = yarl.URL(upstream.url + target, encoded=True)
         try:
             return await session.request(
                 request.method,
@@ -211,13 +309,27 @@ class ProxyHandler:
             ) from exc
 
     async def _read_upstream(self, resp: aiohttp.ClientResponse, upstream: UpstreamConfig) -> bytes:
+        """The whole body, up to ``server.max_response_bytes`` (counted as it arrives; a body over it is
+        not read on, and its connection is dropped)."""
+        limit = self.config.server.max_response_bytes
+        if resp.content_length is not None and resp.content_length > limit:
+            resp.close()
+            raise _too_large(upstream, limit)
+        chunks = []
+        size = 0
         try:
-            return await resp.read()
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    resp.close()
+                    raise _too_large(upstream, limit)
+                chunks.append(chunk)
+            return b"".join(chunks)
         except TimeoutError as exc:
             raise ProxyError(
                 504, f"Upstream '{upstream.name}' stopped answering.", "upstream_error", "upstream_timeout"
             ) from exc
-        except aiohttp.ClientError as exc:
+        except _UPSTREAM_READ_ERRORS as exc:
             raise ProxyError(
                 502,
                 f"Upstream '{upstream.name}' broke off its response: {exc.__class__.__name__}.",
@@ -227,24 +339,38 @@ class ProxyHandler:
 
     # -- unmetered -----------------------------------------------------------------------------------
     async def _passthrough(
-        self, request: web.Request, *, body: bytes | None = None, upstream: UpstreamConfig | None = None
+        self,
+        request: web.Request,
+        target: str,
+        *,
+        body: bytes | None = None,
+        upstream: UpstreamConfig | None = None,
     ) -> web.StreamResponse:
         upstream = upstream or self.config.upstreams[0]
         data: Any = body if body is not None else (request.content if request.body_exists else None)
-        resp = await self._send(request, upstream, data)
+        resp = await self._send(request, target, upstream, data)
         try:
             headers = forward_headers(resp.headers)
             out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
             if resp.content_length is not None:
                 out.content_length = resp.content_length
             await out.prepare(request)
-            async for data_chunk in resp.content.iter_any():
+            while True:
+                try:
+                    data_chunk = await resp.content.readany()
+                except _UPSTREAM_READ_ERRORS as exc:
+                    resp.close()
+                    log.info("upstream_broke_passthrough", path=request.path, error=exc.__class__.__name__)
+                    abort_client(request)
+                    return out
+                if not data_chunk:
+                    break
                 await out.write(data_chunk)
             await out.write_eof()
             return out
-        except (aiohttp.ClientError, TimeoutError):
+        except ConnectionResetError:  # the client went away
             resp.close()
-            raise ConnectionResetError("upstream broke off a pass-through response") from None
+            return out
         finally:
             resp.release()
 
@@ -252,6 +378,7 @@ class ProxyHandler:
     async def _metered(
         self,
         request: web.Request,
+        target: str,
         kind: str,
         body: bytes,
         parsed: dict[str, Any],
@@ -286,7 +413,7 @@ class ProxyHandler:
         # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
         # that has ended, and no ledger record is lost.
         try:
-            resp = await self._send(request, upstream, send_body, headers)
+            resp = await self._send(request, target, upstream, send_body, headers)
             try:
                 ex.first_byte_s = time.monotonic()
                 content_type = resp.headers.get("Content-Type", "")
@@ -298,20 +425,31 @@ class ProxyHandler:
             finally:
                 resp.release()
         except (asyncio.CancelledError, Exception) as exc:
-            if not ex.closed:
-                status, http_status, flag = _failure(exc)
-                self._close(
-                    record,
-                    ex,
-                    parsed,
-                    status=status,
-                    http_status=http_status,
-                    completion_tokens=0,
-                    usage=None,
-                    flags=(flag,),
-                    reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
-                )
-            raise
+            if ex.closed:
+                raise
+            status, http_status, flag = _failure(exc)
+            closed = self._close(
+                record,
+                ex,
+                parsed,
+                status=status,
+                http_status=http_status,
+                completion_tokens=0,
+                usage=None,
+                flags=(flag,),
+                reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
+            )
+            if isinstance(exc, ProxyError):
+                exc.record = closed  # its answer names the record
+                raise
+            if isinstance(exc, asyncio.CancelledError | ConnectionError):
+                raise
+            log.exception("handler_error", path=request.path, request_id=closed.request_id)
+            failure = ProxyError(
+                500, "The proxy failed to handle the request.", "server_error", "proxy_failure"
+            )
+            failure.record = closed
+            raise failure from exc
 
     def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
         if not done.cancelled() and done.exception() is None:
@@ -330,7 +468,7 @@ class ProxyHandler:
         headers = forward_headers(resp.headers)
         usage = None
         completion_tokens = 0
-        decoded = wire.decode_for_reading(raw, resp.headers.get("Content-Encoding", ""))
+        decoded = await self._decoded(raw, resp.headers.get("Content-Encoding", ""), upstream)
         answer = wire.parse_json_object(decoded) if decoded is not None else None
         if answer is not None:
             usage = wire.read_usage(answer.get("usage"))
@@ -352,6 +490,18 @@ class ProxyHandler:
             headers["X-SCER-Request-Id"] = record.request_id
             headers["X-SCER-Model"] = record.model
         return web.Response(status=resp.status, reason=resp.reason, body=raw, headers=headers)
+
+    async def _decoded(self, raw: bytes, encoding: str, upstream: UpstreamConfig) -> bytes | None:
+        """A decompressed copy of a body, for reading usage (the client gets ``raw``): in a worker thread
+        (zlib releases the GIL), up to ``server.max_response_bytes``; None when it cannot be read."""
+        if not needs_decoding(encoding):
+            return raw
+        limit = self.config.server.max_response_bytes
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, decode_capped, raw, encoding, limit)
+        except ResponseTooLarge:
+            raise _too_large(upstream, limit) from None
 
     async def _count_text(self, upstream: UpstreamConfig, text: str) -> int:
         if not text:
@@ -438,7 +588,15 @@ def _failure(exc: BaseException) -> tuple[str, int | None, str]:
         return "cancelled", None, "client_disconnected"
     if isinstance(exc, ProxyError):
         return "error", exc.status, exc.code
-    return "error", None, "proxy_failure"
+    return "error", 500, "proxy_failure"
+
+
+class _UpstreamCut(Exception):
+    """The upstream broke off a stream; ``reason`` names how (the exception's class)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 def _finishes(chunk: dict[str, Any]) -> bool:
@@ -505,7 +663,7 @@ class _StreamRelay:
         flags: tuple[str, ...] = ()
         try:
             await out.prepare(self.request)
-            async for data in self.resp.content.iter_any():
+            while data := await self._read():
                 if not self.rewrite:
                     await out.write(data)
                     continue
@@ -536,17 +694,32 @@ class _StreamRelay:
             self.resp.close()
             await self._finish_cut("cancelled", ("client_disconnected",))
             raise
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        except ConnectionResetError:  # writing to a client that went away
             self.resp.close()
             await self._finish_cut("cancelled", ("client_disconnected",))
             return out
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except _UpstreamCut as cut:
+            # FIN or RST mid-body, or nothing for timeout_s: the client must not see a complete answer.
             self.resp.close()
-            status, flags = "upstream_error", ("upstream_broke_stream", exc.__class__.__name__)
-            await self._finish_cut(status, flags)
+            await self._finish_cut("upstream_error", ("upstream_broke_stream", cut.reason))
+            abort_client(self.request)
+            return out
+        except Exception:
+            log.exception("relay_error", request_id=self.record.request_id)
+            self.resp.close()
+            self._finish("error", ("proxy_failure",))
+            abort_client(self.request)
             return out
         self._finish(status, flags, self.last_usage)
         return out
+
+    async def _read(self) -> bytes:
+        """The upstream's next read (empty at its end). Its failures are raised as :class:`_UpstreamCut`,
+        so that they are not taken for the client's (a reset on either side is a ConnectionResetError)."""
+        try:
+            return await self.resp.content.readany()
+        except _UPSTREAM_READ_ERRORS as exc:
+            raise _UpstreamCut(exc.__class__.__name__) from exc
 
     async def _finish_cut(self, status: str, flags: tuple[str, ...]) -> None:
         """Close the record of a stream cut short, its tokens so far counted as at a usage-less end.

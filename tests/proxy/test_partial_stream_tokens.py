@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 from aiohttp import web
 
 from scer_proxy.wire.tokens import count_prompt, count_text
@@ -146,9 +147,15 @@ def test_broken_upstream_stream_is_counted_with_the_upstreams_tokenize(
 ) -> None:
     upstream = servers.start(lambda: partial_upstream(tokenize="chars", then="break"))
     proxy = start_proxy(upstream)
-    resp = httpx.post(f"{proxy}/v1/chat/completions", json=BODY, timeout=10)
-    assert resp.text.count("data: {") == len(WORDS)
-    record = _record(proxy, resp.headers["x-scer-request-id"])
+    received = b""
+    with httpx.stream("POST", f"{proxy}/v1/chat/completions", json=BODY, timeout=10) as resp:
+        rid = resp.headers["x-scer-request-id"]
+        # The proxy breaks the stream off as the upstream did (tests/proxy/test_cut_streams.py).
+        with pytest.raises(httpx.RemoteProtocolError):
+            for data in resp.iter_raw():
+                received += data
+    assert received.count(b"data: {") == len(WORDS)
+    record = _record(proxy, rid)
     assert record["status"] == "upstream_error"
     assert "upstream_broke_stream" in record["flags"]
     assert record["completion_tokens"] == len(TEXT)
