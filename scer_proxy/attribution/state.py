@@ -58,6 +58,7 @@ class IntervalState:
     last_energy_j: float | None = None
     last_power_w: float | None = None
     interval_s: float | None = None  # the typical length of a meter interval (a running mean)
+    timing_noise_s: float = 0.0  # how late the proxy's clock readings run (an upper running mean)
     split_until_s: float | None = None  # the end of the last interval split (later ones may wait)
     measured_j: float = 0.0  # the energy of every usable interval read
     idle_j: float = 0.0  # idle energy reported apart (``idle = "separate"``)

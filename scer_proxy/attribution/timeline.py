@@ -521,6 +521,7 @@ class Timeline:
             intervals=req.intervals,
             duration_s=end - req.start_s,
             interval_s=self.state.interval_s,
+            timing_s=self.state.timing_noise_s,
         )
 
     # -- what callers read -------------------------------------------------------------------
@@ -535,6 +536,13 @@ class Timeline:
 
     def pending(self) -> int:
         return len(self.state.requests)
+
+    def note_timing(self, late_s: float) -> None:
+        """How late a timer fired on the proxy's event loop: the proxy stamps tokens and ends as late, so
+        a request's window is off by about as much. Rises fast, falls slowly (an upper running mean)."""
+        noise = self.state.timing_noise_s
+        late_s = max(0.0, late_s)
+        self.state.timing_noise_s = noise + (0.3 if late_s > noise else 0.02) * (late_s - noise)
 
     @property
     def deferred_intervals(self) -> int:

@@ -4,8 +4,9 @@ The error of a split figure comes from the model that divides an interval among 
 (where prefills lie, what a prompt token costs beside a decode step), and averages out over the
 intervals a request spans. So the bound grows for a request inside one interval (shorter than the
 counter's update period), more so the more energy it shared that interval with, for a non-streamed
-request whose decode is counted at a rate rather than from its tokens, and at response time with the
-part still priced rather than measured. The coefficients are fitted on the accuracy scenario matrix's
+request whose decode is counted at a rate rather than from its tokens, at response time with the
+part still priced rather than measured, and with the proxy's own timing noise (a busy event loop stamps
+tokens and ends late) over the request's duration. The coefficients are fitted on the accuracy scenario matrix's
 tuning seed (``bench/harness/scenarios.py``) so that at least 90 % of requests of each scenario lie
 inside; ``bench/accuracy.py --matrix`` reports the coverage on the report seed.
 """
@@ -20,6 +21,7 @@ SHORT = 0.25  # a request shorter than one interval
 SHORT_SHARED = 0.4  # ... that shared it with fifty times its own energy or more
 ESTIMATED = 0.1  # the part of the energy counted from a rate, not from tokens
 PRICED = 0.7  # the part priced at response time, not yet measured
+TIMING = 2.0  # the proxy's timing noise over the request's duration (0 on the replay, which has none)
 
 
 def uncertainty_rel(
@@ -31,6 +33,7 @@ def uncertainty_rel(
     intervals: int,
     duration_s: float,
     interval_s: float | None,
+    timing_s: float = 0.0,
 ) -> float:
     """The bound for a request of ``energy_j`` (``priced_j`` of it not measured yet) that spanned
     ``intervals`` meter intervals of about ``interval_s`` over ``duration_s``, inside intervals whose
@@ -46,4 +49,5 @@ def uncertainty_rel(
         + SHORT_SHARED * short * shared
         + ESTIMATED * min(1.0, estimated_j / energy_j)
         + PRICED * min(1.0, priced_j / energy_j)
+        + TIMING * min(1.0, timing_s / max(duration_s, 1e-6))
     )

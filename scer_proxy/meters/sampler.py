@@ -182,7 +182,10 @@ class UpstreamMeter:
         while True:
             started = self._clock()
             await self.sample_once()
-            await asyncio.sleep(max(0.0, self.interval_s - (self._clock() - started)))
+            delay_s = max(0.0, self.interval_s - (self._clock() - started))
+            wake_s = self._clock() + delay_s
+            await asyncio.sleep(delay_s)
+            self.timeline.note_timing(self._clock() - wake_s)  # how late the loop ran the timer
 
     @property
     def samples(self) -> bool:
@@ -238,6 +241,7 @@ class UpstreamMeter:
             "last_error": self.last_error,
             "pending_requests": self.timeline.pending(),
             "deferred_intervals": self.timeline.deferred_intervals,
+            "timing_noise_ms": self.timeline.state.timing_noise_s * 1000.0,
             "prefill_j_per_token": self.timeline.calibrated_prefill_j_per_token(),
             # What the timeline has learned, with how many observations each figure rests on.
             "learned": self.timeline.learned.describe()

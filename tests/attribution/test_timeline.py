@@ -456,3 +456,29 @@ def test_an_estimated_prefill_waits_for_the_step_in_progress() -> None:
     assert not q.pinned
     assert q.prefill_lo == pytest.approx(t + 0.010)
     assert q.prefill_hi == pytest.approx(t + 0.010 + 50 / tl.learned.prefill_tokens_per_s)
+
+
+def test_the_proxys_timing_noise_widens_a_short_requests_bound() -> None:
+    """A late event loop stamps a request's events late: the bound grows with that noise over the
+    request's duration, much for a 30 ms request, little for a 10 s one; a punctual loop adds nothing."""
+
+    def bound(duration_s: float, late_s: float | None) -> float:
+        tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
+        for _ in range(50):
+            if late_s is not None:
+                tl.note_timing(late_s)
+        tl.reading(0.0, 0.0)
+        tl.start("r", 0.0, 10)
+        tl.tokens("r", duration_s / 2)
+        tl.finish("r", duration_s, 10, 2)
+        t, settled = 0.1, None
+        while settled is None:
+            result = tl.reading(t, 100.0 * t)
+            settled = next((s for s in result.settled if s.rid == "r"), None) if result else None
+            t += 0.1
+        assert settled.uncertainty_rel is not None
+        return settled.uncertainty_rel
+
+    assert Timeline(TimelineConfig()).state.timing_noise_s == 0.0
+    assert bound(0.03, 0.010) > bound(0.03, None) + 0.5
+    assert bound(10.0, 0.010) - bound(10.0, None) < 0.003

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -135,3 +136,35 @@ def test_a_voided_request_leaves_with_a_settled_zero_and_its_energy_goes_to_idle
     bare = UpstreamMeter("bare", None, Timeline(), interval_s=0.1, on_settled=lambda u, s: None)
     bare.start_request("x", 10, stream=False)
     assert bare.void_request("x") is None and bare.timeline.pending() == 0
+
+
+class _SteadyMeter(_Counter):
+    """A counter that reads at once, 100 J more each time."""
+
+    def __init__(self) -> None:
+        self.energy_j = 0.0
+
+    async def read(self) -> Reading:
+        self.energy_j += 100.0
+        return Reading(time.monotonic(), self.energy_j)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_a_late_event_loop_shows_as_timing_noise() -> None:
+    """The sampler measures how late its timer fires; a loop held up by other work raises the noise the
+    timeline states bounds with, and a punctual loop keeps it near zero."""
+
+    timeline = Timeline(TimelineConfig(prefill_weight=None, idle="separate"))
+    meter = UpstreamMeter("local", _SteadyMeter(), timeline, interval_s=0.01, on_settled=lambda u, s: None)
+    meter.start()
+    await asyncio.sleep(0.3)
+    quiet_s = timeline.state.timing_noise_s
+    for _ in range(10):  # other work holding the loop 30 ms at a time
+        time.sleep(0.03)  # noqa: ASYNC251 - the point: work that holds the loop
+        await asyncio.sleep(0)
+    busy_s = timeline.state.timing_noise_s
+    await meter.close()
+    assert busy_s > max(0.01, quiet_s)
+    assert meter.describe()["timing_noise_ms"] == pytest.approx(busy_s * 1000.0)
