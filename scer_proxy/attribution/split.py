@@ -142,8 +142,9 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
 def _share_decode(
     out: dict[str, float], decode_j: float, held: dict[str, float], decode: dict[str, float]
 ) -> None:
-    """Divide ``decode_j`` by decode time held (a step's energy is shared by its batch), else tokens."""
-    weights = {rid: held.get(rid, 0.0) for rid in decode if decode[rid] > 0}
+    """Divide ``decode_j`` by decode time held (a step's energy is shared by its batch), else tokens. A
+    stream holding time with no token in the interval still decoded: its step's token came after."""
+    weights = {rid: held.get(rid, 0.0) for rid in decode}
     total = sum(weights.values())
     if total <= 0:
         weights, total = decode, sum(decode.values())
