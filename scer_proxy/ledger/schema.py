@@ -233,6 +233,22 @@ def tenant_salt(db_path: str | os.PathLike[str]) -> bytes:
     return salt
 
 
+def restore_salt(db_path: str | os.PathLike[str], salt: bytes) -> bool:
+    """Write the salt in use back to ``<db>.salt`` if the file is gone (deleted with the database), so
+    tenants keep their hashes after a restart; True when it was written."""
+    path = f"{os.fspath(db_path)}.salt"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, salt)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
+
+
 def to_row(r: Record) -> tuple[Any, ...]:
     """A record as the values of ``COLUMNS``."""
     return (

@@ -32,6 +32,7 @@ from scer_proxy.ledger.schema import (
     log,
     move_aside,
     open_readers,
+    restore_salt,
     tenant_salt,
 )
 from scer_proxy.ledger.writer import Writer
@@ -81,7 +82,7 @@ class SqliteLedger:
             retention_check_s=retention_check_s,
             before_write=before_write,
             on_connect=self._open_readers_once,
-            on_gone=self._close_readers_of_gone_file,
+            on_gone=self._database_gone,
         )
         self._reader: sqlite3.Connection | None = None  # the event loop's (get, recent)
         self._aggregator = Aggregator()  # summaries, on a worker thread
@@ -150,12 +151,14 @@ class SqliteLedger:
         if self._reader is None:
             self._open_readers()
 
-    async def _close_readers_of_gone_file(self) -> None:
+    async def _database_gone(self) -> None:
         """The database file was deleted or replaced: close the readers (the loop's at once, on the loop;
-        the aggregations' under their lock), to be opened again on the new file. Until then reads see
-        what is in memory only."""
+        the aggregations' under their lock), to be opened again on the new file (until then reads see
+        what is in memory only), and write the tenant salt back if it went with the file."""
         reader, self._reader = self._reader, None
         await asyncio.to_thread(self._close_aggregator, reader)
+        if self.path != ":memory:" and await asyncio.to_thread(restore_salt, self.path, self.tenant_salt):
+            log.warning("ledger_salt_restored", path=f"{self.path}.salt")
 
     def _close_aggregator(self, reader: sqlite3.Connection | None) -> None:
         with self._aggregator.lock:

@@ -144,7 +144,7 @@ class Connections:
         """Close every connection with no request in flight (the drain: keep-alive ones would otherwise
         wait for a next request that is never read)."""
         for protocol in list(self.open):
-            if not protocol.in_flight:
+            if not protocol.busy:
                 protocol.force_close()
 
 
@@ -181,6 +181,11 @@ class GuardedProtocol(RequestHandler):
         self._body: Any = None  # the payload of the newest request head parsed
         self.in_flight = False
 
+    @property
+    def busy(self) -> bool:
+        """A request is being answered, or read whole and waiting its turn."""
+        return self.in_flight or bool(self._messages)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if not self._connections.opened(self):
             self._request_handler = _too_many_connections
@@ -215,7 +220,7 @@ class GuardedProtocol(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if self.in_flight or self._messages:
+        if self.busy:
             return  # a request is being answered: its next head, if any, is timed from its next bytes
         self._connections.head_timeouts += 1
         self.force_close()

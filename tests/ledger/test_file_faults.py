@@ -62,9 +62,10 @@ def test_database_deleted_while_serving_is_recreated_and_health_degrades(
     wait_for(lambda: before in stored(db))
     assert health()["status"] == "ok"
 
+    salt = Path(f"{db}.salt").read_bytes()
     os.remove(db)
     if remove != "the file":
-        for suffix in ("-wal", "-shm"):
+        for suffix in ("-wal", "-shm", ".salt"):  # rm scer.db*
             os.remove(f"{db}{suffix}")
     after = [
         httpx.post(f"{proxy}/v1/chat/completions", json=CHAT).headers["X-SCER-Request-Id"] for _ in range(5)
@@ -81,6 +82,7 @@ def test_database_deleted_while_serving_is_recreated_and_health_degrades(
     listed = {r["request_id"] for r in httpx.get(f"{proxy}/scer/requests?limit=50").json()["data"]}
     assert set(after) | {more} <= listed
     assert health()["ledger"]["recreated"] == 1, "detected once, not at every flush"
+    assert Path(f"{db}.salt").read_bytes() == salt, "tenants keep their hashes across a restart"
 
 
 async def test_database_replaced_while_serving_writes_to_the_new_file(tmp_path: Path) -> None:
