@@ -51,6 +51,7 @@ def create_app(
         flush_interval_s=config.storage.flush_interval_ms / 1000.0,
         max_pending=config.storage.memory_records,
         retention_days=config.storage.retention_days,
+        on_corrupt=config.storage.on_corrupt,
     )
     app[LEDGER] = ledger
     upstreams = Upstreams(config.upstreams)

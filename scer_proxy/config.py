@@ -32,6 +32,8 @@ ESTIMATE_GPUS = ("H100", "B200")
 IDLE_POLICIES = ("amortize", "separate")
 CARBON_PROVIDERS = ("static", "uk-carbon-intensity", "electricity-maps")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ON_CORRUPT = ("refuse", "move-aside")
+MAX_INT = 2**63 - 1  # integers are 64-bit, as in TOML
 
 
 def parse_listen(value: str, key: str) -> tuple[str, int]:
@@ -56,6 +58,11 @@ class ServerConfig:
     max_response_bytes: int = 67_108_864
     admin_token: str = ""
     log_level: str = "info"
+    # Client connections: what one client may hold, and how long a SIGTERM's drain takes in all.
+    header_timeout_s: float = 10.0  # a request head (line and headers) must arrive whole within this
+    keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
+    max_connections: int = 4096  # open client connections; a request on one beyond is answered 503
+    shutdown_timeout_s: float = 25.0  # SIGTERM to exit: the drain of requests in flight and the flush
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "server.listen")
@@ -67,6 +74,9 @@ class ServerConfig:
             raise ConfigError(
                 f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"
             )
+        for key in ("header_timeout_s", "keepalive_timeout_s", "max_connections", "shutdown_timeout_s"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"server.{key}: must be > 0, got {getattr(self, key)}")
 
     @property
     def host(self) -> str:
@@ -247,8 +257,16 @@ class StorageConfig:
     retention_days: float = 90.0
     memory_records: int = 100_000  # records held in memory while the database cannot be written
     flush_interval_ms: float = 200.0  # ledger writes are batched this often; kill -9 loses at most one
+    max_pending: int = 10_000  # records waiting for their settled figure; beyond, the oldest is settled as is
+    on_corrupt: str = "refuse"  # a database that is not one at start: refuse to start, or move it aside
 
     def __post_init__(self) -> None:
+        if self.on_corrupt not in ON_CORRUPT:
+            raise ConfigError(
+                f"storage.on_corrupt: expected one of {', '.join(ON_CORRUPT)}, got {self.on_corrupt!r}"
+            )
+        if self.max_pending <= 0:
+            raise ConfigError(f"storage.max_pending: must be > 0, got {self.max_pending}")
         if self.retention_days <= 0:
             raise ConfigError(f"storage.retention_days: must be > 0, got {self.retention_days}")
         if self.flush_interval_ms <= 0:
@@ -291,14 +309,29 @@ SECTIONS: dict[str, type[Any]] = {
 }
 
 
+class _NotFinite(ConfigError):
+    """A number that is NaN or infinite: no option of a union may accept it as text instead."""
+
+
+def _finite(number: float, value: Any, key: str) -> float:
+    if not math.isfinite(number):
+        raise _NotFinite(f"{key}: must be a finite number, got {value}")
+    return number
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Check (and for env strings, parse) one value against its field's type annotation."""
+    """Check (and for env strings, parse) one value against its field's type annotation.
+
+    Every number is checked here, once for all keys: floats must be finite (``nan`` and ``inf`` pass
+    every ``> 0`` check, so a key's own rule cannot catch them) and integers fit in 64 bits."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         errors = []
         for option in typing.get_args(annotation):
             try:
                 return _coerce(value, option, key)
+            except _NotFinite:
+                raise
             except ConfigError as exc:
                 errors.append(str(exc))
         names = " or ".join(getattr(a, "__name__", str(a)) for a in typing.get_args(annotation))
@@ -317,23 +350,32 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value.lower() in ("1", "true", "yes", "on")
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if annotation is int:
-        if isinstance(value, bool):
+        number = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif isinstance(value, str) and re.fullmatch(r"[+-]?\d[\d_]*", value.strip()):
+            digits = value.strip().replace("_", "")
+            number = int(digits) if len(digits) <= 20 else MAX_INT + 1  # int() refuses 4,300 digits
+        if number is None:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str) and re.fullmatch(r"[+-]?\d[\d_]*", value.strip()):
-            return int(value.strip().replace("_", ""))
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -MAX_INT - 1 <= number <= MAX_INT:
+            shown = (
+                str(value) if len(str(value)) <= 24 else f"{str(value)[:20]}... ({len(str(value))} digits)"
+            )
+            raise ConfigError(f"{key}: must be a 64-bit integer, got {shown}")
+        return number
     if annotation is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         if isinstance(value, int | float):
-            return float(value)
+            return _finite(float(value), value, key)
         if isinstance(value, str):
             try:
-                return float(value.strip().replace("_", ""))
+                parsed = float(value.strip().replace("_", ""))
             except ValueError:
                 pass
+            else:
+                return _finite(parsed, value, key)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, str):
@@ -342,14 +384,20 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type")  # pragma: no cover - a programming error
 
 
-def _build(cls: type[Any], values: Mapping[str, Any], prefix: str) -> Any:
+def _build(
+    cls: type[Any], values: Mapping[str, Any], prefix: str, sources: Mapping[str, str] | None = None
+) -> Any:
+    """The section ``cls`` from ``values``; a bad value's error names its key and, from ``sources``
+    (key -> where the value came from: the file, a variable, a flag), its source."""
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"{prefix}.{key}: unknown key (known: {', '.join(sorted(known))})")
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}")
+        source = (sources or {}).get(key)
+        label = f"{prefix}.{key}" if source is None else f"{prefix}.{key} (from {source})"
+        kwargs[key] = _coerce(value, hints[key], label)
     return cls(**kwargs)
 
 
@@ -378,11 +426,13 @@ def load_config(
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     upstream_url: str | None = None,
+    flags: Mapping[str, str] | None = None,
 ) -> Config:
     """Build the configuration: file, then environment, then ``overrides`` (from flags).
 
     ``SCER_UPSTREAM_URL`` in the environment, like ``upstream_url`` (the ``--upstream`` flag), replaces
-    the ``[[upstreams]]`` list with one catch-all upstream.
+    the ``[[upstreams]]`` list with one catch-all upstream. ``flags`` names the flag of an override
+    (``{"server.listen": "--listen"}``) for error messages, which name where a bad value came from.
     """
     data: dict[str, Any] = {}
     if path is not None:
@@ -403,7 +453,11 @@ def load_config(
         raw = data.get(name, {})
         if not isinstance(raw, dict):
             raise ConfigError(f"{name}: expected a table [{name}]")
-        merged: dict[str, Any] = {**raw, **env.get(name, {}), **(overrides or {}).get(name, {})}
+        flagged = (overrides or {}).get(name, {})
+        merged: dict[str, Any] = {**raw, **env.get(name, {}), **flagged}
+        sources = {key: str(path) for key in raw}
+        sources.update({key: f"SCER_{name.upper()}_{key.upper()}" for key in env.get(name, {})})
+        sources.update({key: (flags or {}).get(f"{name}.{key}", "the command line") for key in flagged})
         if name == "embodied" and merged.get("preset"):
             preset = EMBODIED_PRESETS.get(str(merged["preset"]).lower())
             if preset is None:
@@ -412,7 +466,7 @@ def load_config(
                     f"got {merged['preset']!r}"
                 )
             merged = {**preset, **merged, "preset": str(merged["preset"]).lower()}
-        sections[name] = _build(cls, merged, name)
+        sections[name] = _build(cls, merged, name, sources)
 
     raw_upstreams = data.get("upstreams", [])
     if not isinstance(raw_upstreams, list):
@@ -422,13 +476,16 @@ def load_config(
         if key != "url":
             raise ConfigError(f"SCER_UPSTREAM_{key.upper()}: unknown key (only SCER_UPSTREAM_URL is read)")
     catch_all = upstream_url or env_upstream.get("url")
+    upstream_source = str(path)
     if catch_all:
         raw_upstreams = [{"name": "default", "url": catch_all}]
+        upstream_source = "--upstream" if upstream_url else "SCER_UPSTREAM_URL"
     upstreams = []
     for index, item in enumerate(raw_upstreams):
         if not isinstance(item, dict):
             raise ConfigError(f"upstreams[{index}]: expected a table")
-        upstreams.append(_build(UpstreamConfig, item, f"upstreams[{index}]"))
+        sources = dict.fromkeys(item, upstream_source)
+        upstreams.append(_build(UpstreamConfig, item, f"upstreams[{index}]", sources))
     if not upstreams:
         upstreams = [UpstreamConfig()]
     return Config(upstreams=tuple(upstreams), **sections)

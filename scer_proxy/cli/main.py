@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", help="ledger database file")
     serve.add_argument("--log-level", help="debug | info | warning | error")
 
+    health = sub.add_parser("health", help="ask a running proxy's /scer/health (exit 0 when it answers)")
+    health.add_argument("--config", help="TOML configuration file: where the proxy listens, its admin token")
+    health.add_argument("--url", help="the proxy's base URL (default: from server.listen)")
+
     simulate = sub.add_parser("simulate", help="run the built-in simulated GPU inference server")
     simulate.add_argument("--listen", default="127.0.0.1:8000", help="HOST:PORT (default 127.0.0.1:8000)")
     simulate.add_argument(
@@ -141,6 +145,10 @@ def _command(name: str) -> Command:
         from scer_proxy.cli import serve
 
         return serve.serve_command if name == "serve" else serve.simulate_command
+    if name == "health":
+        from scer_proxy.cli.health import health_command
+
+        return health_command
     if name == "bench":
         from scer_proxy.cli.bench import bench_command
 

@@ -15,7 +15,7 @@ from scer_proxy.cli.errors import USAGE, CliError, command
 from scer_proxy.config import Config, load_config, parse_listen
 
 if TYPE_CHECKING:
-    from aiohttp import web
+    from scer_proxy.proxy.serving import GuardedRunner
 
 
 def run_on_uvloop(coro: Coroutine[Any, Any, int]) -> int:
@@ -30,17 +30,26 @@ def run_on_uvloop(coro: Coroutine[Any, Any, int]) -> int:
 
 async def start_proxy(
     config: Config, host: str | None = None, port: int | None = None
-) -> tuple[web.AppRunner, str]:
-    """Start the proxy on its listen address (or the given one); returns the runner and the base URL."""
+) -> tuple[GuardedRunner, str]:
+    """Start the proxy on its listen address (or the given one), its client connections bounded by the
+    ``server`` keys; returns the runner (stop it with ``drain``) and the base URL."""
     from scer_proxy.app import create_app
     from scer_proxy.ledger.sqlite import LedgerError
-    from scer_proxy.proxy.serving import serve_app
+    from scer_proxy.proxy.serving import ClientLimits, serve_app
 
+    server = config.server
+    limits = ClientLimits(
+        header_timeout_s=server.header_timeout_s,
+        keepalive_timeout_s=server.keepalive_timeout_s,
+        max_connections=server.max_connections,
+        shutdown_timeout_s=server.shutdown_timeout_s,
+    )
     try:
         return await serve_app(
             create_app(config),
-            host if host is not None else config.server.host,
-            port if port is not None else config.server.port,
+            host if host is not None else server.host,
+            port if port is not None else server.port,
+            limits=limits,
         )
     except LedgerError as exc:
         raise CliError(f"storage.path: {exc}", USAGE) from None
@@ -49,7 +58,7 @@ async def start_proxy(
 async def _serve(config: Config) -> int:
     import structlog
 
-    from scer_proxy.proxy.serving import tune_gc_for_serving, wait_for_signal
+    from scer_proxy.proxy.serving import drain, tune_gc_for_serving, wait_for_signal
 
     log = structlog.get_logger("scer_proxy")
     runner, url = await start_proxy(config)
@@ -66,24 +75,33 @@ async def _serve(config: Config) -> int:
     try:
         await wait_for_signal()
     finally:
-        log.info("stopping", reason="signal")
-        await runner.cleanup()
+        log.info("stopping", reason="signal", shutdown_timeout_s=config.server.shutdown_timeout_s)
+        await drain(runner)
+        log.info("stopped")
     return 0
+
+
+# The flags that set a configuration key: (argparse dest, the flag, section, key).
+FLAG_KEYS = (
+    ("listen", "--listen", "server", "listen"),
+    ("log_level", "--log-level", "server", "log_level"),
+    ("meter", "--meter", "meter", "kind"),
+    ("dcgm_url", "--dcgm-url", "meter", "dcgm_url"),
+    ("db", "--db", "storage", "path"),
+)
 
 
 def _config_from(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {}
-    if args.listen:
-        overrides.setdefault("server", {})["listen"] = args.listen
-    if args.log_level:
-        overrides.setdefault("server", {})["log_level"] = args.log_level
-    if args.meter:
-        overrides.setdefault("meter", {})["kind"] = args.meter
-    if args.dcgm_url:
-        overrides.setdefault("meter", {})["dcgm_url"] = args.dcgm_url
-    if args.db:
-        overrides.setdefault("storage", {})["path"] = args.db
-    return load_config(args.config, environ=os.environ, overrides=overrides, upstream_url=args.upstream)
+    flags: dict[str, str] = {}
+    for dest, flag, section, key in FLAG_KEYS:
+        value = getattr(args, dest)
+        if value:
+            overrides.setdefault(section, {})[key] = value
+            flags[f"{section}.{key}"] = flag
+    return load_config(
+        args.config, environ=os.environ, overrides=overrides, upstream_url=args.upstream, flags=flags
+    )
 
 
 @command("serve")

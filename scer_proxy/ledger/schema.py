@@ -9,6 +9,7 @@ in the same transaction, so the rollup is exact. ``contribution_sql`` is the SQL
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import sqlite3
@@ -158,6 +159,45 @@ class LedgerError(Exception):
     """The ledger database (or its salt file) cannot be used: the message names the file and the reason."""
 
 
+class CorruptDatabase(LedgerError):
+    """The file is not an SQLite database, or a damaged one (``storage.on_corrupt`` decides)."""
+
+
+def corrupt(exc: sqlite3.DatabaseError) -> bool:
+    """Whether SQLite's error says the file is not a database or is damaged (not a fault of the medium)."""
+    return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT"))
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path`` now; None when there is none."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def move_aside(db_path: str, stamp: str) -> str:
+    """Rename a corrupt database (and its ``-wal`` and ``-shm``) to ``<path>.corrupt-<stamp>``; returns
+    the new path. The tenant salt stays, so tenants keep their hashes in the new database."""
+    aside = f"{db_path}.corrupt-{stamp}"
+    os.rename(db_path, aside)
+    for suffix in ("-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.rename(db_path + suffix, aside + suffix)
+    return aside
+
+
+def remove_orphans(db_path: str) -> None:
+    """Remove the ``-wal`` and ``-shm`` of a database file that is gone (deleted while open): a new
+    database at the same path must not start from them."""
+    if os.path.exists(db_path):
+        return
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(db_path + suffix)
+
+
 def tenant_salt(db_path: str | os.PathLike[str]) -> bytes:
     """The salt of tenant hashes, kept in ``<db>.salt`` beside the database (32 random bytes, mode 0600).
 
@@ -191,6 +231,22 @@ def tenant_salt(db_path: str | os.PathLike[str]) -> bytes:
             f"(restore it, or delete it to start new tenant hashes)"
         )
     return salt
+
+
+def restore_salt(db_path: str | os.PathLike[str], salt: bytes) -> bool:
+    """Write the salt in use back to ``<db>.salt`` if the file is gone (deleted with the database), so
+    tenants keep their hashes after a restart; True when it was written."""
+    path = f"{os.fspath(db_path)}.salt"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, salt)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return True
 
 
 def to_row(r: Record) -> tuple[Any, ...]:
@@ -299,6 +355,11 @@ def open_writer(name: str, db_path: str) -> tuple[sqlite3.Connection, int]:
         conn.close()
         if isinstance(exc, sqlite3.OperationalError) and retryable(exc):
             raise
+        if corrupt(exc):
+            raise CorruptDatabase(
+                f'cannot open ledger database {name!r}: {exc} (storage.on_corrupt = "move-aside" '
+                f"moves it aside and starts a new one)"
+            ) from exc
         raise LedgerError(f"cannot open ledger database {name!r}: {exc}") from exc
     except BaseException:
         conn.close()

@@ -26,9 +26,13 @@ from scer_proxy.ledger.aggregate import Aggregator
 from scer_proxy.ledger.schema import (
     COUNT,
     SCHEMA_VERSION,
+    CorruptDatabase,
     LedgerError,
     check_directory,
+    log,
+    move_aside,
     open_readers,
+    restore_salt,
     tenant_salt,
 )
 from scer_proxy.ledger.writer import Writer
@@ -44,6 +48,8 @@ class SqliteLedger:
     ``retention_days``: records started longer ago are deleted (checked after the first flush and every
     ``retention_check_s`` seconds). ``path`` ``":memory:"`` uses a temporary file removed at close.
     ``read_only`` opens for reading only (``scer-proxy report``): no writer, no migrations.
+    ``on_corrupt``: a file that is not a database, or a damaged one, at open: ``"refuse"`` raises
+    ``LedgerError``; ``"move-aside"`` renames it ``<path>.corrupt-<UTC time>`` and starts a new one.
     ``before_write``: see ``Writer``.
     """
 
@@ -58,10 +64,12 @@ class SqliteLedger:
         retention_days: float = 90.0,
         retention_check_s: float = 3600.0,
         read_only: bool = False,
+        on_corrupt: str = "refuse",
         before_write: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         self.path = os.fspath(path)
         self.read_only = read_only
+        self.on_corrupt = on_corrupt
         self.tenant_salt = b""
         self._tmpdir: str | None = None
         self._db_path = self.path
@@ -74,6 +82,7 @@ class SqliteLedger:
             retention_check_s=retention_check_s,
             before_write=before_write,
             on_connect=self._open_readers_once,
+            on_gone=self._database_gone,
         )
         self._reader: sqlite3.Connection | None = None  # the event loop's (get, recent)
         self._aggregator = Aggregator()  # summaries, on a worker thread
@@ -107,7 +116,17 @@ class SqliteLedger:
             await asyncio.to_thread(self._open_readers)
             return
         await asyncio.to_thread(self._prepare)
-        await self._writer.connect()
+        try:
+            await self._writer.connect()
+        except CorruptDatabase as exc:
+            if self.on_corrupt != "move-aside":
+                raise
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            aside = await asyncio.to_thread(move_aside, self._db_path, stamp)
+            log.warning(
+                "ledger_corrupt_moved_aside", path=self.path, moved_to=aside, error=str(exc.__cause__)
+            )
+            await self._writer.connect()
         if self._writer.connected:
             await asyncio.to_thread(self._open_readers)
         self._writer.start()
@@ -131,6 +150,22 @@ class SqliteLedger:
     def _open_readers_once(self) -> None:
         if self._reader is None:
             self._open_readers()
+
+    async def _database_gone(self) -> None:
+        """The database file was deleted or replaced: close the readers (the loop's at once, on the loop;
+        the aggregations' under their lock), to be opened again on the new file (until then reads see
+        what is in memory only), and write the tenant salt back if it went with the file."""
+        reader, self._reader = self._reader, None
+        await asyncio.to_thread(self._close_aggregator, reader)
+        if self.path != ":memory:" and await asyncio.to_thread(restore_salt, self.path, self.tenant_salt):
+            log.warning("ledger_salt_restored", path=f"{self.path}.salt")
+
+    def _close_aggregator(self, reader: sqlite3.Connection | None) -> None:
+        with self._aggregator.lock:
+            conn, self._aggregator.conn = self._aggregator.conn, None
+        for old in (reader, conn):
+            if old is not None:
+                old.close()
 
     async def close(self) -> None:
         """Stop the writer after a final flush (retried briefly on a fault), then close the database."""
@@ -184,7 +219,9 @@ class SqliteLedger:
 
     def health(self) -> dict[str, Any]:
         """``/scer/health``'s ledger object: kind, path, records (in the database), pending, dropped,
-        last_error (None when the last flush succeeded), healthy, last_flush_age_ms."""
+        last_error (None when the last flush succeeded; the writer task's failure if it stopped),
+        healthy, last_flush_age_ms, recreated (times the database file was found deleted or replaced and
+        made anew; healthy is false from then on) and recreated_at."""
         writer = self._writer
         return {
             "kind": self.kind,
@@ -192,8 +229,13 @@ class SqliteLedger:
             "records": writer.records,
             "pending": writer.unwritten,
             "dropped": writer.dropped,
-            "last_error": writer.last_error,
-            "healthy": writer.last_error is None and (writer.connected or self.read_only),
+            "last_error": writer.stopped or writer.last_error,
+            "healthy": writer.last_error is None
+            and writer.running
+            and writer.recreated == 0
+            and (writer.connected or self.read_only),
+            "recreated": writer.recreated,
+            "recreated_at": writer.recreated_at,
             "last_flush_age_ms": round((time.monotonic() - writer.last_flush) * 1000.0, 1),
             "flush_interval_ms": writer.flush_interval_s * 1000.0,
             "schema_version": SCHEMA_VERSION,

@@ -8,6 +8,12 @@ never waits on the disk. Until a batch is committed its records are the ``overla
 Faults of the medium (a full disk, a read-only file): records stay in memory up to ``max_pending``
 (oldest dropped beyond it, counted in ``dropped``), the write is retried with backoff, and
 ``last_error`` holds the fault until a write succeeds again.
+
+The database file deleted or replaced while serving (the open connection would go on writing to the
+unlinked file, and every later record would be lost): each write checks the file at the path is still
+the one opened, before and after its transaction. If not, the connection is closed, a new database is
+created with its schema, and the batch is written there; ``recreated`` counts it, and health stays
+degraded (the records of the lost file are gone) until a restart.
 """
 
 from __future__ import annotations
@@ -19,13 +25,27 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from scer_proxy.carbon.records import Record
-from scer_proxy.ledger.schema import COUNT, UPSERT, LedgerError, log, open_writer, retryable, to_row
+from scer_proxy.ledger.schema import (
+    COUNT,
+    UPSERT,
+    LedgerError,
+    file_identity,
+    log,
+    open_writer,
+    remove_orphans,
+    retryable,
+    to_row,
+)
 
 COUNT_EVERY_S = 2.0  # how often the writer recounts the records in the database
 RETENTION_CHUNK = 5000  # records deleted per transaction, so flushes go on in between
+
+
+class DatabaseGone(Exception):
+    """The file at the database's path is not the one the connection opened (deleted, or replaced)."""
 
 
 class Writer:
@@ -34,6 +54,8 @@ class Writer:
     ``before_write`` is called on the writer's connection, under its lock, before each batch's
     transaction (tests inject faults with it: a PRAGMA that fills the disk or makes the file read-only).
     ``on_connect`` runs on a worker thread once a connection that failed at open has been made.
+    ``on_gone`` runs on the loop when the database file is found deleted or replaced, before the writer
+    closes its connection: the readers must close theirs first (see ``_recreate``).
     """
 
     def __init__(
@@ -47,6 +69,7 @@ class Writer:
         retention_check_s: float,
         before_write: Callable[[sqlite3.Connection], None] | None = None,
         on_connect: Callable[[], None] | None = None,
+        on_gone: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.name = name
         self.db_path = db_path
@@ -56,6 +79,10 @@ class Writer:
         self.retention_check_s = retention_check_s
         self.before_write = before_write
         self.on_connect = on_connect
+        self.on_gone = on_gone
+        self.recreated = 0  # times the database file was found deleted or replaced, and made anew
+        self.recreated_at: float | None = None  # Unix time of the last
+        self.stopped: str | None = None  # why the task ended other than by close (a bug): health shows it
         self.dropped = 0  # records dropped because the database could not be written and memory was full
         self.records = 0  # records in the database, as last counted
         self.last_error: str | None = None
@@ -63,6 +90,7 @@ class Writer:
         self._pending: dict[str, Record] = {}
         self._flushing: dict[str, Record] = {}
         self._conn: sqlite3.Connection | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the file the connection opened
         self._lock = threading.Lock()
         self._counted_at = -math.inf
         self._failures = 0
@@ -75,6 +103,11 @@ class Writer:
     @property
     def connected(self) -> bool:
         return self._conn is not None
+
+    @property
+    def running(self) -> bool:
+        """Whether the task that writes is alive (or was never started: a read-only ledger)."""
+        return self.stopped is None
 
     @property
     def unwritten(self) -> int:
@@ -107,18 +140,40 @@ class Writer:
 
     def _connect(self) -> None:
         self._conn, self.records = open_writer(self.name, self.db_path)
+        self._identity = file_identity(self.db_path)
 
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.create_task(self._run(), name="ledger-writer")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """The task ended: by close, or by an error nothing caught (then every later record would stay in
+        memory unwritten: health must say so). Whoever waits on a flush is answered: not written."""
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(False)
+        self._waiters = []
+        if task.cancelled() or task.exception() is None:
+            if not self._closing:
+                self.stopped = "the writer task ended"
+            return
+        exc = task.exception()
+        self.stopped = f"the writer task failed: {type(exc).__name__}: {exc}"
+        log.error("ledger_writer_stopped", path=self.name, error=self.stopped, pending=len(self._pending))
 
     async def close(self) -> None:
-        """Stop the task after a final write (retried briefly on a fault), then close the connection."""
+        """Stop the task after a final write (retried briefly on a fault), then close the connection.
+        A task that died (see ``_ended``) left its records: they get one write here."""
         self._closing = True
-        if self._task is not None and self._wake is not None:
+        task, self._task = self._task, None
+        if task is not None and not task.done() and self._wake is not None:
             self._wake.set()
-            await self._task
-            self._task = None
+            await task
+        elif task is not None and self._pending and not await self._flush_once():
+            log.error(
+                "ledger_lost_on_close", path=self.name, records=len(self._pending), last_error=self.last_error
+            )
         if self._conn is not None:
             await asyncio.to_thread(self._conn.close)
             self._conn = None
@@ -192,7 +247,44 @@ class Writer:
             if ok and time.monotonic() >= self._next_retention:
                 await self._retention()
 
-    async def _flush_once(self) -> bool:
+    def _unflush(self, batch: dict[str, Record]) -> None:
+        """A batch that was not written goes back to pending (a figure put meanwhile wins)."""
+        merged = dict(batch)
+        merged.update(self._pending)
+        self._pending, self._flushing = merged, {}
+
+    async def _recreate(self, reason: str) -> None:
+        """The database file is gone or replaced: close every connection to the old one (SQLite shares
+        its ``-wal`` and ``-shm`` by name, so none may stay open beside a new file at the path), remove
+        what is left of it, and let the next write create the new database with its schema."""
+        self.recreated += 1
+        self.recreated_at = time.time()
+        log.error(
+            "ledger_database_gone",
+            path=self.name,
+            reason=reason,
+            pending=len(self._pending),
+            action="recreated; the records it held are lost, those in memory are written anew",
+        )
+        if self.on_gone is not None:
+            await self.on_gone()
+        conn, self._conn = self._conn, None
+        await asyncio.to_thread(self._close_gone, conn)
+
+    def _close_gone(self, conn: sqlite3.Connection | None) -> None:
+        with self._lock:
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+            remove_orphans(self.db_path)
+
+    def _check_file(self) -> None:
+        """Raise ``DatabaseGone`` unless the file at the path is the one the connection opened."""
+        now = file_identity(self.db_path)
+        if now != self._identity:
+            raise DatabaseGone("database file deleted" if now is None else "database file replaced")
+
+    async def _flush_once(self, *, recreate: bool = True) -> bool:
         if self._conn is None:
             try:
                 await asyncio.to_thread(self._connect)
@@ -208,10 +300,15 @@ class Writer:
         self._pending, self._flushing = {}, batch
         try:
             records = await asyncio.to_thread(self._write, list(batch.values()))
-        except sqlite3.Error as exc:
-            merged = dict(batch)
-            merged.update(self._pending)
-            self._pending, self._flushing = merged, {}
+        except DatabaseGone as exc:
+            self._unflush(batch)
+            if not recreate:
+                self._fault(exc)
+                return False
+            await self._recreate(str(exc))
+            return await self._flush_once(recreate=False)  # into the new database, now
+        except Exception as exc:  # sqlite3.Error, and anything else: the batch is kept either way
+            self._unflush(batch)
             self._drop_oldest()
             self._fault(exc)
             return False
@@ -238,6 +335,7 @@ class Writer:
             assert conn is not None
             if self.before_write is not None:
                 self.before_write(conn)
+            self._check_file()
             conn.execute("BEGIN IMMEDIATE")
             try:
                 conn.executemany(UPSERT, [to_row(r) for r in records])
@@ -251,6 +349,7 @@ class Writer:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+            self._check_file()  # deleted during the transaction: the batch went with the file
             return None if count is None else int(count)
 
     # ---------------------------------------------------------------- retention

@@ -184,8 +184,18 @@ class Accounting:
             done = record.evolve(**changes, **energy)
             if not share.settled:
                 self._pending[done.request_id] = done
+                if len(self._pending) > self.config.storage.max_pending:
+                    self._settle_oldest_as_is()
         self.ledger.put(done)
         return done
+
+    def _settle_oldest_as_is(self) -> None:
+        """More records wait for the reading that settles them than ``storage.max_pending`` (the meter has
+        been down a while): the oldest is final with its response-time figure, flagged ``meter_outage``,
+        and leaves the timeline, so memory stays bounded and no later reading counts it twice."""
+        record = self._pending.pop(next(iter(self._pending)))
+        self.meters[record.upstream].timeline.forget(record.request_id)
+        self.ledger.put(record.evolve(settled=True, flags=(*record.flags, "meter_outage")))
 
     def _energy(
         self, upstream: str, share: Share, units: int, intensity_g_per_kwh: float, grid_source: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 
 from scer_proxy.cli.main import main
 from scer_proxy.config import ConfigError, load_config
+from tests.servers import ROOT
 
 
 def test_defaults_match_the_contract() -> None:
@@ -120,3 +122,75 @@ def test_console_script_and_module_entry_points() -> None:
         [sys.executable, "-m", "scer_proxy", "serve", "--meter", "nope"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "meter.kind" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "overrides", "needle"),
+    [
+        ("[storage]\nflush_interval_ms = nan\n", {}, {}, "storage.flush_interval_ms (from {path})"),
+        ("[[upstreams]]\nname = 'a'\ntimeout_s = nan\n", {}, {}, "upstreams[0].timeout_s (from {path})"),
+        ("[carbon]\npue = inf\n", {}, {}, "carbon.pue (from {path})"),
+        ("", {"SCER_STORAGE_FLUSH_INTERVAL_MS": "nan"}, {}, "(from SCER_STORAGE_FLUSH_INTERVAL_MS)"),
+        ("", {"SCER_SERVER_SHUTDOWN_TIMEOUT_S": "inf"}, {}, "(from SCER_SERVER_SHUTDOWN_TIMEOUT_S)"),
+        ("", {"SCER_METER_INTERVAL_MS": "-Infinity"}, {}, "meter.interval_ms"),
+        ("", {"SCER_CARBON_PUE": "1e999"}, {}, "carbon.pue"),  # overflows to inf
+        # A union with str must not take the text "nan" as a string once the number was refused.
+        ("", {"SCER_ATTRIBUTION_PREFILL_WEIGHT": "nan"}, {}, "attribution.prefill_weight"),
+        ("[attribution]\nprefill_weight = 'inf'\n", {}, {}, "attribution.prefill_weight"),
+        ("", {}, {"storage": {"flush_interval_ms": float("nan")}}, "(from --flush-interval-ms)"),
+        ("", {}, {"server": {"keepalive_timeout_s": float("inf")}}, "(from the command line)"),
+    ],
+)
+def test_every_non_finite_number_is_refused_naming_its_key_and_source(
+    tmp_path: Path, toml: str, env: dict[str, str], overrides: dict, needle: str
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(
+            path, environ=env, overrides=overrides, flags={"storage.flush_interval_ms": "--flush-interval-ms"}
+        )
+    message = str(info.value)
+    assert needle.format(path=path) in message
+    assert "must be a finite number" in message and "\n" not in message
+
+
+def test_integers_are_64_bit_and_a_huge_one_is_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(environ={"SCER_SERVER_MAX_CONNECTIONS": "9" * 5000})  # int() itself refuses 4,300 digits
+    message = str(info.value)
+    assert message.startswith("server.max_connections (from SCER_SERVER_MAX_CONNECTIONS): must be a 64-bit")
+    assert len(message) < 200
+    assert load_config(environ={"SCER_SERVER_MAX_CONNECTIONS": "9_000"}).server.max_connections == 9000
+
+
+def test_serve_with_a_nan_from_the_environment_exits_2_naming_the_variable(tmp_path: Path) -> None:
+    env = {**os.environ, "SCER_STORAGE_FLUSH_INTERVAL_MS": "nan", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-m", "scer_proxy", "serve", "--db", str(tmp_path / "x.db")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "scer-proxy serve: storage.flush_interval_ms (from SCER_STORAGE_FLUSH_INTERVAL_MS): "
+        "must be a finite number, got nan"
+    )
+
+
+def test_the_new_server_and_storage_keys_have_their_defaults_and_are_checked() -> None:
+    server, storage = load_config().server, load_config().storage
+    assert (server.header_timeout_s, server.keepalive_timeout_s) == (10.0, 75.0)
+    assert (server.max_connections, server.shutdown_timeout_s) == (4096, 25.0)
+    assert (storage.max_pending, storage.on_corrupt) == (10_000, "refuse")
+    for section, key, value in [
+        ("server", "header_timeout_s", 0),
+        ("server", "max_connections", -1),
+        ("server", "shutdown_timeout_s", 0),
+        ("storage", "max_pending", 0),
+        ("storage", "on_corrupt", "delete"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"^{section}\.{key}"):
+            load_config(overrides={section: {key: value}})
