@@ -16,6 +16,7 @@ ML.ENERGY v3, Llama-3.1-8B on one H100: a decode token costs 0.1 to 0.45 J, a pr
 # A compute-bound prefill draws about as much as a decode step or more (the simulator's 8B profile: 1.4x;
 # H100 traces: 1.1 to 2x); a fit outside this range rests on misplaced prefills and is not used.
 PREFILL_POWER_RATIO_RANGE = (0.7, 4.0)
+PHASE_POWER_OVER_SEEN = 1.5  # a fitted power above this times the highest interval's is not trusted
 STEP_GAPS_MIN = 8  # per-stream token gaps before their quartile is taken for the decode step
 FIRST_RATE_MIN_TOKENS = 16  # tokens a non-streamed request needs for its rate to replace the prior
 
@@ -43,6 +44,8 @@ class Learned:
     power_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(256))
     # An interval's busy energy on (prefill s, other busy s): a prefill's power beside a decode's.
     phase_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(256))
+    phase_samples: int = 0
+    max_busy_power_w: float = 0.0  # the highest busy power an interval showed
     # A request served alone: its life on (prompt tokens, completion tokens).
     alone_fit: DecayedFit2 = field(default_factory=lambda: DecayedFit2(64))
     alone_samples: int = 0
@@ -123,6 +126,9 @@ class Learned:
             "decode_step_ms": self.decode_step_s() * 1000.0,
             "step_ms": self.step_s() * 1000.0,
             "step_samples": len(self.step_gaps_s),
+            "prefill_power_w": None if (powers := self.phase_powers_w()) is None else powers[0],
+            "decode_power_w": None if powers is None else powers[1],
+            "power_samples": self.phase_samples,
             "alone_samples": self.alone_samples,
             "idle_power_w": self.idle_power_estimate_w(),
             "idle_samples": self.idle_samples,
@@ -147,15 +153,27 @@ class Learned:
     def learn_phases(self, prefill_s: float, other_s: float, busy_j: float) -> None:
         """A busy interval's energy (idle taken out) against its prefill seconds and the rest."""
         self.phase_fit.add(prefill_s, other_s, busy_j)
+        self.phase_samples += 1
+        if prefill_s + other_s > 0:
+            self.max_busy_power_w = max(self.max_busy_power_w, busy_j / (prefill_s + other_s))
 
-    def prefill_power_ratio(self) -> float | None:
-        """A prefill's power over a decode's, as the intervals show it; None while they cannot tell
-        (too few intervals with and without prefills) or the fit is outside what a GPU does."""
+    def phase_powers_w(self) -> tuple[float, float] | None:
+        """(prefill, decode) power as the intervals show them; None while they cannot tell (too few
+        intervals with and without prefills) or the fit is outside what a GPU does."""
         coef = self.phase_fit.solve()
         if coef is None or coef[0] <= 0 or coef[1] <= 0:
             return None
+        if max(coef) > PHASE_POWER_OVER_SEEN * self.max_busy_power_w:
+            return None  # extrapolated far past any interval seen: too few intervals yet
         ratio = coef[0] / coef[1]
-        return ratio if PREFILL_POWER_RATIO_RANGE[0] <= ratio <= PREFILL_POWER_RATIO_RANGE[1] else None
+        if not PREFILL_POWER_RATIO_RANGE[0] <= ratio <= PREFILL_POWER_RATIO_RANGE[1]:
+            return None
+        return coef[0], coef[1]
+
+    def prefill_power_ratio(self) -> float | None:
+        """A prefill's power over a decode's (see :meth:`phase_powers_w`)."""
+        powers = self.phase_powers_w()
+        return None if powers is None else powers[0] / powers[1]
 
     def learn_alone(self, prompt_tokens: int, completion_tokens: int, life_s: float) -> None:
         """A request that had the GPU to itself from its start to its end."""

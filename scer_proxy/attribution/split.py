@@ -77,7 +77,7 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     busy_j = energy_j - idle_j
     prefill_share: dict[str, float] = {}
     decode_share: dict[str, float] = {}
-    held = _decode_time_shares(active, t0, t1)
+    held = decode_time_shares(active, t0, t1)
     j_per_prompt = learned.calibrated_prefill_j_per_token()
     if j_per_prompt is not None and learned.busy_power_w and learned.prefill_samples:
         # The fit is trusted while it agrees with the physics within a factor of two: a prompt token
@@ -152,7 +152,7 @@ def _share_decode(
         out[rid] = decode_j * weights.get(rid, 0.0) / total if total > 0 else 0.0
 
 
-def _decode_time_shares(active: list[OpenRequest], t0: float, t1: float) -> dict[str, float]:
+def decode_time_shares(active: list[OpenRequest], t0: float, t1: float) -> dict[str, float]:
     """Each request's share of the decode time in [t0, t1]: every instant split equally among those
     decoding then (a decode step runs its whole batch at once), prefill windows excluded (a prefill
     holds the GPU alone). A sweep over the span ends, O(n log n)."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from scer_proxy.attribution.calibration import Calibration
 from scer_proxy.attribution.idle import IdleSpread
 from scer_proxy.attribution.learned import DEFAULT_PREFILL_WEIGHT, Learned
-from scer_proxy.attribution.split import split_interval
+from scer_proxy.attribution.split import decode_time_shares, split_interval
 from scer_proxy.attribution.state import IntervalState, OpenRequest, PendingInterval
 from scer_proxy.attribution.uncertainty import uncertainty_rel
 
@@ -65,6 +65,9 @@ class IntervalResult:
     idle_j: float
     carried_j: float
     settled: tuple[Share, ...] = ()
+
+
+ESTIMATE_BY_TIME_MAX = 512  # requests on the timeline beyond which a response-time figure is priced by tokens
 
 
 @dataclass(frozen=True, slots=True)
@@ -470,7 +473,22 @@ class Timeline:
         if req is None:
             return None
         prefill_j, decode_j, hw_s = req.prefill_j, req.decode_j, req.hw_s
-        if learned.j_per_decode_token is not None:
+        powers = learned.phase_powers_w()
+        if powers is not None and len(state.requests) <= ESTIMATE_BY_TIME_MAX:
+            # The rest as the split will count it: its decode time held beside the others decoding, at
+            # the decode power, and the rest of its prefill window at the prefill power.
+            since = state.split_until_s if state.split_until_s is not None else req.start_s
+            end = req.end_s if req.end_s is not None else now_s
+            held_s = 0.0
+            if end > since:
+                held_s = decode_time_shares(list(state.requests.values()), since, end).get(rid, 0.0)
+            prefill_s = max(0.0, min(req.prefill_hi, end) - max(req.prefill_lo, since))
+            pj = powers[0] * prefill_s
+            dj = powers[1] * held_s
+            prefill_j += pj
+            decode_j += dj
+            hw_s += prefill_s + held_s
+        elif learned.j_per_decode_token is not None:
             rest_prompt = max(0.0, req.prompt_tokens - req.prefill_credited)
             if req.stream or learned.decode_rate_seen:
                 rest_decode = max(0.0, req.completion_tokens - req.decode_units)

@@ -390,13 +390,13 @@ def test_calibration_never_goes_negative() -> None:
 def test_decode_time_is_shared_by_the_batch_at_each_instant() -> None:
     """A request decoding alone holds the whole step; two together hold half each; a prefill
     window holds the GPU alone, so nobody's decode share runs through it."""
-    from scer_proxy.attribution.split import _decode_time_shares
+    from scer_proxy.attribution.split import decode_time_shares
     from scer_proxy.attribution.state import OpenRequest
 
     a = OpenRequest("a", start_s=0.0, prompt_tokens=1, decode_from=0.0)
     b = OpenRequest("b", start_s=0.0, prompt_tokens=1, decode_from=0.5, end_s=0.9)
     c = OpenRequest("c", start_s=0.9, prompt_tokens=1, prefill_lo=0.9, prefill_hi=1.0, decode_from=1.0)
-    shares = _decode_time_shares([a, b, c], 0.0, 1.0)
+    shares = decode_time_shares([a, b, c], 0.0, 1.0)
     assert shares["a"] == pytest.approx(0.5 + 0.4 / 2)
     assert shares["b"] == pytest.approx(0.4 / 2)
     assert "c" not in shares  # its decode starts at the interval's end
@@ -482,3 +482,29 @@ def test_the_proxys_timing_noise_widens_a_short_requests_bound() -> None:
     assert Timeline(TimelineConfig()).state.timing_noise_s == 0.0
     assert bound(0.03, 0.010) > bound(0.03, None) + 0.5
     assert bound(10.0, 0.010) - bound(10.0, None) < 0.003
+
+
+def test_a_response_time_figure_counts_the_decode_time_held_at_the_decode_power() -> None:
+    """Before its interval is split, a request's figure is what the split will give it: its prefill
+    window at the prefill power and its decode time, shared with the others decoding, at the decode
+    power (the token price of the last interval is off for a step run by a different batch)."""
+    tl = Timeline(TimelineConfig(prefill_weight=0.0, idle="separate"))
+    rng = random.Random(2)
+    for _ in range(50):
+        prefill_s = rng.uniform(0.0, 0.05)
+        tl.learned.learn_phases(prefill_s, 0.1 - prefill_s, 690.0 * prefill_s + 486.0 * (0.1 - prefill_s))
+    tl.learned.prefill_tokens_per_s, tl.learned.prefill_samples = 10_000.0, 1
+    tl.learned.token_interval_s, tl.learned.token_interval_samples = 0.010, 1
+    tl.reading(0.0, 0.0)
+    tl.start("a", 0.000, 100)  # prefill 0-10 ms, then decoding
+    tl.tokens("a", 0.020)
+    tl.start("b", 0.020, 100, stream=False)  # prefill 20-30 ms, decodes beside a until 60 ms
+    for t in (0.040, 0.050, 0.060):
+        tl.tokens("a", t)
+    tl.finish("b", 0.060, 100, 3)
+    share = tl.estimate("b", 0.060)
+    assert share is not None and not share.settled
+    b = tl.state.requests["b"]
+    decode_s = 0.060 - b.decode_from
+    assert share.prefill_j == pytest.approx(690.0 * (b.prefill_hi - b.prefill_lo), rel=1e-6)
+    assert share.decode_j == pytest.approx(486.0 * decode_s / 2, rel=1e-6)  # two decoding all along
