@@ -184,6 +184,43 @@ def decode_time_shares(active: list[OpenRequest], t0: float, t1: float) -> dict[
     return {rid: held_at[hi] - held_at[lo] for rid, (lo, hi) in spans.items()}
 
 
+def decode_time_held(req: OpenRequest, active: Iterable[OpenRequest], t0: float, t1: float) -> float:
+    """``req``'s entry of :func:`decode_time_shares` alone, in one pass over the others (for figures at
+    response time, where the whole sweep for every request would cost O(n log n) each)."""
+    lo = max(req.decode_from, t0)
+    hi = min(req.end_s if req.end_s is not None else t1, t1)
+    if hi <= lo:
+        return 0.0
+    changes: dict[float, list[int]] = {}
+    decoding = prefilling = 0
+    for r in active:
+        a, b = max(r.decode_from, t0), min(r.end_s if r.end_s is not None else t1, t1)
+        if b > a and a < hi and b > lo:
+            if a <= lo:
+                decoding += 1
+            else:
+                changes.setdefault(a, [0, 0])[0] += 1
+            if b < hi:
+                changes.setdefault(b, [0, 0])[0] -= 1
+        pa, pb = max(r.prefill_lo, t0), min(r.prefill_hi, t1)
+        if pb > pa and pa < hi and pb > lo:
+            if pa <= lo:
+                prefilling += 1
+            else:
+                changes.setdefault(pa, [0, 0])[1] += 1
+            if pb < hi:
+                changes.setdefault(pb, [0, 0])[1] -= 1
+    held, at = 0.0, lo
+    for t in [*sorted(changes), hi]:
+        if decoding > 0 and prefilling <= 0:
+            held += (t - at) / decoding
+        at = t
+        if t in changes:
+            decoding += changes[t][0]
+            prefilling += changes[t][1]
+    return held
+
+
 def _prefill_tokens(req: OpenRequest, t0: float, t1: float) -> float:
     """Prompt tokens credited to [t0, t1], never more than the prompt in all."""
     remaining = req.prompt_tokens - req.prefill_credited

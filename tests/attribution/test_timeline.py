@@ -508,3 +508,24 @@ def test_a_response_time_figure_counts_the_decode_time_held_at_the_decode_power(
     decode_s = 0.060 - b.decode_from
     assert share.prefill_j == pytest.approx(690.0 * (b.prefill_hi - b.prefill_lo), rel=1e-6)
     assert share.decode_j == pytest.approx(486.0 * decode_s / 2, rel=1e-6)  # two decoding all along
+
+
+def test_one_requests_decode_time_held_agrees_with_the_whole_sweep() -> None:
+    from scer_proxy.attribution.split import decode_time_held, decode_time_shares
+    from scer_proxy.attribution.state import OpenRequest
+
+    rng = random.Random(3)
+    for _ in range(300):
+        reqs = []
+        for i in range(rng.randint(1, 12)):
+            start = rng.uniform(0, 1)
+            lo = start + rng.uniform(0, 0.1)
+            hi = lo + rng.uniform(0, 0.05)
+            end = None if rng.random() < 0.3 else hi + rng.uniform(0, 0.5)
+            reqs.append(
+                OpenRequest(f"r{i}", start, 1, prefill_lo=lo, prefill_hi=hi, decode_from=hi, end_s=end)
+            )
+        t0, t1 = sorted([rng.uniform(0, 1.2), rng.uniform(0, 1.2)])
+        shares = decode_time_shares(reqs, t0, t1)
+        for r in reqs:
+            assert decode_time_held(r, reqs, t0, t1) == pytest.approx(shares.get(r.rid, 0.0), abs=1e-12)
