@@ -24,7 +24,7 @@ from scer_proxy.proxy.handler import ProxyHandler
 from scer_proxy.proxy.serving import preload_tokenizer
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.scer.book import RatingsBook
-from scer_proxy.web import dashboard, labels, scer_routes
+from scer_proxy.web import dashboard, labels, offload, scer_routes
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
 from scer_proxy.wire import openai as wire
 
@@ -147,6 +147,7 @@ def create_app(
     scer_routes.add_routes(app)
     labels.add_routes(app)
     dashboard.add_routes(app)
+    offload.install(app)  # after the ledger's cleanup_ctx: reads end before it closes
     return app
 
 
