@@ -67,6 +67,16 @@ def test_report_bad_usage_is_one_line_exit_2(
         assert err.count("\n") == 1 and err.startswith("scer-proxy report: ")
 
 
+@pytest.mark.parametrize("since", ["99999999999d", "9" * 400 + "d", "-1h", "nan", "inf", "36501d", "٣h"])
+def test_report_since_out_of_range_is_one_line_exit_2(
+    db: Path, capsys: pytest.CaptureFixture[str], since: str
+) -> None:
+    assert main_report(parse(["--db", str(db), f"--since={since}"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scer-proxy report: --since: ")
+    assert len(err) < 200
+
+
 def test_render_handles_an_empty_summary() -> None:
     empty = {
         "window": {"start": None, "end": 1.0},
