@@ -137,5 +137,6 @@ async def manifest_yaml(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/scer/label/{model:.+}.svg", label_svg)
-    app.router.add_get("/scer/manifest/{model:.+}.yaml", manifest_yaml)
+    # [\s\S], not ".": a name with a line break (from an older ledger) is a name like any other.
+    app.router.add_get(r"/scer/label/{model:[\s\S]+}.svg", label_svg)
+    app.router.add_get(r"/scer/manifest/{model:[\s\S]+}.yaml", manifest_yaml)
