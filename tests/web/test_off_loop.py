@@ -180,3 +180,17 @@ def _stable(path: str, body: bytes) -> Any:
     if path == "/metrics":
         return [line for line in body.decode().splitlines() if not line.startswith("scer_idle")]
     return body
+
+
+@pytest.mark.parametrize("n", [0, 1, 499, 500, 501, 1234])
+def test_records_json_in_pieces_is_one_documents_bytes(n: int) -> None:
+    """The JSON made a few hundred records at a time is byte for byte the JSON of the whole list."""
+    rng = random.Random(n)
+    records = [make_record(i, rng=rng) for i in range(n)]
+
+    class _Ledger:
+        def recent(self, limit: int, overlay: dict[str, Record]) -> list[Record]:
+            return records[:limit]
+
+    body = scer_routes._records_json(_Ledger(), 10_000, {})  # type: ignore[arg-type]
+    assert body == orjson.dumps({"object": "list", "data": [r.to_json() for r in records]})
