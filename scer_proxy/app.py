@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -24,7 +23,7 @@ from scer_proxy.proxy.handler import ProxyHandler
 from scer_proxy.proxy.serving import preload_tokenizer
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.scer.book import RatingsBook
-from scer_proxy.web import dashboard, labels, scer_routes
+from scer_proxy.web import admin, dashboard, labels, offload, scer_routes
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
 from scer_proxy.wire import openai as wire
 
@@ -148,6 +147,7 @@ def create_app(
     scer_routes.add_routes(app)
     labels.add_routes(app)
     dashboard.add_routes(app)
+    offload.install(app)  # after the ledger's cleanup_ctx: reads end before it closes
     return app
 
 
@@ -190,9 +190,7 @@ async def _admin_gate(request: web.Request, handler: Handler) -> web.StreamRespo
         and (request.path.startswith("/scer") or request.path == "/metrics")
         and not dashboard.is_public(request)
     ):
-        given = request.headers.get("Authorization", "")
-        expected = "Bearer " + token
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+        if not admin.bearer_matches(request.headers.get("Authorization", ""), token):
             return web.Response(
                 status=401,
                 body=wire.error_body(

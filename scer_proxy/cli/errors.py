@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from scer_proxy.cli.tables import terminal_text
 from scer_proxy.config import ConfigError
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ def one_line(text: str, limit: int = 300) -> str:
 
 
 def print_error(line: str) -> None:
-    print(one_line(line, 2000), file=sys.stderr)
+    print(terminal_text(one_line(line, 2000)), file=sys.stderr)
 
 
 Command = Callable[[argparse.Namespace], int]

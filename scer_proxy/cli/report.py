@@ -30,7 +30,7 @@ from scer_proxy.cli.errors import (
     proxy_at,
     request_failed,
 )
-from scer_proxy.cli.tables import fmt_number, summary_rows, summary_table
+from scer_proxy.cli.tables import csv_cell, fmt_number, summary_rows, summary_table, terminal_json
 from scer_proxy.summary.build import parse_duration_s
 
 if TYPE_CHECKING:
@@ -71,14 +71,17 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> None:
 
 def render(summary: dict[str, Any], fmt: str) -> str:
     """The summary as ``table`` (aligned text), ``json`` (the summary object) or ``csv`` (one row a
-    model and a total; energy in Wh, carbon in gCO2e, intensity per 1,000 output tokens)."""
+    model and a total; energy in Wh, carbon in gCO2e, intensity per 1,000 output tokens). Every format
+    is safe to print: names from the ledger never reach the terminal with a control character, and
+    no CSV cell starts as a spreadsheet formula (``scer_proxy.cli.tables``)."""
     if fmt == "json":
-        return orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode() + "\n"
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+        return terminal_json(text) + "\n"
     if fmt == "csv":
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(_CSV_COLUMNS)
-        writer.writerows(["" if v is None else v for v in r] for r in summary_rows(summary))
+        writer.writerows([csv_cell(v) for v in r] for r in summary_rows(summary))
         return out.getvalue()
     if fmt != "table":
         raise ValueError(f"unknown format {fmt!r}")

@@ -16,6 +16,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -84,7 +85,8 @@ class SqliteLedger:
             on_connect=self._open_readers_once,
             on_gone=self._database_gone,
         )
-        self._reader: sqlite3.Connection | None = None  # the event loop's (get, recent)
+        self._reader: sqlite3.Connection | None = None  # lookups (get, recent), on any thread
+        self._reader_lock = threading.Lock()  # one read at a time on it (its transactions are explicit)
         self._aggregator = Aggregator()  # summaries, on a worker thread
 
     @property
@@ -173,10 +175,11 @@ class SqliteLedger:
         await asyncio.to_thread(self._close_readers)
 
     def _close_readers(self) -> None:
-        for conn in (self._reader, self._aggregator.conn):
-            if conn is not None:
-                conn.close()
-        self._reader = self._aggregator.conn = None
+        with self._reader_lock, self._aggregator.lock:  # after any read still running on a worker thread
+            for conn in (self._reader, self._aggregator.conn):
+                if conn is not None:
+                    conn.close()
+            self._reader = self._aggregator.conn = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
@@ -193,16 +196,33 @@ class SqliteLedger:
 
     # ---------------------------------------------------------------- reading
 
-    def get(self, request_id: str) -> Record | None:
-        """The record with this id (pending first, then the database: one indexed lookup), or None."""
-        record = self._writer.lookup(request_id)
-        if record is not None or self._reader is None:
-            return record
-        return reads.get(self._reader, request_id)
+    def overlay(self) -> dict[str, Record]:
+        """The records not yet in the database (newest figure of each, oldest first). Take it on the event
+        loop, where records are put, and hand it to a read that runs on a worker thread."""
+        return self._writer.overlay()
 
-    def recent(self, limit: int) -> list[Record]:
-        """Up to ``limit`` records, most recently put first (one indexed range read)."""
-        return reads.recent(self._reader, self._writer.overlay(), limit)
+    def unwritten(self, request_id: str) -> Record | None:
+        """The record's figure not yet in the database, or None (on the event loop)."""
+        return self._writer.lookup(request_id)
+
+    def stored(self, request_id: str) -> Record | None:
+        """The record's figure in the database (one indexed lookup), or None; blocking, any thread."""
+        if self._reader is None:
+            return None
+        with self._reader_lock:
+            return reads.get(self._reader, request_id)
+
+    def get(self, request_id: str) -> Record | None:
+        """The record with this id (pending first, then the database: one indexed lookup), or None.
+        Blocking, on the event loop (a worker thread uses ``unwritten`` on the loop, then ``stored``)."""
+        return self.unwritten(request_id) or self.stored(request_id)
+
+    def recent(self, limit: int, overlay: dict[str, Record] | None = None) -> list[Record]:
+        """Up to ``limit`` records, most recently put first (one indexed range read). Blocking; from a
+        worker thread pass ``overlay`` as taken on the loop (``overlay()``)."""
+        unwritten = self._writer.overlay() if overlay is None else overlay
+        with self._reader_lock:
+            return reads.recent(self._reader, unwritten, limit)
 
     def __len__(self) -> int:
         """Records in the database (``pending`` ones not counted until written)."""

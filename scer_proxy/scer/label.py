@@ -4,7 +4,8 @@ It shows what the contract lists: the model, its task, the hardware, the scoring
 deployment's own SCI as ``<value> gCO2eq per 1,000 output tokens`` (never a "/"), the energy in Wh
 per 1,000 output tokens, the grade on SCER's A to C scale (or ``unrated``), the number of peers, the
 SCI version followed (``SCI 1.1``), a QR code (ISO/IEC 18004, made with segno, error correction M,
-4-module quiet zone) that encodes exactly the manifest's URL, and a note that SCER is a draft
+4-module quiet zone) that encodes exactly the manifest's URL (where that URL is too long for a code
+that scans at this size, a note says so in its place), and a note that SCER is a draft
 specification of the Green Software Foundation.
 
 Only basic SVG is used (``rect``, ``path``, ``text``/``tspan``, ``g``, ``title``, ``desc``) with a
@@ -39,6 +40,13 @@ ENERGY_UNIT = "Wh per 1,000 output tokens"
 DRAFT_NOTE = "SCER is a draft specification of the Green Software Foundation"
 QR_ERROR = "m"
 QR_BORDER = 4
+QR_BOX = 96.0  # px for the code and its quiet zone, from the divider (247) to the footer (345)
+# The largest version with at least 1 px a module in the box: 17 is 85 modules, 93 with the quiet
+# zone. It holds 504 bytes of URL; a longer one (a model name of some 450 characters) gets a note
+# in the code's place instead.
+QR_MAX_VERSION = 17
+QR_MAX_BYTES = 2331  # what version 40 holds at level M: a longer URL is refused without trying
+QR_MISSING = ("No QR code:", "the manifest's URL", "is too long for one")
 _LEFT = 12.0
 _RIGHT = 248.0
 
@@ -109,20 +117,36 @@ def format_sig3(value: float) -> str:
     return text
 
 
-def qr_code(url: str) -> segno.QRCode:
-    """The label's QR code for ``url``: ISO/IEC 18004 (not Micro QR), error correction M.
+def qr_code(url: str) -> segno.QRCode | None:
+    """The label's QR code for ``url``: ISO/IEC 18004 (not Micro QR), error correction M; None when
+    ``url`` needs a version above ``QR_MAX_VERSION`` (a long model name), whose modules would be too
+    small to scan in the label's box.
 
     segno is imported here, not at module level: its writers pull in ``urllib.request`` (and with it
     the ``socket`` module) through ``xml.sax.saxutils``, which the pure core's import check forbids.
     """
     import segno
 
-    return segno.make(url, error=QR_ERROR, boost_error=False, micro=False)
+    if len(url.encode("utf-8")) > QR_MAX_BYTES:  # beyond any version's capacity: no need to try
+        return None
+    try:
+        code = segno.make(url, error=QR_ERROR, boost_error=False, micro=False)
+    except segno.DataOverflowError:
+        return None
+    return code if isinstance(code.version, int) and code.version <= QR_MAX_VERSION else None
 
 
 def qr_modules(url: str) -> list[list[bool]]:
-    """The QR matrix for ``url`` with its 4-module quiet zone, True where a module is dark."""
-    return [[bool(cell) for cell in row] for row in qr_code(url).matrix_iter(scale=1, border=QR_BORDER)]
+    """The QR matrix for ``url`` with its 4-module quiet zone, True where a module is dark; ValueError
+    when ``url`` is too long for the label's QR code."""
+    code = qr_code(url)
+    if code is None:
+        raise ValueError(f"a URL of {len(url)} characters is too long for the label's QR code")
+    return _matrix(code)
+
+
+def _matrix(code: segno.QRCode) -> list[list[bool]]:
+    return [[bool(cell) for cell in row] for row in code.matrix_iter(scale=1, border=QR_BORDER)]
 
 
 def qr_path(modules: list[list[bool]]) -> str:
@@ -243,30 +267,42 @@ _SAFETY = 1.05
 _BOLD = 1.08
 
 
+def _units(ch: str) -> int:
+    """The advance width of one character in 1/1000 em."""
+    code = ord(ch)
+    if 32 <= code <= 126:
+        return _WIDTHS[code - 32]
+    if unicodedata.east_asian_width(ch) in ("W", "F"):
+        return 1000
+    if unicodedata.combining(ch):
+        return 0
+    return 667
+
+
+def _px(units: int, size: float, bold: bool) -> float:
+    return units / 1000.0 * size * _SAFETY * (_BOLD if bold else 1.0)
+
+
 def text_width(text: str, size: float, *, bold: bool = False) -> float:
     """Estimated rendered width of ``text`` in px at ``size`` px (a little generous, never narrow)."""
-    total = 0
-    for ch in text:
-        code = ord(ch)
-        if 32 <= code <= 126:
-            total += _WIDTHS[code - 32]
-        elif unicodedata.east_asian_width(ch) in ("W", "F"):
-            total += 1000
-        elif unicodedata.combining(ch):
-            continue
-        else:
-            total += 667
-    return total / 1000.0 * size * _SAFETY * (_BOLD if bold else 1.0)
+    return _px(sum(_units(ch) for ch in text), size, bold)
 
 
 def fit(text: str, size: float, max_width: float, *, bold: bool = False) -> str:
-    """``text`` cut with an ellipsis so that it fits in ``max_width`` px."""
+    """``text`` cut with an ellipsis so that it fits in ``max_width`` px (whitespace runs made one
+    space). One pass over the text: a model name of any length costs as little as a short one."""
     text = " ".join(text.split())
-    if text_width(text, size, bold=bold) <= max_width:
+    units = [_units(ch) for ch in text]
+    if _px(sum(units), size, bold) <= max_width:
         return text
-    while text and text_width(text + "\u2026", size, bold=bold) > max_width:
-        text = text[:-1]
-    return text.rstrip() + "\u2026"
+    total = _units("\u2026")
+    cut = 0
+    for width in units:
+        if _px(total + width, size, bold) > max_width:
+            break
+        total += width
+        cut += 1
+    return text[:cut].rstrip() + "\u2026"
 
 
 _XML_INVALID = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -430,13 +466,13 @@ def render_label_svg(data: LabelData) -> str:
     add("</g>")
 
     # The QR code, bottom right: whole pixels per module where the box allows (crisp at 1x and 2x).
-    modules = qr_modules(data.manifest_url)
-    n = len(modules)
-    box = 96.0  # from the divider (247) to the footer (345), quiet zone included
-    scale = 2.0 if n * 2 <= box else box / n
-    side = n * scale
+    code = qr_code(data.manifest_url)
+    modules = None if code is None else _matrix(code)
+    n = len(modules) if modules is not None else 0
+    scale = 1.0 if modules is None else (2.0 if n * 2 <= QR_BOX else QR_BOX / n)
+    side = n * scale if modules is not None else QR_BOX
     x0 = round(254 - side)
-    y0 = round(248 + (box - side) / 2)
+    y0 = round(248 + (QR_BOX - side) / 2)
     add(f'<path d="M{_LEFT:g} 247.5H{x0 + 4 * scale:g}" stroke="#bbbbbb" stroke-width="1"/>')
 
     # Details on the left of the QR code.
@@ -451,12 +487,27 @@ def render_label_svg(data: LabelData) -> str:
     if data.grid_intensity_g_per_kwh is not None:
         grid = f"Grid: {format_sig3(data.grid_intensity_g_per_kwh)} gCO2eq per kWh"
         add(_text(_LEFT, 307, esc(fit(grid, 8.5, column)), 8.5))
-    add(_text(_LEFT, 325, "Scan for the full manifest", 7.5, fill="#555555"))
+    hint = "Scan for the full manifest" if modules is not None else "Manifest: /scer/manifest/"
+    add(_text(_LEFT, 325, hint, 7.5, fill="#555555"))
     add("</g>")
 
-    add(f'<g id="qr" transform="translate({x0:g} {y0:g}) scale({scale:.6g})" shape-rendering="crispEdges">')
-    add(f'<title>QR code: the manifest of this label</title><rect width="{n}" height="{n}" fill="#ffffff"/>')
-    add(f'<path d="{qr_path(modules)}" fill="#000000"/></g>')
+    if modules is not None:
+        add(
+            f'<g id="qr" transform="translate({x0:g} {y0:g}) scale({scale:.6g})" shape-rendering="crispEdges">'
+        )
+        add(
+            f'<title>QR code: the manifest of this label</title><rect width="{n}" height="{n}" fill="#ffffff"/>'
+        )
+        add(f'<path d="{qr_path(modules)}" fill="#000000"/></g>')
+    else:  # the URL is too long for a code that scans: say so where the code would be
+        add(
+            f'<g id="qr-missing"><rect x="{x0 + 4:g}" y="{y0 + 4:g}" width="{side - 8:g}" height="{side - 8:g}" '
+            'fill="#ffffff" stroke="#777777" stroke-width="1" stroke-dasharray="3 2"/>'
+        )
+        middle = x0 + side / 2
+        for i, line in enumerate(QR_MISSING):
+            add(_text(middle, y0 + side / 2 - 8 + 11 * i, line, 7.5, fill="#444444", anchor="middle"))
+        add("</g>")
 
     # Footer: the draft note.
     add('<g id="footer">')

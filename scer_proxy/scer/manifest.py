@@ -527,6 +527,9 @@ def make_label(
 
 _PLAIN = re.compile(r"^[A-Za-z][A-Za-z0-9_./()-]*(?: [A-Za-z0-9_./()-]+)*$")
 _RESERVED = {"y", "n", "yes", "no", "on", "off", "true", "false", "null", "nan", "inf"}
+# YAML 1.2 (7.4.2, 8.2.2) restricts an implicit key to one line of at most 1024 characters; PyYAML
+# and js-yaml (which the Impact Framework reads with) refuse a longer one. Kept a little below.
+_IMPLICIT_KEY_MAX = 1000
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\t": "\\t", "\r": "\\r", "\0": "\\0"}
 
 
@@ -578,14 +581,16 @@ def _emit(value: Any, indent: int, lines: list[str]) -> None:
     if isinstance(value, Mapping):
         for key, item in value.items():
             k = yaml_string(str(key))
+            # A key longer than YAML allows an implicit one (a long model name) is written explicit.
+            head = f"{pad}{k}:" if len(k) <= _IMPLICIT_KEY_MAX else f"{pad}? {k}\n{pad}:"
             if isinstance(item, Mapping) and item:
-                lines.append(f"{pad}{k}:")
+                lines.append(head)
                 _emit(item, indent + 1, lines)
             elif isinstance(item, Sequence) and not isinstance(item, str) and item:
-                lines.append(f"{pad}{k}:")
+                lines.append(head)
                 _emit(item, indent + 1, lines)
             else:
-                lines.append(f"{pad}{k}: {_inline(item)}")
+                lines.append(f"{head} {_inline(item)}")
     else:
         for item in value:
             if isinstance(item, Mapping) and item:

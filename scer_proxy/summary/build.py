@@ -14,16 +14,22 @@ from typing import Any
 from scer_proxy.carbon.records import Record
 from scer_proxy.carbon.totals import add_to, contribution, summary_body
 
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)\s*(s|m|h|d|w)$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+MAX_DURATION_S = 100 * 365 * 86400.0  # a century: no record is older, and Unix seconds stay exact
 
 
 def parse_duration_s(text: str) -> float:
-    """``90s``, ``15m``, ``1h``, ``7d``, ``2w`` -> seconds; ValueError naming the text otherwise."""
+    """``90s``, ``15m``, ``1h``, ``7d``, ``2w`` -> seconds, at most ``MAX_DURATION_S``; ValueError naming
+    the text otherwise (negative, not a number, beyond a century)."""
     match = _DURATION.match(text.strip().lower())
+    shown = text if len(text) <= 40 else text[:40] + "..."
     if not match:
-        raise ValueError(f"expected a duration like 30m, 1h or 7d, got {text!r}")
-    return float(match.group(1)) * _UNIT_S[match.group(2)]
+        raise ValueError(f"expected a duration like 30m, 1h or 7d, got {shown!r}")
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    if not seconds <= MAX_DURATION_S:  # also inf, from a number too long for a float
+        raise ValueError(f"expected a duration of at most {MAX_DURATION_S / 86400:.0f}d, got {shown!r}")
+    return seconds
 
 
 def summarize(

@@ -4,11 +4,17 @@ its Impact Framework manifest, from the ledger's totals for that model and its c
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from aiohttp import web
 
+from scer_proxy.carbon.records import Record
+from scer_proxy.carbon.sci import Embodied
+from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.scer.manifest import Label, inputs_from_totals, make_label
+from scer_proxy.scer.rating import Rated
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METERS, RATINGS
+from scer_proxy.web.offload import off_loop
 from scer_proxy.wire import openai as wire
 
 
@@ -22,16 +28,47 @@ def hardware_text(devices: list[str]) -> str:
     return f"{len(devices)} x {first}"
 
 
-async def build_label(app: web.Application, model: str, base_url: str) -> Label | None:
-    """The label of ``model`` from all its finished, metered requests; None when there are none."""
-    summary = await app[LEDGER].summary(None, model, None, now=time.time())
-    totals = summary["totals"]
-    if not totals.get("energy_j") or not totals.get("completion_tokens"):
-        return None
+@dataclass(frozen=True)
+class _Context:
+    """What the label takes from the proxy's state besides the ledger, read on the event loop."""
+
+    model: str
+    base_url: str
+    task: str
+    hardware: str
+    embodied: Embodied
+    energy_source: str
+    pue: float
+    rated: Rated | None
+    scoring_date: str
+
+
+def _context(app: web.Application, model: str, base_url: str) -> _Context:
     config = app[CONFIG]
     upstream = config.upstream_for(model) or config.upstreams[0]
     meter = app[METERS][upstream.name].describe()
-    accounting = app[ACCOUNTING]
+    submission = next((s for s in app[RATINGS].submissions() if s.get("model") == model), None)
+    scoring_date = str(submission.get("created_at", ""))[:10] if submission else ""
+    return _Context(
+        model=model,
+        base_url=base_url,
+        task=config.rating.category_task,
+        hardware=hardware_text(list(meter.get("devices") or [])),
+        embodied=app[ACCOUNTING].embodied_for(upstream.name),
+        energy_source=str(meter.get("kind", "")),
+        pue=config.carbon.pue,
+        rated=app[RATINGS].rated(model),
+        scoring_date=scoring_date or time.strftime("%Y-%m-%d"),
+    )
+
+
+def _make_label(ledger: SqliteLedger, overlay: dict[str, Record], ctx: _Context) -> Label | None:
+    """The label of ``ctx.model`` from all its finished, metered requests; None when there are none.
+    Blocking (the ledger's summary): on a read thread."""
+    summary = ledger.summary_sync(None, ctx.model, None, now=time.time(), overlay=overlay)
+    totals = summary["totals"]
+    if not totals.get("energy_j") or not totals.get("completion_tokens"):
+        return None
     window = summary["window"]
     started = float(window.get("start") or time.time())
     inputs = inputs_from_totals(
@@ -39,32 +76,44 @@ async def build_label(app: web.Application, model: str, base_url: str) -> Label 
         carbon_operational_g=float(totals["carbon_operational_g"] or 0.0),
         carbon_embodied_g=float(totals["carbon_embodied_g"] or 0.0),
         output_tokens=int(totals["completion_tokens"]),
-        embodied=accounting.embodied_for(upstream.name),
+        embodied=ctx.embodied,
         started_at=started,
         duration_s=float(window["end"]) - started,
-        energy_source=str(meter.get("kind", "")),
-        pue=config.carbon.pue,
+        energy_source=ctx.energy_source,
+        pue=ctx.pue,
     )
-    rated = app[RATINGS].rated(model)
-    submission = next((s for s in app[RATINGS].submissions() if s.get("model") == model), None)
-    scoring_date = str(submission.get("created_at", ""))[:10] if submission else time.strftime("%Y-%m-%d")
+    rated = ctx.rated
     return make_label(
-        model=model,
-        task=config.rating.category_task,
-        hardware=hardware_text(list(meter.get("devices") or [])),
+        model=ctx.model,
+        task=ctx.task,
+        hardware=ctx.hardware,
         inputs=inputs,
-        scoring_date=scoring_date or time.strftime("%Y-%m-%d"),
+        scoring_date=ctx.scoring_date,
         grade=rated.grade if rated else "unrated",
         peers=rated.peers if rated else 0,
         percentile=rated.percentile if rated else None,
-        base_url=base_url,
+        base_url=ctx.base_url,
     )
 
 
-async def _label_for(request: web.Request) -> Label | web.Response:
-    model = request.match_info["model"]
-    label = await build_label(request.app, model, str(request.url.origin()))
+def _render(
+    ledger: SqliteLedger, overlay: dict[str, Record], ctx: _Context, kind: str
+) -> tuple[str, str] | None:
+    """The label's SVG (``kind`` ``svg``) or its manifest's YAML, with the content type; None without
+    metered requests. On a read thread: the summary, the QR code and the text are the slow parts."""
+    label = _make_label(ledger, overlay, ctx)
     if label is None:
+        return None
+    return (label.svg, "image/svg+xml") if kind == "svg" else (label.yaml, "application/yaml")
+
+
+async def _answer(request: web.Request, kind: str) -> web.Response:
+    app = request.app
+    model = request.match_info["model"]
+    ctx = _context(app, model, str(request.url.origin()))
+    ledger = app[LEDGER]
+    rendered = await off_loop(app, _render, ledger, ledger.overlay(), ctx, kind)
+    if rendered is None:
         return web.Response(
             status=404,
             content_type="application/json",
@@ -75,23 +124,19 @@ async def _label_for(request: web.Request) -> Label | web.Response:
                 code="model_not_found",
             ),
         )
-    return label
+    text, content_type = rendered
+    return web.Response(text=text, content_type=content_type, charset="utf-8")
 
 
 async def label_svg(request: web.Request) -> web.Response:
-    label = await _label_for(request)
-    if isinstance(label, web.Response):
-        return label
-    return web.Response(text=label.svg, content_type="image/svg+xml", charset="utf-8")
+    return await _answer(request, "svg")
 
 
 async def manifest_yaml(request: web.Request) -> web.Response:
-    label = await _label_for(request)
-    if isinstance(label, web.Response):
-        return label
-    return web.Response(text=label.yaml, content_type="application/yaml", charset="utf-8")
+    return await _answer(request, "yaml")
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_get("/scer/label/{model:.+}.svg", label_svg)
-    app.router.add_get("/scer/manifest/{model:.+}.yaml", manifest_yaml)
+    # [\s\S], not ".": a name with a line break (from an older ledger) is a name like any other.
+    app.router.add_get(r"/scer/label/{model:[\s\S]+}.svg", label_svg)
+    app.router.add_get(r"/scer/manifest/{model:[\s\S]+}.yaml", manifest_yaml)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -10,9 +12,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from scer_proxy.carbon.records import Record
+from scer_proxy.ledger.sqlite import SqliteLedger
+from scer_proxy.scer.book import RatingsBook
 from scer_proxy.summary.build import parse_duration_s
 from scer_proxy.summary.metrics import COUNTERS, HEALTHY, IDLE, IDLE_BALANCE, series
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS
+from scer_proxy.web.offload import off_loop
 from scer_proxy.wire import openai as wire
 
 
@@ -26,6 +32,20 @@ def _bad(message: str, param: str) -> web.Response:
         body=wire.error_body(message, "invalid_request_error", param=param),
         content_type="application/json",
     )
+
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 10_000
+_LIMIT = re.compile(r"[0-9]{1,6}")
+
+
+def parse_limit(text: str) -> int:
+    """``/scer/requests``' ``limit``: an integer from 1 to ``MAX_LIMIT`` in ASCII digits; ValueError
+    naming the text otherwise (a negative, a fraction, a huge number, other scripts' digits)."""
+    if _LIMIT.fullmatch(text) and 1 <= int(text) <= MAX_LIMIT:
+        return int(text)
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    raise ValueError(f"limit: expected an integer from 1 to {MAX_LIMIT}, got {shown!r}")
 
 
 def meter_info(app: web.Application) -> dict[str, Any]:
@@ -79,6 +99,7 @@ def idle_info(app: web.Application) -> dict[str, Any]:
 
 
 async def summary(request: web.Request) -> web.Response:
+    app = request.app
     now = time.time()
     since_s = None
     since = request.query.get("since")
@@ -87,29 +108,50 @@ async def summary(request: web.Request) -> web.Response:
             since_s = parse_duration_s(since)
         except ValueError as exc:
             return _bad(str(exc), "since")
-    ledger = request.app[LEDGER]
-    ratings = request.app[RATINGS]
-    body = await ledger.summary(
-        since_s, request.query.get("model") or None, request.query.get("tenant") or None, now=now
+    model = request.query.get("model") or None
+    tenant = request.query.get("tenant") or None
+    live = {  # the meters' and the grid's state belongs to the loop: read it here
+        "idle_energy_j": idle_energy_j(app),
+        "idle": idle_info(app),
+        "meter": meter_info(app),
+        "grid": app[GRID].describe(),
+    }
+    ledger = app[LEDGER]
+    body = await off_loop(
+        app, _summary_json, ledger, app[RATINGS], ledger.overlay(), since_s, model, tenant, now, live
     )
+    return web.Response(body=body, content_type="application/json")
+
+
+def _summary_json(
+    ledger: SqliteLedger,
+    ratings: RatingsBook,
+    overlay: dict[str, Record],
+    since_s: float | None,
+    model: str | None,
+    tenant: str | None,
+    now: float,
+    live: dict[str, Any],
+) -> bytes:
+    """The summary's JSON (on a read thread; the book's ratings are replaced whole, never changed)."""
+    body = ledger.summary_sync(since_s, model, tenant, now=now, overlay=overlay)
     for entry in body["models"]:
         entry["grade"] = ratings.grade(entry["model"])
         entry["category"] = ratings.category(entry["model"])
-    body["idle_energy_j"] = idle_energy_j(request.app)
-    body["idle"] = idle_info(request.app)
-    body["meter"] = meter_info(request.app)
-    body["grid"] = request.app[GRID].describe()
-    return _json(body)
+    body.update(live)
+    return orjson.dumps(body)
 
 
 async def request_record(request: web.Request) -> web.Response:
-    record = request.app[LEDGER].get(request.match_info["request_id"])
+    app = request.app
+    request_id = request.match_info["request_id"]
+    record = app[LEDGER].unwritten(request_id) or await off_loop(app, app[LEDGER].stored, request_id)
     if record is None:
         return web.Response(
             status=404,
             content_type="application/json",
             body=wire.error_body(
-                f"No request with id {request.match_info['request_id']!r}.",
+                f"No request with id {request_id!r}.",
                 "invalid_request_error",
                 param="request_id",
                 code="request_not_found",
@@ -119,11 +161,28 @@ async def request_record(request: web.Request) -> web.Response:
 
 
 async def request_list(request: web.Request) -> web.Response:
-    text = request.query.get("limit", "100")
-    if not text.isdigit() or not 1 <= int(text) <= 10_000:
-        return _bad(f"limit: expected an integer from 1 to 10000, got {text!r}", "limit")
-    records = request.app[LEDGER].recent(int(text))
-    return _json({"object": "list", "data": [r.to_json() for r in records]})
+    try:
+        limit = parse_limit(request.query.get("limit", str(DEFAULT_LIMIT)))
+    except ValueError as exc:
+        return _bad(str(exc), "limit")
+    ledger = request.app[LEDGER]
+    body = await off_loop(request.app, _records_json, ledger, limit, ledger.overlay())
+    return web.Response(body=body, content_type="application/json")
+
+
+_DUMP_CHUNK = 500  # records serialized in one orjson call, which holds the GIL throughout
+
+
+def _records_json(ledger: SqliteLedger, limit: int, overlay: dict[str, Record]) -> bytes:
+    """``/scer/requests``' JSON (on a read thread). The list is serialized a few hundred records at a
+    time, the same bytes as one call, so that the loop's thread gets the GIL between the calls rather
+    than after all 10,000 records' worth."""
+    records = ledger.recent(limit, overlay)
+    parts = [
+        orjson.dumps([r.to_json() for r in records[i : i + _DUMP_CHUNK]])[1:-1]
+        for i in range(0, len(records), _DUMP_CHUNK)
+    ]
+    return b'{"object":"list","data":[' + b",".join(parts) + b"]}"
 
 
 async def health(request: web.Request) -> web.Response:
@@ -139,12 +198,21 @@ async def health(request: web.Request) -> web.Response:
     )
 
 
+@dataclass(frozen=True)
+class _Gauges:
+    """The gauges of ``/metrics`` that come from the meters, read on the loop."""
+
+    idle_j: float
+    idle_balance_j: float
+    healthy: dict[str, bool]  # upstream name -> its meter answers
+
+
 class _LedgerCollector:
     """Prometheus metrics computed from the ledger at scrape time (per model and energy source)."""
 
-    def __init__(self, app: web.Application, rows: list[dict[str, Any]]) -> None:
-        self.app = app
+    def __init__(self, rows: list[dict[str, Any]], gauges: _Gauges) -> None:
         self.rows = rows  # SqliteLedger.metrics_rows(): sums per model x status x energy source
+        self.gauges = gauges
 
     def collect(self) -> Any:
         families = {m.name: CounterMetricFamily(m.name, m.help, labels=list(m.labels)) for m in COUNTERS}
@@ -157,21 +225,33 @@ class _LedgerCollector:
             families[name].add_metric(list(labels), value)
         yield from families.values()
         idle = GaugeMetricFamily(IDLE.name, IDLE.help)
-        idle.add_metric([], idle_energy_j(self.app))
+        idle.add_metric([], self.gauges.idle_j)
         yield idle
         balance = GaugeMetricFamily(IDLE_BALANCE.name, IDLE_BALANCE.help)
-        balance.add_metric([], idle_info(self.app)["balance_j"])
+        balance.add_metric([], self.gauges.idle_balance_j)
         yield balance
         healthy = GaugeMetricFamily(HEALTHY.name, HEALTHY.help, labels=list(HEALTHY.labels))
-        for name, meter in self.app[METERS].items():
-            healthy.add_metric([name], 1.0 if meter.healthy else 0.0)
+        for name, ok in self.gauges.healthy.items():
+            healthy.add_metric([name], 1.0 if ok else 0.0)
         yield healthy
 
 
-async def metrics(request: web.Request) -> web.Response:
+def _metrics_text(ledger: SqliteLedger, overlay: dict[str, Record], gauges: _Gauges) -> bytes:
+    """The Prometheus text (on a read thread): the ledger's sums, then the gauges."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_LedgerCollector(request.app, await request.app[LEDGER].metrics_rows()))
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": "text/plain; version=0.0.4"})
+    registry.register(_LedgerCollector(ledger.metrics_rows_sync(overlay), gauges))
+    return generate_latest(registry)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    app = request.app
+    gauges = _Gauges(
+        idle_j=idle_energy_j(app),
+        idle_balance_j=idle_info(app)["balance_j"],
+        healthy={name: meter.healthy for name, meter in app[METERS].items()},
+    )
+    body = await off_loop(app, _metrics_text, app[LEDGER], app[LEDGER].overlay(), gauges)
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
 async def submissions_post(request: web.Request) -> web.Response:

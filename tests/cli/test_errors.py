@@ -102,3 +102,12 @@ def test_usage_errors_name_the_command(tmp_path: Path) -> None:
     )
     assert failure("simulate", 2, "--profile", "nope").startswith("--profile: unknown profile")
     assert failure("demo", 2, "--listen", "bad") == "--listen: expected HOST:PORT, got 'bad'"
+
+
+def test_error_lines_carry_no_control_characters(capsys: pytest.CaptureFixture[str]) -> None:
+    """A message that quotes a name from elsewhere (a ledger, a server's answer) is printed escaped."""
+    from scer_proxy.cli.errors import print_error
+
+    print_error("scer-proxy report: model 'x\x1b[2J\x9b1m\u202ey' \r\n not found")
+    err = capsys.readouterr().err
+    assert err == "scer-proxy report: model 'x\\x1b[2J\\x9b1m\\u202ey' not found\n"

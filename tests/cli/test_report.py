@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import csv
+import dataclasses
 import io
 import random
+import unicodedata
 from pathlib import Path
 
 import orjson
@@ -65,6 +67,99 @@ def test_report_bad_usage_is_one_line_exit_2(
         assert main_report(parse(argv)) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("scer-proxy report: ")
+
+
+@pytest.mark.parametrize("since", ["99999999999d", "9" * 400 + "d", "-1h", "nan", "inf", "36501d", "٣h"])
+def test_report_since_out_of_range_is_one_line_exit_2(
+    db: Path, capsys: pytest.CaptureFixture[str], since: str
+) -> None:
+    assert main_report(parse(["--db", str(db), f"--since={since}"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("scer-proxy report: --since: ")
+    assert len(err) < 200
+
+
+HOSTILE = [
+    "title\x1b]0;pwned\x07\x1b[2Jgone",  # set the window title, clear the screen
+    "cr\roverwritten",
+    '=HYPERLINK("http://x","y")',
+    "+1+1",
+    "-2+3",
+    "@SUM(A1:A2)",
+    "\ttab",
+    "\rcarriage",
+    "\u202eevil-override",
+    "csi\x9b31m",
+    "nul\x00del\x7f",
+]
+
+
+@pytest.fixture
+def hostile_db(tmp_path: Path) -> Path:
+    path = tmp_path / "hostile.db"
+    rng = random.Random(1)
+    records = [
+        dataclasses.replace(make_record(i, rng=rng), model=model, status="ok")
+        for i, model in enumerate(HOSTILE * 2)
+    ]
+
+    async def fill() -> None:
+        ledger = SqliteLedger(path)
+        await ledger.open()
+        for r in records:
+            ledger.put(r)
+        await ledger.close()
+
+    asyncio.run(fill())
+    return path
+
+
+def _unsafe(text: str) -> list[str]:
+    """The characters a terminal acts on, but the line breaks between rows."""
+    return [
+        c
+        for c in text
+        if c != "\n"
+        and (unicodedata.category(c) == "Cc" or c in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+    ]
+
+
+def test_report_never_prints_control_characters(hostile_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for fmt in ("table", "csv", "json"):
+        assert main_report(parse(["--db", str(hostile_db), "--format", fmt])) == 0
+        out = capsys.readouterr().out
+        assert not _unsafe(out), (fmt, _unsafe(out))
+    assert main_report(parse(["--db", str(hostile_db), "--format", "table"])) == 0
+    table = capsys.readouterr().out
+    assert "title\\x1b]0;pwned\\x07\\x1b[2Jgone" in table and "cr\\x0doverwritten" in table
+    assert "\\u202eevil-override" in table and "csi\\x9b31m" in table
+    rows = table.splitlines()
+    assert len(rows) == 3 + len(HOSTILE) + 2
+
+
+def test_report_json_keeps_the_names_exactly(hostile_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_report(parse(["--db", str(hostile_db), "--format", "json"])) == 0
+    summary = orjson.loads(capsys.readouterr().out)
+    assert sorted(m["model"] for m in summary["models"]) == sorted(HOSTILE)
+
+
+def test_report_csv_cells_are_never_formulas(hostile_db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main_report(parse(["--db", str(hostile_db), "--format", "csv"])) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == len(HOSTILE) + 1
+    for row in rows:
+        for value in row.values():
+            assert not value.startswith(("=", "+", "-", "@", "\t", "\r")), row
+    models = {r["model"] for r in rows}
+    for name in (
+        '\'=HYPERLINK("http://x","y")',
+        "'+1+1",
+        "'-2+3",
+        "'@SUM(A1:A2)",
+        "'\\x09tab",
+        "'\\x0dcarriage",
+    ):
+        assert name in models, (name, models)
 
 
 def test_render_handles_an_empty_summary() -> None:

@@ -16,8 +16,12 @@ from scer_proxy.carbon.records import Record
 from scer_proxy.carbon.sci import Embodied, request_carbon
 from scer_proxy.scer.label import (
     DRAFT_NOTE,
+    QR_MAX_VERSION,
+    QR_MISSING,
     LabelData,
+    fit,
     format_sig3,
+    qr_code,
     qr_modules,
     qr_path,
     render_label_svg,
@@ -347,6 +351,84 @@ def test_long_text_is_cut_with_an_ellipsis() -> None:
     first = next(t for t in texts if t.startswith("an-organisation"))
     assert first.endswith("\u2026") and len(first) < len(model)
     assert text_width(first, 13, bold=True) <= 236
+
+
+@pytest.mark.parametrize("length", [300, 458, 470, 1000, 1030, 5000, 100_000])
+def test_long_model_names_give_a_label_and_a_valid_manifest(length: int) -> None:
+    """A name of any length: the label cuts it with an ellipsis and keeps its QR code while the URL fits
+    one that scans (a note in its place beyond); the manifest parses back with the whole name."""
+    model = ("org/" + "Model-Name-" * (length // 11 + 1))[:length]
+    label = _label(model=model)
+    root = ET.fromstring(label.svg)
+    shown = next(t for t in _texts(root) if t.startswith("org/"))
+    assert shown.endswith("\u2026") and text_width(shown, 13, bold=True) <= 236
+    code = qr_code(label.data.manifest_url)
+    if code is not None:
+        assert code.version <= QR_MAX_VERSION
+        assert _decode_qr(root) == label.data.manifest_url
+        transform = _by_id(root, "qr").get("transform", "")
+        scale = float(transform.rsplit("scale(", 1)[1].rstrip(")"))
+        assert scale >= 1.0  # at least a pixel a module at 1x
+    else:
+        assert not [el for el in root.iter() if el.get("id") == "qr"]
+        note = " ".join("".join(el.itertext()) for el in _by_id(root, "qr-missing").iter(f"{SVG}text"))
+        assert note == " ".join(QR_MISSING)
+    assert (code is not None) == (len(label.data.manifest_url.encode()) <= 504)  # version 17, level M
+    manifest = yaml.safe_load(label.yaml)
+    assert manifest == label.manifest
+    assert list(manifest["tree"]["children"]) == [model] and manifest["scer"]["model"] == model
+    assert manifest_sci(manifest) == label.data.sci_g_per_1k_output_tokens
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        'org/"quoted": model',
+        "key: value",
+        "line one\nline two\r\n",
+        "- dash",
+        "? question",
+        "# hash",
+        "{flow: [seq]}",
+        "tab\there",
+        "'single'",
+        "a" * 990 + ': "' + "é" * 40,  # an escaped key that crosses YAML's 1024-character limit
+        "\x1b[31mred\x1b[0m",
+        "\u202eevil",
+    ],
+)
+def test_odd_model_names_round_trip_through_yaml_and_svg(model: str) -> None:
+    label = _label(model=model)
+    manifest = yaml.safe_load(label.yaml)
+    assert manifest == label.manifest
+    assert list(manifest["tree"]["children"]) == [model]
+    assert manifest["scer"]["model"] == model and manifest["name"] == f"scer-label {model}"
+    root = ET.fromstring(label.svg)  # XML-escaped, the characters XML cannot hold dropped
+    title = root.find(f"{SVG}title")
+    assert title is not None and (title.text or "").startswith("SCER label: ")
+    if qr_code(label.data.manifest_url) is not None:
+        assert _decode_qr(root) == label.data.manifest_url
+
+
+def test_fit_cuts_at_the_same_place_as_one_character_at_a_time() -> None:
+    """One pass gives the longest prefix that fits with the ellipsis, as trimming a character at a time
+    did (which took seconds for a name of 100,000 characters)."""
+
+    def reference(text: str, size: float, width: float) -> str:
+        text = " ".join(text.split())
+        if text_width(text, size) <= width:
+            return text
+        while text and text_width(text + "\u2026", size) > width:
+            text = text[:-1]
+        return text.rstrip() + "\u2026"
+
+    rng = __import__("random").Random(3)
+    alphabet = "abcdefghijWXYZ0123 _-/.\u4e2d\u0301\u00fc"
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 120)))
+        size, width = rng.choice([7.5, 9.5, 13.0]), rng.uniform(5, 240)
+        assert fit(text, size, width) == reference(text, size, width), (text, size, width)
+    assert fit("x" * 1_000_000, 13, 236).endswith("\u2026")
 
 
 def test_unrated_label_renders() -> None:
