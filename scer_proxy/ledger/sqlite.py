@@ -154,16 +154,17 @@ class SqliteLedger:
             self._open_readers()
 
     async def _database_gone(self) -> None:
-        """The database file was deleted or replaced: close the readers (the loop's at once, on the loop;
-        the aggregations' under their lock), to be opened again on the new file (until then reads see
+        """The database file was deleted or replaced: close the readers (under their locks, after any read
+        running on a worker thread), to be opened again on the new file (until then reads see
         what is in memory only), and write the tenant salt back if it went with the file."""
-        reader, self._reader = self._reader, None
-        await asyncio.to_thread(self._close_aggregator, reader)
+        await asyncio.to_thread(self._close_stale_readers)
         if self.path != ":memory:" and await asyncio.to_thread(restore_salt, self.path, self.tenant_salt):
             log.warning("ledger_salt_restored", path=f"{self.path}.salt")
 
-    def _close_aggregator(self, reader: sqlite3.Connection | None) -> None:
-        with self._aggregator.lock:
+    def _close_stale_readers(self) -> None:
+        """Close both readers once no read holds them (reads run on worker threads under their locks)."""
+        with self._reader_lock, self._aggregator.lock:
+            reader, self._reader = self._reader, None
             conn, self._aggregator.conn = self._aggregator.conn, None
         for old in (reader, conn):
             if old is not None:
@@ -207,9 +208,9 @@ class SqliteLedger:
 
     def stored(self, request_id: str) -> Record | None:
         """The record's figure in the database (one indexed lookup), or None; blocking, any thread."""
-        if self._reader is None:
-            return None
         with self._reader_lock:
+            if self._reader is None:
+                return None
             return reads.get(self._reader, request_id)
 
     def get(self, request_id: str) -> Record | None:
