@@ -216,11 +216,7 @@ def tenant_salt(db_path: str | os.PathLike[str]) -> bytes:
         raise LedgerError(f"cannot create tenant salt file {str(path)!r}: {exc.strerror}") from exc
     else:
         salt = secrets.token_bytes(SALT_BYTES)
-        try:
-            os.write(fd, salt)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_closing(fd, salt)
         return salt
     try:
         salt = path.read_bytes()
@@ -242,12 +238,17 @@ def restore_salt(db_path: str | os.PathLike[str], salt: bytes) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return False
+    _write_closing(fd, salt)
+    return True
+
+
+def _write_closing(fd: int, data: bytes) -> None:
+    """Write ``data`` to the new file ``fd``, to the disk, and close it."""
     try:
-        os.write(fd, salt)
+        os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    return True
 
 
 def to_row(r: Record) -> tuple[Any, ...]:
