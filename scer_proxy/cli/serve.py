@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import sys
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -110,6 +111,9 @@ def serve_command(args: argparse.Namespace) -> int:
 
     config = _config_from(args)
     configure_logging(config.server.log_level)
+    # Ledger reads and renders run on worker threads; the loop waits for the GIL up to the switch
+    # interval each time one holds it (5 ms by default). 1 ms halved the proxied p99 during reads.
+    sys.setswitchinterval(0.001)
     return run_on_uvloop(_serve(config))
 
 
