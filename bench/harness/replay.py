@@ -3,8 +3,10 @@
 The simulator's engine runs on a virtual clock; a closed-loop workload submits requests to it; the
 proxy's timeline observes exactly what the proxy would see over HTTP (a request's start, each
 streamed token as it is produced, the end; for non-streamed requests only start and end) and reads
-the DCGM-style counter, which refreshes every ``metrics_period_s``, every ``sample_interval_s``.
-With no event-loop jitter this measures the method itself; ``bench.harness.accuracy`` measures
+the DCGM-style counter, which refreshes every ``metrics_period_s``, every ``sample_interval_s``:
+25.1 ms, not 25, so the reads drift across the counter's period as a proxy's timer does against an
+exporter's clock (a fixed phase would time every value with the same small error). With no
+event-loop jitter this measures the method itself; ``bench.harness.accuracy`` measures
 the whole proxy over HTTP.
 """
 
@@ -141,7 +143,7 @@ def replay(
     idle: str = "separate",
     prefill_weight: float | None = None,
     metrics_period_s: float = 0.1,
-    sample_interval_s: float = 0.025,
+    sample_interval_s: float = 0.0251,
     sample_phase_s: float = 0.0137,
 ) -> ReplayReport:
     """Run the workload on a virtual clock; returns the per-request figures and the balances."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-FLOOR = 0.005  # the split's error even for a long request alone
+FLOOR = 0.007  # the split's error even for a long request alone
 PER_INTERVAL = 0.1  # over sqrt(intervals spanned)
 SHORT = 0.25  # a request shorter than one interval
 SHORT_SHARED = 0.4  # ... that shared it with fifty times its own energy or more
