@@ -29,7 +29,8 @@ async def build_meter(config: Config, upstream: UpstreamConfig) -> Choice:
     cfg = config.meter
     if kind == "dcgm":
         return _measured(
-            DcgmMeter(cfg.dcgm_url, gpus=upstream.gpus, source="dcgm"), "configured: DCGM exporter"
+            DcgmMeter(cfg.dcgm_url, gpus=upstream.gpus, source="dcgm", hostname=cfg.dcgm_hostname),
+            "configured: DCGM exporter",
         )
     if kind == "simulated":
         return _measured(
