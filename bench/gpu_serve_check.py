@@ -146,7 +146,7 @@ def metrics_reader(url: str) -> Callable[[], float]:
     def read() -> float:
         samples = parse_energy_mj(client.get(url).text)
         assert samples, "the upstream's /metrics has no energy counter"
-        return sum(mj for mj, _labels in samples.values()) / 1000.0
+        return sum(sample.value_mj for sample in samples) / 1000.0
 
     return read
 

@@ -16,8 +16,8 @@ from scer_proxy.grid.providers import build_grid_source
 from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.meters import Meter
 from scer_proxy.meters.nvml import NvmlMeter
-from scer_proxy.meters.sampler import UpstreamMeter
-from scer_proxy.meters.select import Choice, build_meter
+from scer_proxy.meters.sampler import UpstreamMeter, distinct_meters
+from scer_proxy.meters.select import Choice, build_meter, share_hardware
 from scer_proxy.proxy.accounting import Accounting
 from scer_proxy.proxy.handler import ProxyHandler
 from scer_proxy.proxy.serving import preload_tokenizer
@@ -82,11 +82,15 @@ def create_app(
 
     async def meter_ctx(app: web.Application) -> AsyncIterator[None]:
         weight = config.attribution.prefill_weight
+        choices: dict[str, Choice] = {}
         for upstream in config.upstreams:
             if meters is not None and upstream.name in meters:
-                choice = Choice(meters[upstream.name], None, "given")
+                choices[upstream.name] = Choice(meters[upstream.name], None, "given")
             else:
-                choice = await build_meter(config, upstream)
+                choices[upstream.name] = await build_meter(config, upstream)
+        # Upstreams on one board share one meter runtime and one timeline: its energy is split among all
+        # their requests by one rule, and counted once (docs/method.md#shared-hardware).
+        for group in await share_hardware(choices):
             timeline = Timeline(
                 TimelineConfig(
                     prefill_weight=None if isinstance(weight, str) else weight,
@@ -94,16 +98,19 @@ def create_app(
                     idle_window_s=config.attribution.idle_window_s,
                 )
             )
-            app[METERS][upstream.name] = UpstreamMeter(
-                upstream.name,
-                choice.meter,
+            upstream_meter = UpstreamMeter(
+                group.names[0],
+                group.choice.meter,
                 timeline,
                 interval_s=config.meter.interval_ms / 1000.0,
                 on_settled=lambda name, share: app[ACCOUNTING].settled(name, share),
                 clock=clock,
-                estimator=choice.estimator,
+                estimator=group.choice.estimator,
+                shared_by=group.names,
             )
-            app[METER_NOTES][upstream.name] = choice.note
+            for name in group.names:
+                app[METERS][name] = upstream_meter
+                app[METER_NOTES][name] = group.choice.note
         upstream_meters = app[METERS]
         app[ACCOUNTING] = Accounting(
             config,
@@ -114,7 +121,7 @@ def create_app(
             wall_clock=wall_clock,
             rating_for=ratings.grade,
         )
-        for upstream_meter in app[METERS].values():
+        for upstream_meter in distinct_meters(app[METERS]).values():
             if upstream_meter.samples:
                 await upstream_meter.sample_once()  # a first reading, so the first request has a baseline
                 meter = upstream_meter.meter
@@ -123,7 +130,7 @@ def create_app(
                     upstream_meter.interval_s = meter.recommended_interval_s(upstream_meter.interval_s)
             upstream_meter.start()
         yield
-        for upstream_meter in app[METERS].values():
+        for upstream_meter in distinct_meters(app[METERS]).values():
             await upstream_meter.close()
 
     app.on_startup.append(preload_tokenizer)

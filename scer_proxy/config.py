@@ -118,6 +118,7 @@ class MeterConfig:
     kind: str = "auto"
     interval_ms: float = 100.0
     dcgm_url: str = ""
+    dcgm_hostname: str = ""  # the host whose lines to read on a page of several (the ``Hostname`` label)
     rapl_root: str = "/sys/class/powercap"
     rapl_dram: bool = False
     estimate_gpu: str = "H100"
@@ -133,6 +134,8 @@ class MeterConfig:
             raise ConfigError(f"meter.interval_ms: must be between 10 and 60000, got {self.interval_ms}")
         if self.dcgm_url:
             object.__setattr__(self, "dcgm_url", _check_url(self.dcgm_url, "meter.dcgm_url"))
+        if self.dcgm_hostname != self.dcgm_hostname.strip() or '"' in self.dcgm_hostname:
+            raise ConfigError(f"meter.dcgm_hostname: not a Hostname label value: {self.dcgm_hostname!r}")
         if self.kind == "dcgm" and not self.dcgm_url:
             raise ConfigError("meter.dcgm_url: required when meter.kind is 'dcgm'")
 

@@ -9,7 +9,10 @@ that instant), split evenly over the GPUs like the simulator's ``/metrics``. Pow
 reading), ``NVML_FI_DEV_POWER_INSTANT`` the engine's power at this instant (mW).
 
 Knobs: ``pre_volta`` (the energy counter raises ``NVMLError_NotSupported``; ``instant_field=False``
-also removes the instant-power field), ``mig``, :meth:`reload_driver` (counters restart from 0),
+also removes the instant-power field), ``mig`` (with ``mig_devices`` MIG devices a GPU, addressed by
+the UUIDs in ``mig_uuids``: their handles answer ``nvmlDeviceIsMigDeviceHandle`` and lead to their
+board), ``call_s`` (each energy-counter call takes that long: ``advance(call_s / 2)`` on each side of
+the value, e.g. a fake clock's), :meth:`reload_driver` (counters restart from 0),
 :meth:`stall` / :meth:`unstall` (counters frozen), :meth:`fail_next` (the next n calls raise),
 ``driver_loaded=False`` (``nvmlInit`` raises ``NVMLError_DriverNotLoaded``).
 """
@@ -17,7 +20,9 @@ also removes the instant-power field), ``mig``, :meth:`reload_driver` (counters 
 from __future__ import annotations
 
 import collections
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -34,6 +39,12 @@ class FakeHandle:
     index: int
 
 
+@dataclass(frozen=True)
+class FakeMigHandle:
+    parent: int
+    instance: int
+
+
 class FakeNvml:
     """Use as the ``nvml`` module of ``NvmlMeter``: ``NvmlMeter(gpus, nvml=FakeNvml(engine))``."""
 
@@ -48,6 +59,9 @@ class FakeNvml:
         mig: bool = False,
         driver_loaded: bool = True,
         initial_mj: int = 123_456_789,
+        mig_devices: int = 0,
+        call_s: float = 0.0,
+        advance: Callable[[float], None] = time.sleep,
     ) -> None:
         self.engine = engine
         self.num_gpus = num_gpus if num_gpus is not None else engine.profile.num_gpus
@@ -57,6 +71,13 @@ class FakeNvml:
         self.mig = mig
         self.driver_loaded = driver_loaded
         self.uuids = [f"GPU-{uuid.uuid5(uuid.NAMESPACE_URL, f'fake-nvml/{i}')}" for i in range(self.num_gpus)]
+        self.mig_uuids = {
+            f"MIG-{uuid.uuid5(uuid.NAMESPACE_URL, f'fake-nvml/{i}/{m}')}": FakeMigHandle(i, m)
+            for i in range(self.num_gpus)
+            for m in range(mig_devices)
+        }
+        self.call_s = call_s
+        self.advance = advance
         self.calls: collections.Counter[str] = collections.Counter()
         self.inits = 0
         self.shutdowns = 0
@@ -132,11 +153,23 @@ class FakeNvml:
             raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
         return FakeHandle(index)
 
-    def nvmlDeviceGetHandleByUUID(self, gpu_uuid: str) -> FakeHandle:
+    def nvmlDeviceGetHandleByUUID(self, gpu_uuid: str) -> FakeHandle | FakeMigHandle:
         self._enter("nvmlDeviceGetHandleByUUID")
+        if gpu_uuid in self.mig_uuids:
+            return self.mig_uuids[gpu_uuid]
         if gpu_uuid not in self.uuids:
             raise NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
         return FakeHandle(self.uuids.index(gpu_uuid))
+
+    def nvmlDeviceIsMigDeviceHandle(self, handle: Any) -> int:
+        self._enter("nvmlDeviceIsMigDeviceHandle")
+        return int(isinstance(handle, FakeMigHandle))
+
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, handle: Any) -> FakeHandle:
+        self._enter("nvmlDeviceGetDeviceHandleFromMigDeviceHandle")
+        if not isinstance(handle, FakeMigHandle):
+            raise NVMLError(pynvml.NVML_ERROR_INVALID_ARGUMENT)
+        return FakeHandle(handle.parent)
 
     def nvmlDeviceGetIndex(self, handle: Any) -> int:
         return self._device(handle, "nvmlDeviceGetIndex")
@@ -159,7 +192,12 @@ class FakeNvml:
         index = self._device(handle, "nvmlDeviceGetTotalEnergyConsumption")
         if self.pre_volta:
             raise NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
-        return self.counter_mj(index)
+        if self.call_s:
+            self.advance(self.call_s / 2.0)
+        value = self.counter_mj(index)
+        if self.call_s:
+            self.advance(self.call_s / 2.0)
+        return value
 
     def nvmlDeviceGetPowerUsage(self, handle: Any) -> int:
         self._device(handle, "nvmlDeviceGetPowerUsage")

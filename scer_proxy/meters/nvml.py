@@ -3,13 +3,23 @@
 NVML reports millijoules and milliwatts; this meter reports joules and seconds. Methods, per device:
 
 * ``energy_counter``: the driver's cumulative counter (integer mJ, Volta and newer). It moves only
-  every *update period* (20 to 100 ms), which the meter measures at open by polling the first device;
-  :meth:`NvmlMeter.recommended_interval_s` advises sampling no faster.
+  every *update period* (20 to 100 ms), which the meter measures at open by polling the first device
+  (the median gap between its changes, :mod:`.period`); :meth:`NvmlMeter.recommended_interval_s`
+  advises sampling no faster.
 * ``power_integration``: where the counter is not supported, instant power (the
   ``POWER_INSTANT`` field, else ``nvmlDeviceGetPowerUsage``) integrated by the trapezoid rule between
   reads; it misses power changes faster than the sampling interval.
 
-MIG: NVML gives board energy only; the meter warns once and reports ``"mig": true``.
+Each device's read is stamped at the middle of its own call, and a reading stands at the mean of its
+devices' stamps: one stamp taken before the loop was late by the whole loop for the last device (3 to
+5 ms a call on an H100: about 30 ms on 8 GPUs). The devices' values are not interpolated to that
+instant: a counter that steps every 20 to 100 ms would be given values it never held, and the sum would
+change at reads where no counter stepped.
+
+MIG: NVML gives board energy only; the meter warns once and reports ``"mig": true``. A MIG device
+(addressed by its ``MIG-...`` UUID) is read as its board, and two addresses of one board (an index and
+a UUID, two MIG devices) are read once. :meth:`NvmlMeter.hardware_keys` names the boards, so that
+upstreams on one board share one meter (``scer_proxy/app.py``).
 
 Counter faults:
 
@@ -34,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -45,6 +54,7 @@ from typing import Any
 import structlog
 
 from scer_proxy.meters import MeterError, Reading
+from scer_proxy.meters.period import ChangeGaps
 
 log = structlog.get_logger("scer_proxy.meter.nvml")
 
@@ -65,6 +75,7 @@ ENERGY_COUNTER = "energy_counter"
 POWER_INTEGRATION = "power_integration"
 STALL_MIN_POWER_W = 1.0
 INLINE_MAX_S = 0.0005  # a read that takes longer moves all later reads off the event loop
+PROBE_GAPS = 3  # gaps between changes the probe at open waits for (within probe_timeout_s)
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -148,9 +159,11 @@ class NvmlMeter:
         """``gpus``: NVML indices or UUIDs; ``nvml``: the module to call (default ``pynvml``, imported
         on open); ``sleep``: awaited between probe polls (tests pass one that advances a fake clock)."""
         addresses = tuple(gpus)
+        self.gpus = addresses
         if not addresses:
             raise ValueError("NvmlMeter needs at least one GPU index or UUID")
         self._devices = [_Device(address=a) for a in addresses]
+        self._boards: dict[str, str] = {}  # device key (the board's NVML index) -> the board's UUID
         self._clock = clock
         self._nvml: Any = nvml
         self._sleep = sleep
@@ -196,11 +209,28 @@ class NvmlMeter:
                 return False
             for device in self._devices:
                 self._inspect(device)
+            unique: dict[str, _Device] = {}
+            for device in self._devices:
+                unique.setdefault(device.key, device)  # one board addressed twice is read once
+            self._devices = list(unique.values())
             self._opened = True
             return True
         except MeterError:
             self._shutdown()
             raise
+
+    def widened(self, gpus: Iterable[int | str]) -> NvmlMeter:
+        """A new, unopened meter like this one over ``gpus`` (for upstreams whose GPU sets overlap)."""
+        return NvmlMeter(
+            gpus,
+            clock=self._clock,
+            nvml=self._nvml,
+            sleep=self._sleep,
+            probe_step_s=self._probe_step_s,
+            probe_timeout_s=self._probe_timeout_s,
+            stall_after_s=self._stall_after_s,
+            inline_max_s=self._inline_max_s,
+        )
 
     def recommended_interval_s(self, configured_s: float) -> float:
         """The sampling interval to use: the configured one, but never below the update period."""
@@ -224,13 +254,28 @@ class NvmlMeter:
         return Reading(t_s=t_s, energy_j=sum(devices_j.values()), devices_j=devices_j)
 
     def _read_devices(self) -> float:
-        t_s = self._clock()
+        """Read every device, each stamped at the middle of its own call; the reading's time is their mean."""
+        stamps: list[float] = []
         for device in self._devices:
+            started_s = self._clock()
             if device.method == ENERGY_COUNTER:
-                self._read_counter(device, t_s)
+                raw = self._counter_mj(device)
+                t_s = 0.5 * (started_s + self._clock())
+                self._apply_counter(device, raw, t_s)
             else:
-                self._read_power(device, t_s)
-        return t_s
+                power_mw = self._power_mw(device)
+                t_s = 0.5 * (started_s + self._clock())
+                self._apply_power(device, power_mw, t_s)
+            stamps.append(t_s)
+        return sum(stamps) / len(stamps)
+
+    def hardware_keys(self) -> frozenset[str]:
+        """The boards this meter reads, in keys two meters of one board share: ``gpu:<board UUID>`` once
+        open (an index, a UUID and the MIG devices of one board meet there), and the addresses."""
+        keys = {f"nvml:{device.address}" for device in self._devices}
+        for key, board_uuid in self._boards.items():
+            keys.update({f"gpu:{board_uuid}", f"nvml:{key}", f"nvml:{board_uuid}"})
+        return frozenset(keys)
 
     def _timed(self, function: Callable[..., Any], *args: Any) -> Any:
         """Call ``function`` on the event loop; if it took longer than ``inline_max_s`` (default
@@ -325,10 +370,18 @@ class NvmlMeter:
                 log.debug("nvml_shutdown_failed", error=str(exc))
 
     def _resolve(self, address: int | str) -> Any:
+        """The handle of the board at ``address``: a MIG device's is its parent's (board energy only)."""
         probe = _Device(address=address)
         if isinstance(address, int) or str(address).isdigit():
             return self._call("nvmlDeviceGetHandleByIndex", int(address), device=probe)
-        return self._call("nvmlDeviceGetHandleByUUID", str(address), device=probe)
+        handle = self._call("nvmlDeviceGetHandleByUUID", str(address), device=probe)
+        try:
+            is_mig = bool(self._call("nvmlDeviceIsMigDeviceHandle", handle, device=probe))
+        except NvmlError:
+            is_mig = False  # an old driver or pynvml: no MIG devices
+        if is_mig:
+            handle = self._call("nvmlDeviceGetDeviceHandleFromMigDeviceHandle", handle, device=probe)
+        return handle
 
     def _inspect(self, device: _Device) -> None:
         handle = device.handle
@@ -340,6 +393,7 @@ class NvmlMeter:
             index = str(device.address)
         device.key = index
         device.label = f"{index}: {name} ({uuid})"
+        self._boards[index] = uuid
         try:
             current, _pending = self._call("nvmlDeviceGetMigMode", handle, device=device)
             device.mig = int(current) == int(
@@ -375,21 +429,19 @@ class NvmlMeter:
             )
 
     async def _probe_period(self, device: _Device) -> float | None:
-        """The interval between changes of the device's counter (or power), polled for a bounded time."""
+        """The median gap between changes of the device's counter (or power), polled for a bounded time
+        (:class:`~scer_proxy.meters.period.ChangeGaps`; the sampler goes on measuring it)."""
         sample = self._counter_mj if device.method == ENERGY_COUNTER else self._power_mw
+        gaps = ChangeGaps()
         start_s = self._clock()
-        last = self._timed(sample, device)
-        changes: list[float] = []
-        while self._clock() - start_s < self._probe_timeout_s and len(changes) < 3:
-            await self._sleep(self._probe_step_s)
+        while self._clock() - start_s < self._probe_timeout_s and gaps.gaps < PROBE_GAPS:
+            started_s = self._clock()
             value = (
                 await self._in_thread(sample, device) if self.reads_in_thread else self._timed(sample, device)
             )
-            if value != last:
-                changes.append(self._clock())
-                last = value
-        intervals = [b - a for a, b in itertools.pairwise(changes)]
-        return min(intervals) if intervals else None
+            gaps.observe(0.5 * (started_s + self._clock()), {"probe": float(value)})
+            await self._sleep(self._probe_step_s)
+        return gaps.period_s
 
     # -- reading --------------------------------------------------------------------------------
     def _counter_mj(self, device: _Device) -> int:
@@ -413,8 +465,7 @@ class NvmlMeter:
             return self._instant_power_mw(device)
         return float(self._call("nvmlDeviceGetPowerUsage", device.handle, device=device))
 
-    def _read_counter(self, device: _Device, t_s: float) -> None:
-        raw = self._counter_mj(device)
+    def _apply_counter(self, device: _Device, raw: int, t_s: float) -> None:
         last = device.last_raw_mj
         if last is None or raw > last:
             device.last_change_s = t_s
@@ -458,8 +509,7 @@ class NvmlMeter:
             f"{limit_s:.1f} s while the GPU draws power"
         )
 
-    def _read_power(self, device: _Device, t_s: float) -> None:
-        power_mw = self._power_mw(device)
+    def _apply_power(self, device: _Device, power_mw: float, t_s: float) -> None:
         if device.last_t_s is not None and device.last_power_mw is not None and t_s > device.last_t_s:
             device.energy_mj += (device.last_power_mw + power_mw) / 2.0 * (t_s - device.last_t_s)
         device.last_t_s = t_s

@@ -170,6 +170,10 @@ class RaplMeter:
         devices_j = {domain.key: domain.total_uj / 1e6 for domain in self._domains}
         return Reading(t_s=t_s, energy_j=sum(d.total_uj for d in self._domains) / 1e6, devices_j=devices_j)
 
+    def hardware_keys(self) -> frozenset[str]:
+        """The CPU packages of this host: every RAPL meter of one root reads the same counters."""
+        return frozenset({f"rapl:{self.root.resolve()}"})
+
     def describe(self) -> dict[str, Any]:
         domains = self._domains if self._domains is not None else []
         return {

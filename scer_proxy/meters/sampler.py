@@ -1,16 +1,28 @@
-"""The meter runtime of one upstream: a sampler task feeding readings into its attribution timeline.
+"""The meter runtime of one upstream (or of the upstreams sharing its boards): a sampler task feeding
+readings into their attribution timeline.
 
-The sampler reads the meter every ``interval_ms``; a failed read is counted and shown in health, and
-never stops requests from being served (their records are flagged ``meter_error`` until the meter
-answers again). When an interval settles requests, ``on_settled`` receives their final shares.
+The sampler reads the meter every ``interval_ms``; a failed read (a :class:`MeterError`, or a reading
+with a non-finite value) is counted and shown in health, and never stops requests from being served
+(their records are flagged ``meter_error`` until the meter answers again). When an interval settles
+requests, ``on_settled`` receives their final shares.
+
+The counter's energy is counted per device, from the first reading: a device's step backwards (a
+driver reload, a GPU reset) counts zero, so only that device's interval is lost and no figure, the
+timeline's or ``counter_j`` in health, ever goes negative (``counter_resets`` counts them). A device
+missing from a reading adds nothing until it is back, when its step covers the gap.
+
+Upstreams on one board (the same GPU index or UUID, MIG devices of one GPU) share one
+:class:`UpstreamMeter`, built once in ``scer_proxy/app.py``: its timeline splits the board's energy
+among all their requests by one rule, and ``shared_by`` names them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -18,6 +30,7 @@ import structlog
 from scer_proxy.attribution.readings import ValueClock
 from scer_proxy.attribution.timeline import Share, Timeline
 from scer_proxy.meters import Estimator, Meter, MeterError, Reading
+from scer_proxy.meters.period import ChangeGaps
 
 log = structlog.get_logger("scer_proxy.meter")
 SETTLE_BATCH = 8  # settled records handed on between two turns of the event loop (about 0.1 ms of work)
@@ -37,10 +50,12 @@ class UpstreamMeter:
         on_settled: Callable[[str, Share], None],
         clock: Callable[[], float] = time.monotonic,
         estimator: Estimator | None = None,
+        shared_by: tuple[str, ...] = (),
     ) -> None:
         if meter is not None and estimator is not None:
             raise ValueError("an upstream has a meter or an estimator, not both")
         self.upstream = upstream
+        self.shared_by = shared_by or (upstream,)  # the upstreams whose requests this timeline splits
         self.meter = meter
         self.estimator = estimator
         self._source: Meter | Estimator | None = meter if meter is not None else estimator
@@ -51,13 +66,25 @@ class UpstreamMeter:
         self._task: asyncio.Task[None] | None = None
         self.first_reading: Reading | None = None
         self.last_reading: Reading | None = None
-        self.last_value_change_s: float | None = None
         self.errors = 0
         self.last_error: str | None = None
         self.healthy = self._source is not None
         self.readings = 0
-        self.update_period_s: float | None = None
         self._value_clock = ValueClock()
+        self._gaps = ChangeGaps()
+        self._device_j: dict[str, float] = {}  # each device's last value
+        self.counter_j = 0.0  # the counter's energy since the first reading, per device, resets counting 0
+        self.counter_resets = 0
+
+    @property
+    def update_period_s(self) -> float | None:
+        """The counter's update period: the median gap between its changes as the sampler reads it
+        (:mod:`.period`), else what the meter measured at open (NVML's probe), else None."""
+        measured = self._gaps.period_s
+        if measured is not None:
+            return measured
+        probed = getattr(self.meter, "update_period_s", None)
+        return float(probed) if isinstance(probed, int | float) else None
 
     @property
     def source(self) -> str:
@@ -135,6 +162,7 @@ class UpstreamMeter:
         assert self.meter is not None
         try:
             reading = await self.meter.read()
+            devices = _checked(reading)
         except MeterError as exc:
             self.errors += 1
             self.healthy = False
@@ -146,23 +174,42 @@ class UpstreamMeter:
             log.info("meter_recovered", upstream=self.upstream)
         self.healthy = True
         self.readings += 1
-        previous = self.last_reading
+        first = self.first_reading is None
         self.last_reading = reading
         if self.first_reading is None:
             self.first_reading = reading
-        changed = previous is None or reading.energy_j != previous.energy_j
+        self._gaps.observe(reading.t_s, devices)
+        changed = self._count(devices) or first
         value_s = self._value_clock.observe(reading.t_s, changed)
         if value_s is None:
             return  # the counter has not updated since the last read: no new interval yet
-        if self.last_value_change_s is not None:
-            period = reading.t_s - self.last_value_change_s
-            self.update_period_s = (
-                period if self.update_period_s is None else min(self.update_period_s, period)
-            )
-        self.last_value_change_s = reading.t_s
-        result = self.timeline.reading(value_s, reading.energy_j)
+        result = self.timeline.reading(value_s, self.counter_j)
         if result is not None:
             await self._settle(result.settled)
+
+    def _count(self, devices: Mapping[str, float]) -> bool:
+        """Add each device's step since its last value to ``counter_j``; a step backwards is a reset and
+        counts zero. Returns whether any device's value changed."""
+        changed = False
+        for device, value_j in devices.items():
+            last_j = self._device_j.get(device)
+            self._device_j[device] = value_j
+            if last_j is None or value_j == last_j:
+                continue
+            changed = True
+            if value_j > last_j:
+                self.counter_j += value_j - last_j
+                continue
+            self.counter_resets += 1
+            log.warning(
+                "meter_counter_reset",
+                upstream=self.upstream,
+                device=device,
+                previous_j=last_j,
+                now_j=value_j,
+                resets=self.counter_resets,
+            )
+        return changed
 
     async def _settle(self, shares: tuple[Share, ...]) -> None:
         """Hand the settled shares on, yielding to the loop every ``SETTLE_BATCH`` of them: one reading can
@@ -222,6 +269,7 @@ class UpstreamMeter:
         }
 
     def describe(self) -> dict[str, Any]:
+        period_s = self.update_period_s
         age_ms = None
         if self.last_reading is not None:
             age_ms = (self._clock() - self.last_reading.t_s) * 1000.0
@@ -230,10 +278,11 @@ class UpstreamMeter:
         return {
             **extra,
             "upstream": self.upstream,
+            "shared_by": list(self.shared_by),
             "kind": self.source,
             "devices": info.get("devices", []),
             "url": info.get("url"),
-            "update_period_ms": None if self.update_period_s is None else self.update_period_s * 1000.0,
+            "update_period_ms": None if period_s is None else period_s * 1000.0,
             "interval_ms": self.interval_s * 1000.0,
             "last_reading_age_ms": age_ms,
             "healthy": self.healthy,
@@ -249,11 +298,31 @@ class UpstreamMeter:
                 "idle_ratio": self.timeline.idle.ratio(self._clock()),
                 "idle_balance_j": self.timeline.idle_balance_j,
             },
-            # GPU energy before PUE since the first reading: split among intervals, and the raw counter.
+            # GPU energy before PUE since the first reading: split among intervals, and the counter's
+            # own steps (a reset counts zero, so neither is ever negative).
             "measured_j": self.timeline.measured_j,
-            "counter_j": (
-                None
-                if self.first_reading is None or self.last_reading is None
-                else self.last_reading.energy_j - self.first_reading.energy_j
-            ),
+            "counter_j": None if self.first_reading is None else self.counter_j,
+            "counter_resets": self.counter_resets,
         }
+
+
+def _checked(reading: Reading) -> dict[str, float]:
+    """The reading's per-device values (its total as one device when it has none); a non-finite value is a
+    :class:`MeterError`, never a figure."""
+    devices = dict(reading.devices_j) or {"": reading.energy_j}
+    bad = sorted(k for k, v in devices.items() if not math.isfinite(v))
+    if bad or not math.isfinite(reading.energy_j):
+        raise MeterError(f"the reading holds a non-finite value (devices {bad or 'total'})")
+    return devices
+
+
+def distinct_meters(meters: dict[str, UpstreamMeter]) -> dict[str, UpstreamMeter]:
+    """One entry per meter runtime (upstreams that share a board map to one), under its first upstream's
+    name: what sums over upstreams (idle, errors) must count once."""
+    seen: dict[int, str] = {}
+    out: dict[str, UpstreamMeter] = {}
+    for name, meter in meters.items():
+        if id(meter) not in seen:
+            seen[id(meter)] = name
+            out[name] = meter
+    return out

@@ -215,6 +215,7 @@ class Accounting:
         record = self._pending.pop(share.rid, None)
         if record is None:
             return
+        upstream = record.upstream  # its own: upstreams that share a board share one meter
         meter = self.meters[upstream]
         duration_s = (record.ended_at or record.started_at) - record.started_at
         # Settle with the intensity that applied when the request ended, not today's.

@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from scer_proxy.carbon.records import Record
 from scer_proxy.ledger.sqlite import SqliteLedger
+from scer_proxy.meters.sampler import distinct_meters
 from scer_proxy.scer.book import RatingsBook
 from scer_proxy.summary.build import parse_duration_s
 from scer_proxy.summary.metrics import COUNTERS, HEALTHY, IDLE, IDLE_BALANCE, series
@@ -50,7 +51,10 @@ def parse_limit(text: str) -> int:
 
 def meter_info(app: web.Application) -> dict[str, Any]:
     """The summary's ``meter`` object: kind, devices, update period, age of the last reading, errors."""
-    meters = [m.describe() | {"note": app[METER_NOTES].get(name)} for name, m in app[METERS].items()]
+    meters = [
+        m.describe() | {"note": app[METER_NOTES].get(name)}
+        for name, m in distinct_meters(app[METERS]).items()
+    ]
     kinds = sorted({m["kind"] for m in meters})
     ages = [m["last_reading_age_ms"] for m in meters if m["last_reading_age_ms"] is not None]
     periods = [m["update_period_ms"] for m in meters if m["update_period_ms"] is not None]
@@ -69,7 +73,8 @@ def idle_energy_j(app: web.Application) -> float:
     """Measured energy left unattributed: idle under ``separate``; under ``amortize`` the balance still
     waiting to be spread over requests."""
     pue = app[CONFIG].carbon.pue
-    return sum((m.timeline.idle_j + m.timeline.idle_balance_j) * pue for m in app[METERS].values())
+    meters = distinct_meters(app[METERS]).values()
+    return sum((m.timeline.idle_j + m.timeline.idle_balance_j) * pue for m in meters)
 
 
 def idle_info(app: web.Application) -> dict[str, Any]:
@@ -79,7 +84,7 @@ def idle_info(app: web.Application) -> dict[str, Any]:
     mean of theirs weighted by their active energy (None where no upstream has one yet)."""
     config = app[CONFIG]
     pue = config.carbon.pue
-    meters = app[METERS].values()
+    meters = distinct_meters(app[METERS]).values()
     states = [m.idle_state() for m in meters]
     windows = {m.timeline.idle.window_s for m in meters}  # the timelines' own (all built from the config)
     rated = [(s["ratio"], s["active_j"] or 0.0) for s in states if s["ratio"] is not None]

@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from scer_proxy.meters import MeterError
-from scer_proxy.meters.dcgm import DcgmMeter, parse_energy_mj, select_devices
+from scer_proxy.meters.dcgm import DcgmMeter, Sample, parse_energy_mj, select_devices
 from tests.servers import start_site
 
 PAGE = (
@@ -63,17 +63,17 @@ async def exporter() -> AsyncIterator[Exporter]:
 
 def test_parse_keeps_only_the_energy_metric_with_its_labels() -> None:
     samples = parse_energy_mj(PAGE)
-    assert samples == {
-        "0": (1500.0, {"gpu": "0", "UUID": "GPU-aaaa", "modelName": "NVIDIA H100 80GB HBM3"}),
-        "1": (2500.5, {"gpu": "1", "UUID": "GPU-bbbb", "modelName": "NVIDIA H100 80GB HBM3"}),
-    }
+    assert samples == [
+        Sample(1500.0, {"gpu": "0", "UUID": "GPU-aaaa", "modelName": "NVIDIA H100 80GB HBM3"}),
+        Sample(2500.5, {"gpu": "1", "UUID": "GPU-bbbb", "modelName": "NVIDIA H100 80GB HBM3"}),
+    ]
     # Lines that are not a sample of the metric (a longer name, a bad value, no value) are skipped.
     assert (
         parse_energy_mj(
             'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION{gpu="0"} nan-ish\n'
             "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTIONX 5\nDCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION\n"
         )
-        == {}
+        == []
     )
 
 
@@ -82,7 +82,8 @@ def test_select_devices_by_index_or_uuid_in_joules() -> None:
     assert select_devices(samples, []) == {"0": 1.5, "1": 2.5005}
     assert select_devices(samples, [1]) == {"1": 2.5005}
     assert select_devices(samples, ["GPU-aaaa"]) == {"0": 1.5}
-    assert select_devices(samples, [7]) == {}
+    with pytest.raises(MeterError, match="no DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION sample for GPU 7"):
+        select_devices(samples, [7])
 
 
 async def test_reading_sums_the_selected_gpus_and_names_them(exporter: Exporter) -> None:
@@ -104,7 +105,7 @@ async def test_reading_sums_the_selected_gpus_and_names_them(exporter: Exporter)
     ("status", "body", "message"),
     [
         (503, "busy", "answered HTTP 503"),
-        (200, "# nothing here\n", "has no DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION sample for GPUs [3]"),
+        (200, "# nothing here\n", "no DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION sample for GPUs [3]"),
     ],
 )
 async def test_failures_are_meter_errors(exporter: Exporter, status: int, body: str, message: str) -> None:

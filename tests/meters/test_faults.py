@@ -28,7 +28,8 @@ class SwitchableMeter:
         if self.broken:
             raise MeterError("switched off by the test")
         reading = await self.inner.read()
-        return Reading(reading.t_s, reading.energy_j - self.offset_j, reading.devices_j)
+        devices = {k: v - self.offset_j / len(reading.devices_j) for k, v in reading.devices_j.items()}
+        return Reading(reading.t_s, reading.energy_j - self.offset_j, devices)
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
@@ -75,6 +76,7 @@ def test_meter_failure_and_recovery_and_counter_reset(
     assert record["energy_j"] > 0 and "meter_error" in record["flags"]
 
     # A counter reset (driver reload): the counter drops; nothing negative is attributed, and it goes on.
+    counted_j = health()["meter"]["upstreams"][0]["counter_j"]
     meter.offset_j = 1e9
     after = httpx.post(f"{proxy}/v1/chat/completions", json=body)
     assert after.status_code == 200
@@ -84,3 +86,8 @@ def test_meter_failure_and_recovery_and_counter_reset(
     records = httpx.get(f"{proxy}/scer/requests?limit=10").json()["data"]
     assert all(r["energy_j"] is not None and r["energy_j"] >= 0 for r in records)
     assert summary["totals"]["energy_j"] > 0
+    # No figure anywhere goes negative: health's counter goes on from where it was, one interval lost.
+    (upstream,) = health()["meter"]["upstreams"]
+    assert upstream["counter_resets"] >= 1
+    assert upstream["counter_j"] >= counted_j > 0 and upstream["measured_j"] > 0
+    assert upstream["measured_j"] <= upstream["counter_j"] * (1 + 1e-9)

@@ -224,6 +224,52 @@ async def test_mig_warns_once_and_is_described() -> None:
     assert meter.describe()["mig"] is True
 
 
+async def test_mig_devices_are_read_as_their_board_and_name_it() -> None:
+    """Two MIG devices of one board: each meter reads the board's counter, and both name that board, so
+    the proxy gives upstreams on them one meter; one board addressed twice in one meter is read once."""
+    clock, _engine, fake = setup(FOUR_GPUS, mig=True, mig_devices=2)
+    mig_a, mig_b = [u for u, h in fake.mig_uuids.items() if h.parent == 1]
+    meter_a, meter_b = meter_for(clock, fake, [mig_a]), meter_for(clock, fake, [mig_b])
+    twice = meter_for(clock, fake, [1, fake.uuids[1], mig_a])
+    for meter in (meter_a, meter_b, twice):
+        await meter.open()  # each probes the update period, which moves the fake clock
+    readings = [await meter_a.read(), await meter_b.read(), await twice.read()]
+    assert [r.devices_j for r in readings] == [{"1": fake.counter_mj(1) / 1000.0}] * 3
+    board = f"gpu:{fake.uuids[1]}"
+    assert board in meter_a.hardware_keys() & meter_b.hardware_keys() & twice.hardware_keys()
+    assert meter_a.describe()["mig"] is True and len(twice.describe()["devices"]) == 1
+    other = meter_for(clock, fake, [0])
+    await other.read()
+    assert not other.hardware_keys() & meter_a.hardware_keys()
+    for meter in (meter_a, meter_b, twice, other):
+        await meter.close()
+
+
+async def test_each_device_is_stamped_at_its_own_call_and_the_reading_at_their_mean() -> None:
+    """8 GPUs at 4 ms a counter call (an H100 takes 3 to 5 ms): one stamp taken before the loop was late
+    by the loop for the last device, 28 ms here. Each call is stamped at its middle and the reading at
+    their mean; with the devices drawing alike, the summed counter is then the sum's value at that instant."""
+    clock = FakeClock()
+    engine = Engine(get_profile(ONE_GPU), clock=clock, metrics_period_s=0.0005)  # a near-continuous counter
+    fake = FakeNvml(engine, num_gpus=8, call_s=0.004, advance=clock.advance)
+    meter = meter_for(clock, fake, list(range(8)))
+    await meter.open()
+    await meter.read()
+    clock.advance(0.1)
+    started_s = clock()
+    reading = await meter.read()
+    ended_s = clock()
+    assert ended_s - started_s == pytest.approx(0.032)
+    # device i is read in [started + 4i ms, started + 4(i+1) ms]: its middle at started + 4i + 2 ms
+    assert reading.t_s == pytest.approx(started_s + 0.016, abs=1e-9)
+    # the truth at t_s: the counter now less the idle power for the time since (8 x integer mJ per GPU)
+    engine.sync()
+    power_w = engine.power_now_w
+    truth_j = 8 * 123_456.789 + engine.counter_j - power_w * (ended_s - reading.t_s)
+    assert abs(reading.energy_j - truth_j) <= power_w * 0.0006 + 0.008, (reading.energy_j - truth_j, power_w)
+    await meter.close()
+
+
 async def test_errors_become_meter_errors_naming_the_device() -> None:
     clock, _engine, fake = setup()
     meter = meter_for(clock, fake)
