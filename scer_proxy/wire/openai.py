@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -141,6 +141,10 @@ def chunk_text(chunk: dict[str, Any]) -> str:
     return ""
 
 
+# The longest event terminator (``\r\n\r\n``) less one: the most of one a read can end with.
+_SPLIT_TERMINATOR_BYTES = 3
+
+
 @dataclass
 class SSEScanner:
     """Splits a raw SSE byte stream into whole events as it arrives and reads each one.
@@ -148,23 +152,38 @@ class SSEScanner:
     ``feed`` returns the complete events of a read, and keeps any incomplete tail for the next read;
     the relay forwards the events' bytes as they are, except the few it rewrites. Lines are never
     joined or re-framed: an event's bytes include its own terminator.
+
+    Linear in the stream's length however it is split: the tail grows in place, and each read is
+    searched only from where the last search ended (less the start of a terminator split across the
+    two reads), so one long event that arrives in many reads is searched once, not once a read.
     """
 
-    _tail: bytes = b""
+    _tail: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._tail + data if self._tail else data
+        tail = self._tail
+        if tail:
+            pos = max(0, len(tail) - _SPLIT_TERMINATOR_BYTES)
+            tail += data
+            buf: bytes | bytearray = tail
+        else:
+            pos = 0
+            buf = data
         events = []
         start = 0
-        for match in _EVENT_END.finditer(buf):
-            events.append(buf[start : match.end()])
+        for match in _EVENT_END.finditer(buf, pos):
+            events.append(bytes(buf[start : match.end()]))
             start = match.end()
-        self._tail = buf[start:]
+        if buf is tail:
+            del tail[:start]
+        elif start < len(data):
+            tail += memoryview(data)[start:]
         return events
 
     def flush(self) -> bytes:
         """Whatever incomplete event is left at the end of the stream."""
-        tail, self._tail = self._tail, b""
+        tail = bytes(self._tail)
+        self._tail.clear()
         return tail
 
 
