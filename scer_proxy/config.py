@@ -53,6 +53,7 @@ def _check_url(value: str, key: str) -> str:
 class ServerConfig:
     listen: str = "127.0.0.1:8080"
     max_body_bytes: int = 16_777_216
+    max_usage_tokens: int = 10_000_000  # an upstream's usage count above this is not believed
     admin_token: str = ""
     log_level: str = "info"
 
@@ -60,6 +61,8 @@ class ServerConfig:
         parse_listen(self.listen, "server.listen")
         if self.max_body_bytes <= 0:
             raise ConfigError(f"server.max_body_bytes: must be > 0, got {self.max_body_bytes}")
+        if self.max_usage_tokens <= 0:
+            raise ConfigError(f"server.max_usage_tokens: must be > 0, got {self.max_usage_tokens}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"

@@ -333,8 +333,8 @@ class ProxyHandler:
         decoded = wire.decode_for_reading(raw, resp.headers.get("Content-Encoding", ""))
         answer = wire.parse_json_object(decoded) if decoded is not None else None
         if answer is not None:
-            usage = wire.read_usage(answer.get("usage"))
-            if usage is None and resp.status < 400:
+            usage = wire.read_usage(answer.get("usage"), self.config.server.max_usage_tokens)
+            if wire.trusted(usage) is None and resp.status < 400:
                 completion_tokens = await self._count_text(upstream, wire.response_text(ex.kind, answer))
         ok = resp.status < 400
         record = self._close(
@@ -372,10 +372,11 @@ class ProxyHandler:
         flags: tuple[str, ...] = (),
         reached_upstream: bool = True,
     ) -> Record:
-        if usage is not None:
+        if usage is not None and usage.valid:
             prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
         else:
             prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
+            flags = (*flags, *(("upstream_usage_invalid",) if usage is not None else ()))
         ex.closed = True
         done = self.accounting.close(
             record,
@@ -511,7 +512,7 @@ class _StreamRelay:
                     continue
                 parts = []
                 for event in self.scanner.feed(data):
-                    if self.closed is None and self.last_usage is None and _is_done(event):
+                    if self.closed is None and wire.trusted(self.last_usage) is None and _is_done(event):
                         # The stream ends without usage: count with the upstream's /tokenize where it has one.
                         text = "".join(self.text_parts)
                         self.counted_completion = await self.h._count_text(self.upstream, text)
@@ -521,12 +522,13 @@ class _StreamRelay:
                     await out.write(chunk)
             if self.rewrite:
                 tail = self.scanner.flush()
-                ending = (self._event(tail) if tail else b"") + self._release(final=True)
+                ending = self._event(tail) if tail else b""
+                if self.closed is None and wire.trusted(self.last_usage) is None:
+                    # The stream ended without (valid) usage and without [DONE]: count as at [DONE].
+                    text = "".join(self.text_parts)
+                    self.counted_completion = await self.h._count_text(self.upstream, text)
+                ending += self._release(final=True)
                 if not self.figures_sent:
-                    if self.closed is None and self.last_usage is None:
-                        # The stream ended without usage and without [DONE]: count as at [DONE].
-                        text = "".join(self.text_parts)
-                        self.counted_completion = await self.h._count_text(self.upstream, text)
                     ending += wire.scer_comment(self._finish("ok", (), self.last_usage).scer())
                 if ending:
                     await out.write(ending)
@@ -567,7 +569,7 @@ class _StreamRelay:
     def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
         if self.closed is None:
             completion = 0
-            if usage is None:
+            if wire.trusted(usage) is None:
                 counted = self.counted_completion
                 completion = counted if counted is not None else tokens.count_text("".join(self.text_parts))
             self.closed = self.h._close(
@@ -606,7 +608,7 @@ class _StreamRelay:
             self.text_parts.append(text)
         if self.ex.kind == "responses":
             return self._responses_event(event, chunk)
-        usage = wire.read_usage(chunk.get("usage"))
+        usage = wire.read_usage(chunk.get("usage"), self.h.config.server.max_usage_tokens)
         if usage is not None:
             self.last_usage = usage
         out = b""
@@ -654,7 +656,8 @@ class _StreamRelay:
         if chunk.get("type") != "response.completed":
             return event
         response = chunk.get("response")
-        usage = wire.read_usage(response.get("usage")) if isinstance(response, dict) else None
+        max_tokens = self.h.config.server.max_usage_tokens
+        usage = wire.read_usage(response.get("usage"), max_tokens) if isinstance(response, dict) else None
         if usage is None or not isinstance(response, dict):
             return event
         record = self._finish("ok", (), usage)

@@ -65,23 +65,60 @@ def with_usage_requested(body: dict[str, Any]) -> bytes:
     return orjson.dumps({**body, "stream_options": merged})
 
 
+# Token counts above this are not believed (``server.max_usage_tokens``, where the proxy reads it).
+MAX_USAGE_TOKENS = 10_000_000
+
+
 @dataclass(frozen=True)
 class Usage:
-    """Token counts read from an upstream's ``usage`` object (any of the OpenAI shapes)."""
+    """Token counts read from an upstream's ``usage`` object (any of the OpenAI shapes).
+
+    ``valid`` is False for a usage whose counts cannot be true (negative, above the limit, not whole
+    numbers): the event still is a usage event for the stream's framing, but its counts are 0 and the
+    proxy counts the tokens itself.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    valid: bool = True
 
 
-def read_usage(usage: Any) -> Usage | None:
-    """Chat/completions (prompt/completion_tokens), embeddings (prompt/total), responses (input/output)."""
+def token_count(value: Any, max_tokens: int) -> int | None:
+    """A usage count as an int, or None unless it is a whole number from 0 to ``max_tokens``.
+
+    Bools are not counts; a float is taken only when it has no fraction (``17.0``).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= max_tokens:
+        return None
+    return value
+
+
+def read_usage(usage: Any, max_tokens: int = MAX_USAGE_TOKENS) -> Usage | None:
+    """Chat/completions (prompt/completion_tokens), embeddings (prompt/total), responses (input/output).
+
+    None when there is no usage (no object, or no prompt count in it); an invalid :class:`Usage` when
+    a count is there but is not a whole number from 0 to ``max_tokens`` (a missing completion count
+    is 0: embeddings have none).
+    """
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int) or isinstance(prompt, bool):
+    if prompt is None:
         return None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion or 0)
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    prompt_count, completion_count = token_count(prompt, max_tokens), token_count(completion, max_tokens)
+    if prompt_count is None or completion_count is None:
+        return Usage(prompt_tokens=0, completion_tokens=0, valid=False)
+    return Usage(prompt_tokens=prompt_count, completion_tokens=completion_count)
+
+
+def trusted(usage: Usage | None) -> Usage | None:
+    """The usage when its counts can be taken as they are, else None (the proxy counts the tokens)."""
+    return usage if usage is not None and usage.valid else None
 
 
 def decode_for_reading(body: bytes, content_encoding: str) -> bytes | None:

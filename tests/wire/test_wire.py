@@ -43,11 +43,15 @@ def test_scanner_keeps_partial_events_across_reads() -> None:
         ({"prompt_tokens": 9, "total_tokens": 9}, (9, 0)),  # embeddings
         ({"input_tokens": 5, "output_tokens": 2}, (5, 2)),  # responses
         (None, None),
-        ({"prompt_tokens": "3"}, None),
+        ({"completion_tokens": 4}, None),  # no prompt count: no usage
+        ({"prompt_tokens": "3"}, "invalid"),  # a count that is not a number: not believed
     ],
 )
-def test_read_usage_shapes(usage: object, expected: tuple[int, int] | None) -> None:
+def test_read_usage_shapes(usage: object, expected: tuple[int, int] | str | None) -> None:
     got = wire.read_usage(usage)
+    if got is not None and not got.valid:
+        assert expected == "invalid"
+        return
     assert (None if got is None else (got.prompt_tokens, got.completion_tokens)) == expected
 
 
