@@ -22,13 +22,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from scer_proxy.carbon.records import Record
 from scer_proxy.config import Config, UpstreamConfig
-from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.accounting import Accounting, PromptCount, count_text_off_loop
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.wire import openai as wire
 from scer_proxy.wire import tokens
 
 log = structlog.get_logger("scer_proxy.request")
-INLINE_COUNT_TOKENS = 512
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -93,6 +92,7 @@ class Exchange:
     model: str
     upstream: str
     stream: bool
+    prompt: PromptCount
     started_s: float = field(default_factory=time.monotonic)
     first_byte_s: float | None = None
     chunks: int = 0
@@ -266,23 +266,18 @@ class ProxyHandler:
             send_body = wire.with_usage_requested(parsed)
             injected = True
         headers = forward_headers(request.headers)
-        # The prompt's size places its prefill on the timeline. Short prompts are counted here (a few
-        # microseconds); long ones start from a character estimate and are counted in a worker thread
-        # while the request is on its way (tiktoken releases the GIL).
-        estimate = tokens.estimate_prompt(kind, parsed)
-        exact = estimate < INLINE_COUNT_TOKENS
+        # The prompt's size places its prefill on the timeline; it is counted off the event loop.
+        prompt = PromptCount(kind, parsed)
         record = self.accounting.open(
             upstream=upstream.name,
             model=model,
             tenant=self.accounting.tenant(request.headers),
             endpoint=kind,
             stream=stream,
-            prompt_estimate=tokens.count_prompt(kind, parsed) if exact else estimate,
+            prompt_estimate=prompt.first,
         )
-        if not exact:
-            counting = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, parsed)
-            counting.add_done_callback(lambda done: self._prompt_counted(record, done))
-        ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
+        prompt.when_counted(lambda count: self.accounting.prompt_counted(record, count))
+        ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream, prompt=prompt)
         # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
         # that has ended, and no ledger record is lost.
         try:
@@ -300,22 +295,21 @@ class ProxyHandler:
         except (asyncio.CancelledError, Exception) as exc:
             if not ex.closed:
                 status, http_status, flag = _failure(exc)
-                self._close(
-                    record,
-                    ex,
-                    parsed,
-                    status=status,
-                    http_status=http_status,
-                    completion_tokens=0,
-                    usage=None,
-                    flags=(flag,),
-                    reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
-                )
+                try:
+                    await ex.prompt.wait()
+                finally:
+                    self._close(
+                        record,
+                        ex,
+                        parsed,
+                        status=status,
+                        http_status=http_status,
+                        completion_tokens=0,
+                        usage=None,
+                        flags=(flag,),
+                        reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
+                    )
             raise
-
-    def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self.accounting.prompt_counted(record, done.result())
 
     async def _buffered(
         self,
@@ -336,6 +330,8 @@ class ProxyHandler:
             usage = wire.read_usage(answer.get("usage"), self.config.server.max_usage_tokens)
             if wire.trusted(usage) is None and resp.status < 400:
                 completion_tokens = await self._count_text(upstream, wire.response_text(ex.kind, answer))
+        if wire.trusted(usage) is None:
+            await ex.prompt.wait()
         ok = resp.status < 400
         record = self._close(
             record,
@@ -357,7 +353,7 @@ class ProxyHandler:
         if not text:
             return 0
         counted = await self.upstreams.tokenize(upstream.name, text)
-        return counted if counted is not None else tokens.count_text(text)
+        return counted if counted is not None else await count_text_off_loop(text)
 
     def _close(
         self,
@@ -372,11 +368,12 @@ class ProxyHandler:
         flags: tuple[str, ...] = (),
         reached_upstream: bool = True,
     ) -> Record:
+        counted, source, counted_flags = ex.prompt.result()
         if usage is not None and usage.valid:
             prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
         else:
-            prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
-            flags = (*flags, *(("upstream_usage_invalid",) if usage is not None else ()))
+            prompt, completion = counted, completion_tokens
+            flags = (*flags, *counted_flags, *(("upstream_usage_invalid",) if usage is not None else ()))
         ex.closed = True
         done = self.accounting.close(
             record,
@@ -516,6 +513,7 @@ class _StreamRelay:
                         # The stream ends without usage: count with the upstream's /tokenize where it has one.
                         text = "".join(self.text_parts)
                         self.counted_completion = await self.h._count_text(self.upstream, text)
+                        await self.ex.prompt.wait()
                     parts.append(self._event(event))
                 chunk = b"".join(parts)
                 if chunk:
@@ -527,6 +525,7 @@ class _StreamRelay:
                     # The stream ended without (valid) usage and without [DONE]: count as at [DONE].
                     text = "".join(self.text_parts)
                     self.counted_completion = await self.h._count_text(self.upstream, text)
+                    await self.ex.prompt.wait()
                 ending += self._release(final=True)
                 if not self.figures_sent:
                     ending += wire.scer_comment(self._finish("ok", (), self.last_usage).scer())
