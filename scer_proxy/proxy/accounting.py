@@ -24,6 +24,7 @@ from scer_proxy.config import Config
 from scer_proxy.grid.providers import GridIntensitySource
 from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.meters.sampler import UpstreamMeter
+from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.wire import tokens
 
 _TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
@@ -53,7 +54,8 @@ class PromptCount:
     it is short; a longer one is counted in a worker thread from the start of the request (tiktoken
     releases the GIL), and one over :data:`tokens.PROMPT_TOKENIZE_MAX_BYTES` is not tokenized at all:
     its count is estimated from its size, flagged ``prompt_estimated_from_bytes`` with ``estimate``
-    as the token source (:func:`tokens.prompt_plan`).
+    as the token source (:func:`tokens.prompt_plan`). The upstream's own ``/tokenize`` count, where
+    it was asked, replaces all of these.
 
     Reading the count (:meth:`result`) never waits: before the thread has finished it is the size
     estimate, so a record's closing path awaits :meth:`wait` first.
@@ -91,6 +93,15 @@ class PromptCount:
         """
         if self._future is not None and not self._future.done():
             await asyncio.shield(self._future)
+
+    async def ask_upstream(self, upstreams: Upstreams, name: str) -> None:
+        """Count the prompt with the upstream's ``/tokenize`` where it can (a stream cut short: the
+        completion is counted there too), else wait for the local count."""
+        counted = await upstreams.tokenize_prompt(name, self.kind, self.body)
+        if counted is not None:
+            self._count, self._estimated, self._future = counted, False, None
+        else:
+            await self.wait()
 
     def result(self) -> tuple[int, str, tuple[str, ...]]:
         """The count, its token source (``tokenizer`` or ``estimate``) and the record's flags for it."""

@@ -552,18 +552,26 @@ class _StreamRelay:
     async def _finish_cut(self, status: str, flags: tuple[str, ...]) -> None:
         """Close the record of a stream cut short, its tokens so far counted as at a usage-less end.
 
-        The completion text is counted with the upstream's ``/tokenize`` where it has one (cl100k
-        otherwise), and the prompt with cl100k, as for a stream that ends without usage. The count
-        awaits I/O (5 s at most) on a task that may be cancelled, now or again while it waits: the
-        ``finally`` closes the record whatever happens, with cl100k's count if the upstream's did not
-        arrive, so it is written exactly once (``_finish`` closes only the first time) and never lost.
+        The completion text and the prompt are counted with the upstream's ``/tokenize`` where it has
+        one (cl100k otherwise; for chat, only a server with vLLM's chat form counts the prompt). The
+        counts await I/O (5 s at most, both at once) on a task that may be cancelled, now or again
+        while it waits: the ``finally`` closes the record whatever happens, with cl100k's count if the
+        upstream's did not arrive, so it is written exactly once (``_finish`` closes only the first
+        time) and never lost.
         """
         try:
-            if self.closed is None and self.counted_completion is None:
-                text = "".join(self.text_parts)
-                self.counted_completion = await self.h._count_text(self.upstream, text)
+            if self.closed is None:
+                await asyncio.gather(
+                    self._count_cut_completion(),
+                    self.ex.prompt.ask_upstream(self.h.upstreams, self.upstream.name),
+                )
         finally:
             self._finish(status, flags)
+
+    async def _count_cut_completion(self) -> None:
+        if self.counted_completion is None:
+            text = "".join(self.text_parts)
+            self.counted_completion = await self.h._count_text(self.upstream, text)
 
     def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
         if self.closed is None:

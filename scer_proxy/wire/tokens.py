@@ -199,3 +199,46 @@ def prompt_plan(
     if size > max_bytes:
         return "estimate", estimate
     return ("inline" if size <= PROMPT_INLINE_MAX_BYTES else "thread"), estimate
+
+
+def tokenize_prompt_request(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The body for an upstream's ``/tokenize`` that counts a request's prompt, or None where none can.
+
+    Chat: vLLM's form, ``model`` and ``messages`` (and ``tools``), which applies the model's chat
+    template as the request did; only a server that answers with ``count`` understood it
+    (:func:`tokenize_count`). Completions with a text prompt: ``prompt`` (vLLM) and ``content``
+    (llama.cpp), special tokens added as for a completion. Anything else (token ids, batches, other
+    endpoints) has no such form.
+    """
+    model = body.get("model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        request: dict[str, Any] = {"model": model, "messages": messages, "add_generation_prompt": True}
+        if isinstance(body.get("tools"), list):
+            request["tools"] = body["tools"]
+        return request
+    if kind == "completions":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return None
+        return {"model": model, "prompt": prompt, "content": prompt, "add_special": True}
+    return None
+
+
+def tokenize_count(answer: Any, *, need_count: bool = False) -> int | None:
+    """The count in a ``/tokenize`` answer: vLLM's ``count``, else the length of ``tokens`` (llama.cpp).
+
+    ``need_count``: only ``count`` is believed. llama.cpp answers a body without ``content`` (the chat
+    form) with no tokens, so a bare ``tokens`` list does not count a chat prompt.
+    """
+    if not isinstance(answer, dict):
+        return None
+    count = answer.get("count")
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    if need_count:
+        return None
+    ids = answer.get("tokens")
+    return len(ids) if isinstance(ids, list) else None

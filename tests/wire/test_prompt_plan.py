@@ -1,8 +1,13 @@
-"""How a prompt is counted, by the size of its text: at once, in a thread, or estimated past the cap."""
+"""How a prompt is counted, by the size of its text: at once, in a thread, or estimated past the cap.
+
+And the ``/tokenize`` forms the proxy sends to count a prompt with the upstream's own tokenizer.
+"""
 
 from __future__ import annotations
 
 from typing import Any
+
+import pytest
 
 from scer_proxy.wire import tokens
 from scer_proxy.wire.tokens import PROMPT_INLINE_MAX_BYTES, PROMPT_TOKENIZE_MAX_BYTES, prompt_plan
@@ -51,3 +56,46 @@ def test_prompts_over_the_cap_are_estimated_from_their_bytes_never_tokenized() -
 def test_the_cap_is_a_parameter() -> None:
     assert prompt_plan("completions", {"prompt": "x" * 5000}, max_bytes=4096) == ("estimate", 1250)
     assert prompt_plan("completions", {"prompt": "x" * 4096}, max_bytes=4096)[0] == "thread"
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "expected"),
+    [
+        (
+            "chat",
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "add_generation_prompt": True},
+        ),
+        (
+            "chat",
+            {"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+            {
+                "model": "m",
+                "messages": [{"role": "user", "content": "hi"}],
+                "add_generation_prompt": True,
+                "tools": [{"type": "function"}],
+            },
+        ),
+        (
+            "completions",
+            {"model": "m", "prompt": "once upon"},
+            {"model": "m", "prompt": "once upon", "content": "once upon", "add_special": True},
+        ),
+        ("completions", {"model": "m", "prompt": [1, 2, 3]}, None),  # token ids: counted exactly already
+        ("completions", {"model": "m", "prompt": ["a", "b"]}, None),  # a batch: no single form
+        ("chat", {"model": "m", "messages": []}, None),
+        ("embeddings", {"model": "m", "input": "x"}, None),
+    ],
+)
+def test_tokenize_prompt_request(kind: str, body: dict[str, Any], expected: dict[str, Any] | None) -> None:
+    assert tokens.tokenize_prompt_request(kind, body) == expected
+
+
+def test_tokenize_count_reads_vllm_and_llamacpp_answers() -> None:
+    assert tokens.tokenize_count({"count": 5, "tokens": [1, 2, 3, 4, 5], "max_model_len": 9}) == 5
+    assert tokens.tokenize_count({"tokens": [1, 2, 3]}) == 3  # llama.cpp
+    # A chat prompt needs vLLM's count: llama.cpp answers a body without content with no tokens.
+    assert tokens.tokenize_count({"tokens": []}, need_count=True) is None
+    assert tokens.tokenize_count({"count": 7}, need_count=True) == 7
+    for bad in (None, [1, 2], {"count": -1}, {"count": True}, {"count": "3"}, {}):
+        assert tokens.tokenize_count(bad) is None
