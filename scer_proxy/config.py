@@ -56,6 +56,7 @@ class ServerConfig:
     listen: str = "127.0.0.1:8080"
     max_body_bytes: int = 16_777_216
     max_response_bytes: int = 67_108_864
+    max_usage_tokens: int = 10_000_000  # an upstream's usage count above this is not believed
     admin_token: str = ""
     log_level: str = "info"
     # Client connections: what one client may hold, and how long a SIGTERM's drain takes in all.
@@ -70,6 +71,8 @@ class ServerConfig:
             raise ConfigError(f"server.max_body_bytes: must be > 0, got {self.max_body_bytes}")
         if self.max_response_bytes <= 0:
             raise ConfigError(f"server.max_response_bytes: must be > 0, got {self.max_response_bytes}")
+        if self.max_usage_tokens <= 0:
+            raise ConfigError(f"server.max_usage_tokens: must be > 0, got {self.max_usage_tokens}")
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(
                 f"server.log_level: expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}"

@@ -8,6 +8,7 @@ settles the request, the record is replaced by its final figure (``settled: true
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -23,8 +24,11 @@ from scer_proxy.config import Config
 from scer_proxy.grid.providers import GridIntensitySource
 from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.meters.sampler import UpstreamMeter
+from scer_proxy.proxy.upstreams import Upstreams
+from scer_proxy.wire import tokens
 
 _TENANT_HEADER = re.compile(r"^[A-Za-z0-9._:@/+-]{1,128}$")
+ESTIMATED_FROM_BYTES = "prompt_estimated_from_bytes"
 
 
 def used_no_gpu(
@@ -41,6 +45,81 @@ def used_no_gpu(
     if completion_tokens > 0 or http_status is None or http_status < 400:
         return False
     return status == "upstream_error" or not reached_upstream
+
+
+class PromptCount:
+    """A request's prompt tokens, counted without ever tokenizing on the event loop.
+
+    Tokenizing is CPU work (cl100k takes about a second a MB), so a prompt is counted here only when
+    it is short; a longer one is counted in a worker thread from the start of the request (tiktoken
+    releases the GIL), and one over :data:`tokens.PROMPT_TOKENIZE_MAX_BYTES` is not tokenized at all:
+    its count is estimated from its size, flagged ``prompt_estimated_from_bytes`` with ``estimate``
+    as the token source (:func:`tokens.prompt_plan`). The upstream's own ``/tokenize`` count, where
+    it was asked, replaces all of these.
+
+    Reading the count (:meth:`result`) never waits: before the thread has finished it is the size
+    estimate, so a record's closing path awaits :meth:`wait` first.
+    """
+
+    def __init__(self, kind: str, body: dict[str, Any]) -> None:
+        self.kind = kind
+        self.body = body
+        self._future: asyncio.Future[int] | None = None
+        self._read = False  # the record took its count: a later one must not change the timeline
+        how, self._count = tokens.prompt_plan(kind, body)
+        self._estimated = how == "estimate"
+        # Where the request's prefill goes on the timeline until the usage (or the count) arrives.
+        self.first = self._count
+        if how == "inline":
+            self._count = self.first = tokens.count_prompt(kind, body)
+        elif how == "thread":
+            self.first = tokens.estimate_prompt(kind, body)
+            self._future = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, body)
+
+    def when_counted(self, callback: Callable[[int], None]) -> None:
+        """Call ``callback`` with the thread's count if it arrives before the record is closed."""
+
+        def counted(done: asyncio.Future[int]) -> None:
+            if not self._read and not done.cancelled() and done.exception() is None:
+                callback(done.result())
+
+        if self._future is not None:
+            self._future.add_done_callback(counted)
+
+    async def wait(self) -> None:
+        """Until the thread's count is there (at most the cap's worth of tokenizing, a tenth of a second).
+
+        Shielded: a cancellation of the caller leaves the thread's future alone (it cannot be stopped).
+        """
+        if self._future is not None and not self._future.done():
+            await asyncio.shield(self._future)
+
+    async def ask_upstream(self, upstreams: Upstreams, name: str) -> None:
+        """Count the prompt with the upstream's ``/tokenize`` where it can (a stream cut short: the
+        completion is counted there too), else wait for the local count."""
+        counted = await upstreams.tokenize_prompt(name, self.kind, self.body)
+        if counted is not None:
+            self._count, self._estimated, self._future = counted, False, None
+        else:
+            await self.wait()
+
+    def result(self) -> tuple[int, str, tuple[str, ...]]:
+        """The count, its token source (``tokenizer`` or ``estimate``) and the record's flags for it."""
+        self._read = True
+        future = self._future
+        if future is not None and future.done() and not future.cancelled() and future.exception() is None:
+            return future.result(), "tokenizer", ()
+        if self._estimated or future is not None:
+            return self._count, "estimate", (ESTIMATED_FROM_BYTES,)
+        return self._count, "tokenizer", ()
+
+
+async def count_text_off_loop(text: str) -> int:
+    """cl100k's count of a text (a completion the upstream sent no usage for), in a worker thread
+    unless it is short: a few MB take seconds, which on the event loop would hold every request up."""
+    if len(text) <= tokens.PROMPT_INLINE_MAX_BYTES:
+        return tokens.count_text(text)
+    return await asyncio.get_running_loop().run_in_executor(None, tokens.count_text, text)
 
 
 def new_request_id() -> str:

@@ -26,14 +26,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from scer_proxy.carbon.records import Record
 from scer_proxy.config import Config, UpstreamConfig
-from scer_proxy.proxy.accounting import Accounting
+from scer_proxy.proxy.accounting import Accounting, PromptCount, count_text_off_loop
 from scer_proxy.proxy.bodies import ResponseTooLarge, decode_capped, needs_decoding
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.wire import openai as wire
 from scer_proxy.wire import tokens
 
 log = structlog.get_logger("scer_proxy.request")
-INLINE_COUNT_TOKENS = 512
 
 HOP_BY_HOP = frozenset(
     h.lower()
@@ -171,6 +170,7 @@ class Exchange:
     model: str
     upstream: str
     stream: bool
+    prompt: PromptCount
     started_s: float = field(default_factory=time.monotonic)
     first_byte_s: float | None = None
     chunks: int = 0
@@ -393,23 +393,18 @@ class ProxyHandler:
             send_body = wire.with_usage_requested(parsed)
             injected = True
         headers = forward_headers(request.headers)
-        # The prompt's size places its prefill on the timeline. Short prompts are counted here (a few
-        # microseconds); long ones start from a character estimate and are counted in a worker thread
-        # while the request is on its way (tiktoken releases the GIL).
-        estimate = tokens.estimate_prompt(kind, parsed)
-        exact = estimate < INLINE_COUNT_TOKENS
+        # The prompt's size places its prefill on the timeline; it is counted off the event loop.
+        prompt = PromptCount(kind, parsed)
         record = self.accounting.open(
             upstream=upstream.name,
             model=model,
             tenant=self.accounting.tenant(request.headers),
             endpoint=kind,
             stream=stream,
-            prompt_estimate=tokens.count_prompt(kind, parsed) if exact else estimate,
+            prompt_estimate=prompt.first,
         )
-        if not exact:
-            counting = asyncio.get_running_loop().run_in_executor(None, tokens.count_prompt, kind, parsed)
-            counting.add_done_callback(lambda done: self._prompt_counted(record, done))
-        ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream)
+        prompt.when_counted(lambda count: self.accounting.prompt_counted(record, count))
+        ex = Exchange(kind=kind, model=model, upstream=upstream.name, stream=stream, prompt=prompt)
         # Whatever happens below, the record is closed exactly once: the timeline must not keep a request
         # that has ended, and no ledger record is lost.
         try:
@@ -428,17 +423,20 @@ class ProxyHandler:
             if ex.closed:
                 raise
             status, http_status, flag = _failure(exc)
-            closed = self._close(
-                record,
-                ex,
-                parsed,
-                status=status,
-                http_status=http_status,
-                completion_tokens=0,
-                usage=None,
-                flags=(flag,),
-                reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
-            )
+            try:
+                await ex.prompt.wait()  # the prompt's count, if a thread is counting it
+            finally:
+                closed = self._close(
+                    record,
+                    ex,
+                    parsed,
+                    status=status,
+                    http_status=http_status,
+                    completion_tokens=0,
+                    usage=None,
+                    flags=(flag,),
+                    reached_upstream=not isinstance(exc, ProxyError) or exc.reached_upstream,
+                )
             if isinstance(exc, ProxyError):
                 exc.record = closed  # its answer names the record
                 raise
@@ -450,10 +448,6 @@ class ProxyHandler:
             )
             failure.record = closed
             raise failure from exc
-
-    def _prompt_counted(self, record: Record, done: asyncio.Future[int]) -> None:
-        if not done.cancelled() and done.exception() is None:
-            self.accounting.prompt_counted(record, done.result())
 
     async def _buffered(
         self,
@@ -471,9 +465,11 @@ class ProxyHandler:
         decoded = await self._decoded(raw, resp.headers.get("Content-Encoding", ""), upstream)
         answer = wire.parse_json_object(decoded) if decoded is not None else None
         if answer is not None:
-            usage = wire.read_usage(answer.get("usage"))
-            if usage is None and resp.status < 400:
+            usage = wire.read_usage(answer.get("usage"), self.config.server.max_usage_tokens)
+            if wire.trusted(usage) is None and resp.status < 400:
                 completion_tokens = await self._count_text(upstream, wire.response_text(ex.kind, answer))
+        if wire.trusted(usage) is None:
+            await ex.prompt.wait()
         ok = resp.status < 400
         record = self._close(
             record,
@@ -507,7 +503,7 @@ class ProxyHandler:
         if not text:
             return 0
         counted = await self.upstreams.tokenize(upstream.name, text)
-        return counted if counted is not None else tokens.count_text(text)
+        return counted if counted is not None else await count_text_off_loop(text)
 
     def _close(
         self,
@@ -522,10 +518,12 @@ class ProxyHandler:
         flags: tuple[str, ...] = (),
         reached_upstream: bool = True,
     ) -> Record:
-        if usage is not None:
+        counted, source, counted_flags = ex.prompt.result()
+        if usage is not None and usage.valid:
             prompt, completion, source = usage.prompt_tokens, usage.completion_tokens, "upstream"
         else:
-            prompt, completion, source = tokens.count_prompt(ex.kind, parsed), completion_tokens, "tokenizer"
+            prompt, completion = counted, completion_tokens
+            flags = (*flags, *counted_flags, *(("upstream_usage_invalid",) if usage is not None else ()))
         ex.closed = True
         done = self.accounting.close(
             record,
@@ -669,22 +667,25 @@ class _StreamRelay:
                     continue
                 parts = []
                 for event in self.scanner.feed(data):
-                    if self.closed is None and self.last_usage is None and _is_done(event):
+                    if self.closed is None and wire.trusted(self.last_usage) is None and _is_done(event):
                         # The stream ends without usage: count with the upstream's /tokenize where it has one.
                         text = "".join(self.text_parts)
                         self.counted_completion = await self.h._count_text(self.upstream, text)
+                        await self.ex.prompt.wait()
                     parts.append(self._event(event))
                 chunk = b"".join(parts)
                 if chunk:
                     await out.write(chunk)
             if self.rewrite:
                 tail = self.scanner.flush()
-                ending = (self._event(tail) if tail else b"") + self._release(final=True)
+                ending = self._event(tail) if tail else b""
+                if self.closed is None and wire.trusted(self.last_usage) is None:
+                    # The stream ended without (valid) usage and without [DONE]: count as at [DONE].
+                    text = "".join(self.text_parts)
+                    self.counted_completion = await self.h._count_text(self.upstream, text)
+                    await self.ex.prompt.wait()
+                ending += self._release(final=True)
                 if not self.figures_sent:
-                    if self.closed is None and self.last_usage is None:
-                        # The stream ended without usage and without [DONE]: count as at [DONE].
-                        text = "".join(self.text_parts)
-                        self.counted_completion = await self.h._count_text(self.upstream, text)
                     ending += wire.scer_comment(self._finish("ok", (), self.last_usage).scer())
                 if ending:
                     await out.write(ending)
@@ -724,23 +725,31 @@ class _StreamRelay:
     async def _finish_cut(self, status: str, flags: tuple[str, ...]) -> None:
         """Close the record of a stream cut short, its tokens so far counted as at a usage-less end.
 
-        The completion text is counted with the upstream's ``/tokenize`` where it has one (cl100k
-        otherwise), and the prompt with cl100k, as for a stream that ends without usage. The count
-        awaits I/O (5 s at most) on a task that may be cancelled, now or again while it waits: the
-        ``finally`` closes the record whatever happens, with cl100k's count if the upstream's did not
-        arrive, so it is written exactly once (``_finish`` closes only the first time) and never lost.
+        The completion text and the prompt are counted with the upstream's ``/tokenize`` where it has
+        one (cl100k otherwise; for chat, only a server with vLLM's chat form counts the prompt). The
+        counts await I/O (5 s at most, both at once) on a task that may be cancelled, now or again
+        while it waits: the ``finally`` closes the record whatever happens, with cl100k's count if the
+        upstream's did not arrive, so it is written exactly once (``_finish`` closes only the first
+        time) and never lost.
         """
         try:
-            if self.closed is None and self.counted_completion is None:
-                text = "".join(self.text_parts)
-                self.counted_completion = await self.h._count_text(self.upstream, text)
+            if self.closed is None:
+                await asyncio.gather(
+                    self._count_cut_completion(),
+                    self.ex.prompt.ask_upstream(self.h.upstreams, self.upstream.name),
+                )
         finally:
             self._finish(status, flags)
+
+    async def _count_cut_completion(self) -> None:
+        if self.counted_completion is None:
+            text = "".join(self.text_parts)
+            self.counted_completion = await self.h._count_text(self.upstream, text)
 
     def _finish(self, status: str, flags: tuple[str, ...], usage: wire.Usage | None = None) -> Record:
         if self.closed is None:
             completion = 0
-            if usage is None:
+            if wire.trusted(usage) is None:
                 counted = self.counted_completion
                 completion = counted if counted is not None else tokens.count_text("".join(self.text_parts))
             self.closed = self.h._close(
@@ -779,7 +788,7 @@ class _StreamRelay:
             self.text_parts.append(text)
         if self.ex.kind == "responses":
             return self._responses_event(event, chunk)
-        usage = wire.read_usage(chunk.get("usage"))
+        usage = wire.read_usage(chunk.get("usage"), self.h.config.server.max_usage_tokens)
         if usage is not None:
             self.last_usage = usage
         out = b""
@@ -827,7 +836,8 @@ class _StreamRelay:
         if chunk.get("type") != "response.completed":
             return event
         response = chunk.get("response")
-        usage = wire.read_usage(response.get("usage")) if isinstance(response, dict) else None
+        max_tokens = self.h.config.server.max_usage_tokens
+        usage = wire.read_usage(response.get("usage"), max_tokens) if isinstance(response, dict) else None
         if usage is None or not isinstance(response, dict):
             return event
         record = self._finish("ok", (), usage)

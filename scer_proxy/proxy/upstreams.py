@@ -6,9 +6,13 @@ upstream's bytes; the proxy decompresses a copy only to read usage. Cookies are 
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
+import orjson
 
 from scer_proxy.config import UpstreamConfig
+from scer_proxy.wire import tokens
 
 
 class Upstreams:
@@ -55,8 +59,33 @@ class Upstreams:
     async def tokenize(self, name: str, text: str) -> int | None:
         """Count ``text`` with the upstream's own ``/tokenize`` (vLLM, SGLang, llama.cpp), or None.
 
-        The body carries both spellings of the text field (vLLM's ``prompt``, llama.cpp's ``content``);
-        a server without the endpoint is remembered and not asked again.
+        The body carries both spellings of the text field (vLLM's ``prompt``, llama.cpp's ``content``).
+        """
+        answer = await self._post_tokenize(
+            name, {"prompt": text, "content": text, "add_special_tokens": False}
+        )
+        return tokens.tokenize_count(answer)
+
+    async def tokenize_prompt(self, name: str, kind: str, body: dict[str, Any]) -> int | None:
+        """A request's prompt counted by the upstream's ``/tokenize``, or None where it cannot count it.
+
+        Chat prompts in the chat form (template applied, vLLM and SGLang), believed only with a ``count``
+        (llama.cpp has no chat form); text completions prompts as text (:func:`tokens.tokenize_prompt_request`).
+        """
+        request = tokens.tokenize_prompt_request(kind, body)
+        if request is None:
+            return None
+        # Not remembered as absent on a 404: the request names a model, which a server can 404 on its own.
+        answer = await self._post_tokenize(name, request, remember_absent=False)
+        counted = tokens.tokenize_count(answer, need_count=kind == "chat")
+        return counted if counted else None  # a prompt is never 0 tokens: 0 means it was not understood
+
+    async def _post_tokenize(
+        self, name: str, request: dict[str, Any], *, remember_absent: bool = True
+    ) -> Any:
+        """POST ``request`` to the upstream's ``/tokenize`` (5 s at most): its JSON answer, or None.
+
+        A server without the endpoint (404, 405, 501) is remembered and not asked again.
         """
         if self._tokenize.get(name) is False:
             return None
@@ -64,21 +93,18 @@ class Upstreams:
         try:
             async with self._sessions[name].post(
                 cfg.url + "/tokenize",
-                json={"prompt": text, "content": text, "add_special_tokens": False},
+                data=orjson.dumps(request),
+                headers={"Content-Type": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=5),
             ) as resp:
                 if resp.status in (404, 405, 501):
-                    self._tokenize[name] = False
+                    if remember_absent:
+                        self._tokenize[name] = False
                     return None
                 if resp.status != 200:
                     return None
-                body = await resp.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
+                answer = orjson.loads(await resp.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError, orjson.JSONEncodeError):
             return None
         self._tokenize[name] = True
-        if isinstance(body, dict):
-            if isinstance(body.get("count"), int):
-                return int(body["count"])
-            if isinstance(body.get("tokens"), list):
-                return len(body["tokens"])
-        return None
+        return answer

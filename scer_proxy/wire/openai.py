@@ -8,8 +8,7 @@ stream: asking the upstream for usage, removing usage the client did not ask for
 from __future__ import annotations
 
 import re
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -65,41 +64,60 @@ def with_usage_requested(body: dict[str, Any]) -> bytes:
     return orjson.dumps({**body, "stream_options": merged})
 
 
+# Token counts above this are not believed (``server.max_usage_tokens``, where the proxy reads it).
+MAX_USAGE_TOKENS = 10_000_000
+
+
 @dataclass(frozen=True)
 class Usage:
-    """Token counts read from an upstream's ``usage`` object (any of the OpenAI shapes)."""
+    """Token counts read from an upstream's ``usage`` object (any of the OpenAI shapes).
+
+    ``valid`` is False for a usage whose counts cannot be true (negative, above the limit, not whole
+    numbers): the event still is a usage event for the stream's framing, but its counts are 0 and the
+    proxy counts the tokens itself.
+    """
 
     prompt_tokens: int
     completion_tokens: int
+    valid: bool = True
 
 
-def read_usage(usage: Any) -> Usage | None:
-    """Chat/completions (prompt/completion_tokens), embeddings (prompt/total), responses (input/output)."""
+def token_count(value: Any, max_tokens: int) -> int | None:
+    """A usage count as an int, or None unless it is a whole number from 0 to ``max_tokens``.
+
+    Bools are not counts; a float is taken only when it has no fraction (``17.0``).
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or not 0 <= value <= max_tokens:
+        return None
+    return value
+
+
+def read_usage(usage: Any, max_tokens: int = MAX_USAGE_TOKENS) -> Usage | None:
+    """Chat/completions (prompt/completion_tokens), embeddings (prompt/total), responses (input/output).
+
+    None when there is no usage (no object, or no prompt count in it); an invalid :class:`Usage` when
+    a count is there but is not a whole number from 0 to ``max_tokens`` (a missing completion count
+    is 0: embeddings have none).
+    """
     if not isinstance(usage, dict):
         return None
     prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+    if prompt is None:
+        return None
     completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    if not isinstance(prompt, int) or not isinstance(completion, int) or isinstance(prompt, bool):
-        return None
-    return Usage(prompt_tokens=prompt, completion_tokens=completion or 0)
+    prompt_count, completion_count = token_count(prompt, max_tokens), token_count(completion, max_tokens)
+    if prompt_count is None or completion_count is None:
+        return Usage(prompt_tokens=0, completion_tokens=0, valid=False)
+    return Usage(prompt_tokens=prompt_count, completion_tokens=completion_count)
 
 
-def decode_for_reading(body: bytes, content_encoding: str) -> bytes | None:
-    """A decompressed copy of a response body, for reading usage; None for an unknown encoding."""
-    encoding = content_encoding.strip().lower()
-    if encoding in ("", "identity"):
-        return body
-    try:
-        if encoding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-        if encoding == "deflate":
-            try:
-                return zlib.decompress(body)
-            except zlib.error:
-                return zlib.decompress(body, -zlib.MAX_WBITS)
-    except zlib.error:
-        return None
-    return None
+def trusted(usage: Usage | None) -> Usage | None:
+    """The usage when its counts can be taken as they are, else None (the proxy counts the tokens)."""
+    return usage if usage is not None and usage.valid else None
 
 
 def response_text(kind: str, body: dict[str, Any]) -> str:
@@ -141,6 +159,10 @@ def chunk_text(chunk: dict[str, Any]) -> str:
     return ""
 
 
+# The longest event terminator (``\r\n\r\n``) less one: the most of one a read can end with.
+_SPLIT_TERMINATOR_BYTES = 3
+
+
 @dataclass
 class SSEScanner:
     """Splits a raw SSE byte stream into whole events as it arrives and reads each one.
@@ -148,23 +170,38 @@ class SSEScanner:
     ``feed`` returns the complete events of a read, and keeps any incomplete tail for the next read;
     the relay forwards the events' bytes as they are, except the few it rewrites. Lines are never
     joined or re-framed: an event's bytes include its own terminator.
+
+    Linear in the stream's length however it is split: the tail grows in place, and each read is
+    searched only from where the last search ended (less the start of a terminator split across the
+    two reads), so one long event that arrives in many reads is searched once, not once a read.
     """
 
-    _tail: bytes = b""
+    _tail: bytearray = field(default_factory=bytearray)
 
     def feed(self, data: bytes) -> list[bytes]:
-        buf = self._tail + data if self._tail else data
+        tail = self._tail
+        if tail:
+            pos = max(0, len(tail) - _SPLIT_TERMINATOR_BYTES)
+            tail += data
+            buf: bytes | bytearray = tail
+        else:
+            pos = 0
+            buf = data
         events = []
         start = 0
-        for match in _EVENT_END.finditer(buf):
-            events.append(buf[start : match.end()])
+        for match in _EVENT_END.finditer(buf, pos):
+            events.append(bytes(buf[start : match.end()]))
             start = match.end()
-        self._tail = buf[start:]
+        if buf is tail:
+            del tail[:start]
+        elif start < len(data):
+            tail += memoryview(data)[start:]
         return events
 
     def flush(self) -> bytes:
         """Whatever incomplete event is left at the end of the stream."""
-        tail, self._tail = self._tail, b""
+        tail = bytes(self._tail)
+        self._tail.clear()
         return tail
 
 

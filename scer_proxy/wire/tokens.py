@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 
 import tiktoken
 from tiktoken.load import load_tiktoken_bpe
@@ -138,3 +138,107 @@ def estimate_prompt(kind: str, body: dict[str, Any]) -> int:
     if kind == "embeddings":
         return _chars(body.get("input", "")) // 4
     return (_chars(body.get("input", "")) + _chars(body.get("instructions") or "")) // 4
+
+
+# A prompt whose text is longer than this is not tokenized: a few MB take cl100k seconds of CPU.
+PROMPT_TOKENIZE_MAX_BYTES = 262_144
+PROMPT_INLINE_MAX_BYTES = 2_048
+BYTES_PER_TOKEN_ESTIMATE = 4
+
+
+def _text_bytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "replace"))
+
+
+def _prompt_value_bytes(value: Any) -> int:
+    """A completions ``prompt`` or embeddings ``input``; a token id counts as one token's bytes."""
+    if isinstance(value, str):
+        return _text_bytes(value)
+    if isinstance(value, list):
+        return sum(BYTES_PER_TOKEN_ESTIMATE if isinstance(v, int) else _prompt_value_bytes(v) for v in value)
+    return 0
+
+
+def prompt_tokens_from_bytes(size_bytes: int) -> int:
+    """The size estimate of a prompt's tokens: 4 bytes of text a token, rounded up."""
+    return -(-size_bytes // BYTES_PER_TOKEN_ESTIMATE)
+
+
+def prompt_text_bytes(kind: str, body: dict[str, Any]) -> int:
+    """UTF-8 bytes of the text :func:`count_prompt` would tokenize (quick: no tokenizing)."""
+    if kind == "chat":
+        total = 0
+        for message in body.get("messages") or []:
+            if isinstance(message, dict):
+                for text in (content_text(message.get("content")), message.get("name"), message.get("role")):
+                    total += _text_bytes(str(text or ""))
+        return total
+    if kind in ("completions", "embeddings"):
+        return _prompt_value_bytes(body.get("prompt" if kind == "completions" else "input", ""))
+    if kind == "responses":
+        value = body.get("input", "")
+        if isinstance(value, list):
+            size = sum(_text_bytes(content_text(i.get("content"))) for i in value if isinstance(i, dict))
+        else:
+            size = _text_bytes(value) if isinstance(value, str) else 0
+        return size + _text_bytes(str(body.get("instructions") or ""))
+    return 0
+
+
+def prompt_plan(
+    kind: str, body: dict[str, Any], *, max_bytes: int = PROMPT_TOKENIZE_MAX_BYTES
+) -> tuple[Literal["inline", "thread", "estimate"], int]:
+    """How a prompt is counted, by the size of its text, and its size estimate (4 bytes a token).
+
+    ``inline``: short (up to :data:`PROMPT_INLINE_MAX_BYTES`), counted at once (microseconds);
+    ``thread``: counted with :func:`count_prompt` away from the request path; ``estimate``: over
+    ``max_bytes``, never tokenized (a few MB take seconds): the size estimate is its count.
+    """
+    size = prompt_text_bytes(kind, body)
+    estimate = prompt_tokens_from_bytes(size)
+    if size > max_bytes:
+        return "estimate", estimate
+    return ("inline" if size <= PROMPT_INLINE_MAX_BYTES else "thread"), estimate
+
+
+def tokenize_prompt_request(kind: str, body: dict[str, Any]) -> dict[str, Any] | None:
+    """The body for an upstream's ``/tokenize`` that counts a request's prompt, or None where none can.
+
+    Chat: vLLM's form, ``model`` and ``messages`` (and ``tools``), which applies the model's chat
+    template as the request did; only a server that answers with ``count`` understood it
+    (:func:`tokenize_count`). Completions with a text prompt: ``prompt`` (vLLM) and ``content``
+    (llama.cpp), special tokens added as for a completion. Anything else (token ids, batches, other
+    endpoints) has no such form.
+    """
+    model = body.get("model")
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        request: dict[str, Any] = {"model": model, "messages": messages, "add_generation_prompt": True}
+        if isinstance(body.get("tools"), list):
+            request["tools"] = body["tools"]
+        return request
+    if kind == "completions":
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            return None
+        return {"model": model, "prompt": prompt, "content": prompt, "add_special": True}
+    return None
+
+
+def tokenize_count(answer: Any, *, need_count: bool = False) -> int | None:
+    """The count in a ``/tokenize`` answer: vLLM's ``count``, else the length of ``tokens`` (llama.cpp).
+
+    ``need_count``: only ``count`` is believed. llama.cpp answers a body without ``content`` (the chat
+    form) with no tokens, so a bare ``tokens`` list does not count a chat prompt.
+    """
+    if not isinstance(answer, dict):
+        return None
+    count = answer.get("count")
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return count
+    if need_count:
+        return None
+    ids = answer.get("tokens")
+    return len(ids) if isinstance(ids, list) else None

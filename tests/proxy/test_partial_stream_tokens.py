@@ -1,4 +1,8 @@
-"""Streams cut short are counted like streams without usage: the upstream's ``/tokenize`` first, then cl100k."""
+"""Streams cut short are counted like streams without usage: the upstream's ``/tokenize`` first, then cl100k.
+
+The fake's ``/tokenize`` is llama.cpp's: it counts ``content`` and has no chat form, so the prompt of a
+cut chat stream is counted with cl100k here (the chat form: ``test_cut_stream_prompt_tokens.py``).
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ WORDS = [" Rivers", " run", " slowly", " toward", " the", " distant", " estuary"
 TEXT = "".join(WORDS)
 BODY = {"model": MODEL, "messages": [{"role": "user", "content": "tell me about rivers"}], "stream": True}
 TOKENIZED = web.AppKey("tokenized", list)  # the texts /tokenize was asked to count (None: a 404 answer)
+CHAT_FORM = "<messages>"  # in TOKENIZED: /tokenize was asked for a chat prompt in vLLM's form
 
 
 def partial_upstream(*, tokenize: str, then: str) -> web.Application:
@@ -59,6 +64,10 @@ def partial_upstream(*, tokenize: str, then: str) -> web.Application:
             return web.Response(status=404, text="Not Found")
         if tokenize == "slow":
             await asyncio.sleep(7)  # past the proxy's 5 s limit on /tokenize
+        if "content" not in parsed:
+            # llama.cpp's answer to a body without ``content`` (vLLM's chat form): no tokens.
+            request.app[TOKENIZED].append(CHAT_FORM)
+            return web.json_response({"tokens": []})
         text = str(parsed.get("content", ""))
         assert parsed.get("prompt") == text and parsed.get("add_special_tokens") is False
         request.app[TOKENIZED].append(text)
@@ -120,10 +129,11 @@ def test_client_disconnect_counts_the_partial_completion_with_the_upstreams_toke
     assert "client_disconnected" in record["flags"]
     assert len(TEXT) != count_text(TEXT)  # the two counts must differ for this test to mean anything
     assert record["completion_tokens"] == len(TEXT)  # the upstream's count, not cl100k's
-    assert record["prompt_tokens"] == count_prompt("chat", BODY)  # as for streams without usage
+    # llama.cpp cannot count a chat prompt (no chat form): cl100k, as for streams without usage.
+    assert record["prompt_tokens"] == count_prompt("chat", BODY)
     assert record["token_source"] == "tokenizer"
-    # Asked once, with the completion text relayed so far.
-    assert servers._runners[0].app[TOKENIZED] == [TEXT]
+    # Asked once for the completion text relayed so far, and once for the prompt in the chat form.
+    assert sorted(servers._runners[0].app[TOKENIZED]) == sorted([TEXT, CHAT_FORM])
 
 
 def test_partial_stream_falls_back_to_cl100k_without_tokenize(
@@ -138,8 +148,9 @@ def test_partial_stream_falls_back_to_cl100k_without_tokenize(
         assert record["completion_tokens"] == count_text(TEXT)
         assert record["prompt_tokens"] == count_prompt("chat", BODY)
         assert record["token_source"] == "tokenizer"
-    # The 404 is remembered: the second stream is not counted with another request.
-    assert servers._runners[0].app[TOKENIZED] == [None]
+    # The 404 is remembered: the second stream is not counted with another request (the first asked for
+    # its completion and, at the same time, its prompt).
+    assert servers._runners[0].app[TOKENIZED] == [None, None]
 
 
 def test_broken_upstream_stream_is_counted_with_the_upstreams_tokenize(
@@ -161,7 +172,7 @@ def test_broken_upstream_stream_is_counted_with_the_upstreams_tokenize(
     assert record["completion_tokens"] == len(TEXT)
     assert record["prompt_tokens"] == count_prompt("chat", BODY)
     assert record["token_source"] == "tokenizer"
-    assert servers._runners[0].app[TOKENIZED] == [TEXT]
+    assert sorted(servers._runners[0].app[TOKENIZED]) == sorted([TEXT, CHAT_FORM])
 
 
 def test_stream_ending_without_done_or_usage_is_counted_with_the_upstreams_tokenize(

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import zlib
-
 import orjson
 import pytest
 
@@ -43,11 +40,15 @@ def test_scanner_keeps_partial_events_across_reads() -> None:
         ({"prompt_tokens": 9, "total_tokens": 9}, (9, 0)),  # embeddings
         ({"input_tokens": 5, "output_tokens": 2}, (5, 2)),  # responses
         (None, None),
-        ({"prompt_tokens": "3"}, None),
+        ({"completion_tokens": 4}, None),  # no prompt count: no usage
+        ({"prompt_tokens": "3"}, "invalid"),  # a count that is not a number: not believed
     ],
 )
-def test_read_usage_shapes(usage: object, expected: tuple[int, int] | None) -> None:
+def test_read_usage_shapes(usage: object, expected: tuple[int, int] | str | None) -> None:
     got = wire.read_usage(usage)
+    if got is not None and not got.valid:
+        assert expected == "invalid"
+        return
     assert (None if got is None else (got.prompt_tokens, got.completion_tokens)) == expected
 
 
@@ -65,15 +66,6 @@ def test_usage_request_injection_keeps_client_options() -> None:
     sent = orjson.loads(wire.with_usage_requested(body))
     assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
     assert not wire.client_asked_usage(body) and wire.client_asked_usage(sent)
-
-
-def test_decode_for_reading() -> None:
-    body = b'{"usage": {}}'
-    assert wire.decode_for_reading(gzip.compress(body), "gzip") == body
-    assert wire.decode_for_reading(zlib.compress(body), "deflate") == body
-    assert wire.decode_for_reading(body, "") == body
-    assert wire.decode_for_reading(b"junk", "gzip") is None
-    assert wire.decode_for_reading(body, "br") is None
 
 
 def test_comment_is_framed_like_the_stream() -> None:
