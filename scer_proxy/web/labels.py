@@ -17,6 +17,18 @@ from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METERS, RATINGS
 from scer_proxy.web.offload import off_loop
 from scer_proxy.wire import openai as wire
 
+PUBLIC_PREFIXES = ("/scer/label/", "/scer/manifest/")
+
+
+def is_public(request: web.Request) -> bool:
+    """Labels and manifests answer without the admin token while ``server.public_labels`` (the default),
+    so that the QR code printed on a label opens its manifest for anyone who scans it."""
+    return (
+        request.app[CONFIG].server.public_labels
+        and request.method in ("GET", "HEAD")
+        and request.path.startswith(PUBLIC_PREFIXES)
+    )
+
 
 def hardware_text(devices: list[str]) -> str:
     """'0: NVIDIA H100 80GB HBM3', '1: ...' -> '2 x NVIDIA H100 80GB HBM3'."""
