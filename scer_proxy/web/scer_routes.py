@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -197,6 +198,19 @@ def _records_json(ledger: SqliteLedger, limit: int, overlay: dict[str, Record]) 
     return b'{"object":"list","data":[' + b",".join(parts) + b"]}"
 
 
+def carbon_info(app: web.Application) -> dict[str, Any]:
+    """Health's ``carbon`` object: the configuration records are computed under (the PUE, the idle
+    policy, each upstream's embodied figures), which ``scer-proxy bench`` writes into its submission."""
+    config = app[CONFIG]
+    return {
+        "pue": config.carbon.pue,
+        "idle_policy": config.attribution.idle,
+        "embodied": {
+            u.name: dataclasses.asdict(app[ACCOUNTING].embodied_for(u.name)) for u in config.upstreams
+        },
+    }
+
+
 async def health(request: web.Request) -> web.Response:
     meter = meter_info(request.app)
     ledger = request.app[LEDGER].health() | {"pending_settlement": request.app[ACCOUNTING].pending}
@@ -205,6 +219,7 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok" if meter["healthy"] and ledger["healthy"] else "degraded",
             "meter": meter,
             "grid": request.app[GRID].describe(),
+            "carbon": carbon_info(request.app),
             "ledger": ledger,
         }
     )
