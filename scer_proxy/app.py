@@ -61,7 +61,7 @@ def create_app(
     counters = Counters(
         configured=literal_models(config.model_patterns),
         max_models=config.metrics.max_models,
-        max_unsettled=config.storage.max_pending + config.storage.memory_records,
+        max_unsettled=2 * config.storage.max_pending,  # accounting settles beyond max_pending
         wall_clock=wall_clock,
     )
     app[COUNTERS] = counters
