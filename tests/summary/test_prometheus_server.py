@@ -195,10 +195,12 @@ def test_report_from_a_real_prometheus_equals_the_ledger(
     assert want["requests"] == sent
     everything = by_model(report_json(["--proxy", proxy], capsys))[MODEL]
     assert everything["requests"] == sent  # the warm-up's 3 records are gone from the ledger
-    print(
-        f"report --prometheus --since 1m vs the ledger: {got['requests']} / {want['requests']} requests, "
-        f"{got['energy_j']:.0f} / {want['energy_j']:.0f} J, {got['carbon_g']:.4f} / {want['carbon_g']:.4f} g"
-    )
+    with capsys.disabled():
+        print(
+            f"\nreport --prometheus --since 1m against the ledger: {got['requests']} / {want['requests']} "
+            f"requests, {got['energy_j']:.0f} / {want['energy_j']:.0f} J, {got['carbon_g']:.4f} / "
+            f"{want['carbon_g']:.4f} g"
+        )
     for key in COMPARED:
         assert got[key] == pytest.approx(want[key], rel=0.05), (key, got[key], want[key])
     # The model first seen inside the window: the report says its series began there.
