@@ -23,8 +23,20 @@ from scer_proxy.proxy.handler import ProxyHandler
 from scer_proxy.proxy.serving import preload_tokenizer
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.scer.book import RatingsBook
+from scer_proxy.summary.metrics import Counters, literal_models
 from scer_proxy.web import admin, dashboard, labels, offload, scer_routes
-from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS, UPSTREAMS
+from scer_proxy.web.keys import (
+    ACCOUNTING,
+    CONFIG,
+    COUNTERS,
+    GRID,
+    LEDGER,
+    METER_NOTES,
+    METERS,
+    RATINGS,
+    STARTED_AT,
+    UPSTREAMS,
+)
 from scer_proxy.wire import openai as wire
 
 log = structlog.get_logger("scer_proxy.app")
@@ -45,12 +57,22 @@ def create_app(
         middlewares=[_errors, _admin_gate] if config.server.admin_token else [_errors],
     )
     app[CONFIG] = config
+    # /metrics counts every record the ledger is given, once its figure is final (scer_proxy.summary.metrics).
+    counters = Counters(
+        configured=literal_models(config.model_patterns),
+        max_models=config.metrics.max_models,
+        max_unsettled=2 * config.storage.max_pending,  # accounting settles beyond max_pending
+        wall_clock=wall_clock,
+    )
+    app[COUNTERS] = counters
+    app[STARTED_AT] = wall_clock()
     ledger = SqliteLedger(
         config.storage.path,
         flush_interval_s=config.storage.flush_interval_ms / 1000.0,
         max_pending=config.storage.memory_records,
         retention_days=config.storage.retention_days,
         on_corrupt=config.storage.on_corrupt,
+        on_put=counters.observe,
     )
     app[LEDGER] = ledger
     upstreams = Upstreams(config.upstreams)
@@ -190,12 +212,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def _admin_gate(request: web.Request, handler: Handler) -> web.StreamResponse:
     """With ``server.admin_token`` set (only then is this middleware installed), ``/scer/*`` and ``/metrics``
-    need the bearer token (but the dashboard page, which carries no data); ``/v1/*`` never."""
+    need the bearer token (but the dashboard page, which carries no data, and labels and manifests while
+    ``server.public_labels``); ``/v1/*`` never."""
     token = request.app[CONFIG].server.admin_token
     if (
         token
         and (request.path.startswith("/scer") or request.path == "/metrics")
         and not dashboard.is_public(request)
+        and not labels.is_public(request)
     ):
         if not admin.bearer_matches(request.headers.get("Authorization", ""), token):
             return web.Response(

@@ -64,6 +64,7 @@ class ServerConfig:
     keepalive_timeout_s: float = 75.0  # an idle keep-alive connection is closed after this
     max_connections: int = 4096  # open client connections; a request on one beyond is answered 503
     shutdown_timeout_s: float = 25.0  # SIGTERM to exit: the drain of requests in flight and the flush
+    public_labels: bool = True  # labels and manifests answer without the admin token (a printed QR works)
 
     def __post_init__(self) -> None:
         parse_listen(self.listen, "server.listen")
@@ -258,6 +259,15 @@ class RatingConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    max_models: int = 100  # models not listed in the configuration with their own label in /metrics
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_models <= 100_000:
+            raise ConfigError(f"metrics.max_models: must be between 0 and 100000, got {self.max_models}")
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     path: str = "scer.db"
     retention_days: float = 90.0
@@ -291,6 +301,7 @@ class Config:
     embodied: EmbodiedConfig = field(default_factory=EmbodiedConfig)
     rating: RatingConfig = field(default_factory=RatingConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def __post_init__(self) -> None:
         names = [u.name for u in self.upstreams]
@@ -303,6 +314,11 @@ class Config:
         """The first upstream whose glob patterns match ``model``."""
         return next((u for u in self.upstreams if u.serves(model)), None)
 
+    @property
+    def model_patterns(self) -> tuple[str, ...]:
+        """Every upstream's model patterns, in order."""
+        return tuple(p for u in self.upstreams for p in u.models)
+
 
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerConfig,
@@ -312,6 +328,7 @@ SECTIONS: dict[str, type[Any]] = {
     "embodied": EmbodiedConfig,
     "rating": RatingConfig,
     "storage": StorageConfig,
+    "metrics": MetricsConfig,
 }
 
 

@@ -52,6 +52,7 @@ def bench_command(args: argparse.Namespace) -> int:
                 repeats=args.repeats,
                 task=args.task,
                 params_b=args.params_b or 0.0,
+                admin_token=getattr(args, "token", ""),
             )
         )
     except BenchError as exc:
@@ -73,7 +74,9 @@ def bench_command(args: argparse.Namespace) -> int:
     if not args.no_submit:
         target = args.target.rstrip("/")
         try:
-            resp = httpx.post(f"{target}/scer/submissions", json=sub, timeout=TIMEOUT_S)
+            token = getattr(args, "token", "")
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            resp = httpx.post(f"{target}/scer/submissions", json=sub, timeout=TIMEOUT_S, headers=headers)
         except httpx.HTTPError as exc:
             raise request_failed(exc, proxy_at(target), "--target") from None
         if resp.status_code != 201:
@@ -125,8 +128,10 @@ async def run_bench(
     api_key: str = "sk-scer-bench",
     progress: bool = True,
     settle_timeout_s: float = 60.0,
+    admin_token: str = "",
 ) -> dict[str, Any]:
-    """Run the benchmark through the proxy at ``target``; returns the submission."""
+    """Run the benchmark through the proxy at ``target``; returns the submission. ``admin_token`` is sent
+    on the proxy's own endpoints (``/scer/health``, ``/scer/requests``) when the proxy has one."""
     if repeats < 3:
         raise CliError("--repeats: the standard benchmark needs at least 3 measured repeats", USAGE)
     workload = load_workload(workload_name)
@@ -134,7 +139,8 @@ async def run_bench(
     requests = requests or len(workload.prompts)
     target = target.rstrip("/")
     where = proxy_at(target)
-    async with httpx.AsyncClient(timeout=TIMEOUT_S) as http:
+    admin = {"Authorization": f"Bearer {admin_token}"} if admin_token else {}
+    async with httpx.AsyncClient(timeout=TIMEOUT_S, headers=admin) as http:
         try:
             models_resp = await http.get(
                 f"{target}/v1/models", headers={"Authorization": f"Bearer {api_key}"}
@@ -142,8 +148,11 @@ async def run_bench(
             health_resp = await http.get(f"{target}/scer/health")
         except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise request_failed(exc, where, "--target") from None
+        if health_resp.status_code == 401:
+            raise CliError(f"{where}: /scer/health needs the admin token (--token)", USAGE)
         try:
-            meter = health_resp.json().get("meter", {})
+            health = health_resp.json()
+            meter, carbon = health.get("meter", {}), health.get("carbon")
         except (ValueError, AttributeError):
             raise CliError(f"{where}: /scer/health did not answer JSON (is it a scer-proxy?)") from None
         listed = (models_resp.json().get("data") or []) if models_resp.is_success else []
@@ -170,6 +179,7 @@ async def run_bench(
         server_header=models_resp.headers.get("server"),
         meter=meter,
         figures=figures,
+        carbon=carbon,
     )
 
 

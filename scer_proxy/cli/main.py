@@ -7,6 +7,7 @@ on stderr (see ``scer_proxy.cli.errors``).
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--no-submit", action="store_true", help="do not register the submission with the proxy"
     )
+    bench.add_argument(
+        "--token",
+        default=os.environ.get("SCER_SERVER_ADMIN_TOKEN", ""),
+        help="the proxy's admin token, for /scer/* (default $SCER_SERVER_ADMIN_TOKEN)",
+    )
 
     rate = sub.add_parser("rate", help="rate bench submissions per SCER and print the table")
     rate.add_argument("files", nargs="+", metavar="FILE", help="submission files written by scer-proxy bench")
@@ -105,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--base-url",
         default="http://127.0.0.1:8080",
         help="with --submission: the proxy URL the QR code links to (default http://127.0.0.1:8080)",
+    )
+    label.add_argument(
+        "--from",
+        dest="figures_from",
+        choices=("traffic", "benchmark"),
+        default="traffic",
+        help="with --proxy: the label of live traffic (default) or of the model's bench submission",
+    )
+    label.add_argument(
+        "--token",
+        default=os.environ.get("SCER_SERVER_ADMIN_TOKEN", ""),
+        help="with --proxy: the admin token, when labels are not public (default $SCER_SERVER_ADMIN_TOKEN)",
     )
 
     demo = sub.add_parser("demo", help="simulator + proxy + a short workload, then the summary")

@@ -30,7 +30,14 @@ from scer_proxy.cli.errors import (
     proxy_at,
     request_failed,
 )
-from scer_proxy.cli.tables import csv_cell, fmt_number, summary_rows, summary_table, terminal_json
+from scer_proxy.cli.tables import (
+    csv_cell,
+    fmt_number,
+    summary_rows,
+    summary_table,
+    terminal_json,
+    terminal_text,
+)
 from scer_proxy.summary.build import parse_duration_s
 
 if TYPE_CHECKING:
@@ -87,7 +94,20 @@ def render(summary: dict[str, Any], fmt: str) -> str:
         raise ValueError(f"unknown format {fmt!r}")
     window = summary.get("window") or {}
     head = f"window: {fmt_number(window.get('start'))} .. {fmt_number(window.get('end'))} (Unix s)"
-    return f"{head}\n{summary_table(summary)}\n"
+    notes = "".join(f"{line}\n" for line in began_notes(summary))
+    return f"{head}\n{notes}{summary_table(summary)}\n"
+
+
+def began_notes(summary: dict[str, Any]) -> list[str]:
+    """One line per model whose Prometheus series began (or restarted) inside the window: increase()
+    counts it from its first scrape only, so its figures may miss what it counted before."""
+    return [
+        terminal_text(
+            f"note: a series of {entry['model']} began inside the window at {fmt_number(entry['began_at'])} "
+            "(Unix s); counted from its first scrape"
+        )
+        for entry in summary.get("series_began") or []
+    ]
 
 
 def _from_db(path: str, since_s: float | None, model: str | None, tenant: str | None) -> dict[str, Any]:

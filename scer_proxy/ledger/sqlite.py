@@ -52,6 +52,8 @@ class SqliteLedger:
     ``on_corrupt``: a file that is not a database, or a damaged one, at open: ``"refuse"`` raises
     ``LedgerError``; ``"move-aside"`` renames it ``<path>.corrupt-<UTC time>`` and starts a new one.
     ``before_write``: see ``Writer``.
+    ``on_put``: called with every record put, after it is queued (``/metrics`` counts them); an error in
+    it is logged, never raised to the caller, and the record is kept.
     """
 
     kind = "sqlite"
@@ -67,8 +69,10 @@ class SqliteLedger:
         read_only: bool = False,
         on_corrupt: str = "refuse",
         before_write: Callable[[sqlite3.Connection], None] | None = None,
+        on_put: Callable[[Record], None] | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        self._on_put = on_put
         self.read_only = read_only
         self.on_corrupt = on_corrupt
         self.tenant_salt = b""
@@ -190,6 +194,11 @@ class SqliteLedger:
     def put(self, record: Record) -> None:
         """Insert or replace (a settled figure replaces the response-time one); only enqueues, never blocks."""
         self._writer.put(record)
+        if self._on_put is not None:
+            try:
+                self._on_put(record)
+            except Exception:
+                log.exception("ledger_on_put_failed", request_id=record.request_id)
 
     async def flush(self) -> bool:
         """Write everything put so far now; True when the database has it (False while it is faulted)."""

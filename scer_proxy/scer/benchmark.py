@@ -3,7 +3,11 @@
 The runner that drives the workload through a proxy is ``scer_proxy.cli.bench``. A repeat's energy is
 the settled ledger records of its requests (GPU energy, before PUE). The submission records the
 workload id and hash, the hardware (GPU names from the meter), the server (``/v1/models`` and its
-``Server`` header), the meter kind, each repeat's figures and their spread, and the SCI.
+``Server`` header), the meter kind, the configuration the records were computed under (PUE, embodied
+figures, grid intensity and its source, from the proxy's ``/scer/health`` and the records), each
+repeat's figures and their spread, and the SCI: the measured repeats' carbon per 1,000 output tokens,
+computed as its manifest computes it (``scer_proxy.scer.manifest.inputs_from_submission``), so that the
+label, the manifest and the submission state the same number.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from typing import Any
 
 from scer_proxy import __version__
 from scer_proxy.attribution.energy_model import model_size_b
+from scer_proxy.carbon.sci import JOULES_PER_KWH
+from scer_proxy.scer.manifest import inputs_from_submission
 from scer_proxy.scer.rating import Category, gpu_family
 
 SCER_VERSION = "SCER 0.1 (draft)"
@@ -109,9 +115,41 @@ def repeat_figures(records: list[dict[str, Any]], wall_s: float) -> dict[str, An
         "carbon_g": carbon,
         "sci_g_per_1k_output_tokens": carbon * 1000.0 / output,
         "grid_intensity_g_per_kwh": records[0].get("grid_intensity_g_per_kwh"),
+        "grid_sources": sorted({str(r.get("grid_source") or "") for r in records}),
+        "upstreams": sorted({str(r.get("upstream") or "") for r in records}),
         "energy_source": ",".join(sorted(str(s) for s in sources)),
         "wall_s": wall_s,
         "output_tokens_per_s": output / wall_s if wall_s > 0 else None,
+    }
+
+
+def configuration(carbon: dict[str, Any] | None, figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The configuration the repeats' records were computed under: the PUE and the embodied figures of
+    their upstream (from the proxy's ``/scer/health`` ``carbon``), the grid intensity they applied (their
+    operational carbon over their energy) and its sources. Without ``carbon`` (an older proxy) the PUE is
+    the records' energy over their GPU energy and the embodied figures are null."""
+    carbon = carbon or {}
+    upstreams = sorted({u for f in figures for u in f.get("upstreams", [])})
+    energy_j = sum(float(f["energy_j"]) for f in figures)
+    gpu_j = sum(float(f["gpu_energy_j"]) for f in figures)
+    operational_g = sum(float(f["carbon_operational_g"]) for f in figures)
+    pue = carbon.get("pue")
+    if pue is None:
+        pue = energy_j / gpu_j if gpu_j > 0 else 1.0
+    per_upstream = carbon.get("embodied") or {}
+    embodied = [per_upstream.get(u) for u in upstreams]
+    same = bool(embodied) and all(e is not None and e == embodied[0] for e in embodied)
+    return {
+        "pue": float(pue),
+        "embodied": embodied[0] if same else None,
+        "grid": {
+            "intensity_g_per_kwh": operational_g / (energy_j / JOULES_PER_KWH)
+            if energy_j > 0
+            else figures[0].get("grid_intensity_g_per_kwh"),
+            "sources": sorted({s for f in figures for s in f.get("grid_sources", [])}),
+        },
+        "idle_policy": carbon.get("idle_policy"),
+        "upstreams": upstreams,
     }
 
 
@@ -127,9 +165,10 @@ def submission(
     server_header: str | None,
     meter: dict[str, Any],
     figures: list[dict[str, Any]],
+    carbon: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The submission of a run: ``listed`` is the server's ``/v1/models`` data, ``meter`` the proxy's
-    ``/scer/health`` meter, ``figures`` the measured repeats' :func:`repeat_figures`."""
+    """The submission of a run: ``listed`` is the server's ``/v1/models`` data, ``meter`` and ``carbon``
+    the proxy's ``/scer/health`` ones, ``figures`` the measured repeats' :func:`repeat_figures`."""
     gpu_model, gpu_count, devices = _hardware(meter)
     served_b = server_params_b(listed, model)
     if params_b <= 0 and served_b is not None:
@@ -139,8 +178,7 @@ def submission(
     category = Category.of(task, total_b, gpu_model, gpu_count)
     per_1k = [f["j_per_1k_output_tokens"] for f in figures]
     mean = statistics.fmean(per_1k)
-    sci = statistics.fmean(f["sci_g_per_1k_output_tokens"] for f in figures)
-    return {
+    out: dict[str, Any] = {
         "scer_version": SCER_VERSION,
         "sci_version": SCI_VERSION,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -171,6 +209,7 @@ def submission(
             "server_header": server_header,
         },
         "meter": {"kind": meter.get("kind"), "update_period_ms": meter.get("update_period_ms")},
+        "configuration": configuration(carbon, figures),
         "repeats": figures,
         "result": {
             "j_per_1k_output_tokens": mean,
@@ -178,7 +217,9 @@ def submission(
             "spread_rel": (statistics.pstdev(per_1k) / mean) if mean > 0 else None,
             "min_j_per_1k_output_tokens": min(per_1k),
             "max_j_per_1k_output_tokens": max(per_1k),
-            "sci_g_per_1k_output_tokens": sci,
             "energy_source": figures[0]["energy_source"],
         },
     }
+    # The SCI of all measured repeats together, as the manifest behind the label computes it.
+    out["result"]["sci_g_per_1k_output_tokens"] = inputs_from_submission(out).sci()
+    return out

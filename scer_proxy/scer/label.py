@@ -8,6 +8,12 @@ SCI version followed (``SCI 1.1``), a QR code (ISO/IEC 18004, made with segno, e
 that scans at this size, a note says so in its place), and a note that SCER is a draft
 specification of the Green Software Foundation.
 
+The grade and the figures below it come from different places, and the label names both: the grade
+ranks the benchmark's GPU energy per 1,000 output tokens among its peers (the figure ranked is shown
+beside it); the SCI and energy lines are headed with where they come from, ``LIVE TRAFFIC`` (the
+proxy's ledger) or ``BENCHMARK`` (the submission). Every text colour has a contrast of at least 4.5:1
+(WCAG 2.1 AA) against what it is drawn on.
+
 Only basic SVG is used (``rect``, ``path``, ``text``/``tspan``, ``g``, ``title``, ``desc``) with a
 generic sans-serif font stack, so any renderer shows it; every font size is at least 7 px. Text that
 might not fit (model, task, hardware) is cut with an ellipsis, measured with Helvetica/Arial advance
@@ -30,8 +36,9 @@ if TYPE_CHECKING:
 WIDTH = 260
 HEIGHT = 364
 GRADES = ("A", "B", "C")
-GRADE_COLORS = {"A": "#00a651", "B": "#ffd200", "C": "#f7941d"}
-GRADE_TEXT = {"A": "#ffffff", "B": "#1a1a1a", "C": "#ffffff"}
+# WCAG AA (4.5:1) for the text on each: white on A's green 5.45, dark on B's yellow 12.0, on C's orange 7.6.
+GRADE_COLORS = {"A": "#007a3d", "B": "#ffd200", "C": "#f7941d"}
+GRADE_TEXT = {"A": "#ffffff", "B": "#1a1a1a", "C": "#1a1a1a"}
 GRADE_RANGE = {"A": "above 90th", "B": "60th to 90th", "C": "below 60th"}
 HEADER = "#0e5a36"
 FONT = "Helvetica, Arial, 'Liberation Sans', 'DejaVu Sans', sans-serif"
@@ -52,6 +59,9 @@ _RIGHT = 248.0
 
 _MEASURED = {"nvml": "NVML", "dcgm": "DCGM", "rapl": "RAPL"}
 
+LIVE, BENCHMARK = "live traffic", "benchmark"  # where a label's SCI and energy come from
+FIGURES = (LIVE, BENCHMARK)
+
 
 @dataclass(frozen=True, kw_only=True)
 class LabelData:
@@ -70,8 +80,12 @@ class LabelData:
     sci_version: str = "SCI 1.1"
     energy_source: str = ""  # nvml | dcgm | rapl | simulated | estimate | ...
     grid_intensity_g_per_kwh: float | None = None
+    figures_from: str = LIVE  # where the SCI and energy lines come from (FIGURES)
+    grade_j_per_1k_output_tokens: float | None = None  # the benchmark figure the grade ranks
 
     def __post_init__(self) -> None:
+        if self.figures_from not in FIGURES:
+            raise ValueError(f"figures_from must be one of {FIGURES}, got {self.figures_from!r}")
         if self.grade not in (*GRADES, "unrated"):
             raise ValueError(f"grade must be A, B, C or unrated, got {self.grade!r}")
         for name in ("sci_g_per_1k_output_tokens", "energy_wh_per_1k_output_tokens"):
@@ -93,6 +107,29 @@ class LabelData:
     def value_line(self) -> str:
         """``<value> gCO2eq per 1,000 output tokens``."""
         return f"{self.value_text} {VALUE_UNIT}"
+
+    @property
+    def grade_lines(self) -> tuple[str, str]:
+        """What the grade ranks, in two lines: the benchmark's figure, then its percentile among the peers."""
+        figure = self.grade_j_per_1k_output_tokens
+        ranked = f"{format_sig3(figure)} J per 1,000 output tokens" if figure is not None else None
+        if self.grade in GRADES:
+            first = f"Grade {self.grade}: benchmark GPU energy" + (
+                f", {ranked}" if ranked else " per 1,000 tokens"
+            )
+            second = f"among {_peers_text(self.peers)} in its category"
+            if self.percentile is not None:
+                second = f"{_ordinal(round(self.percentile))} percentile " + second
+            return first, second
+        first = f"unrated: {_peers_text(self.peers)} in its category"
+        if ranked is None:
+            return first, "Grades rank benchmark GPU energy per 1,000 tokens"
+        return first, f"Benchmark GPU energy: {ranked}"
+
+    @property
+    def figures_heading(self) -> str:
+        """The heading of the SCI and energy lines, naming where they come from."""
+        return f"{self.figures_from.upper()}: SOFTWARE CARBON INTENSITY"
 
     @property
     def energy_line(self) -> str:
@@ -366,8 +403,8 @@ def render_label_svg(data: LabelData) -> str:
     title = f"SCER label: {data.model}"
     summary = (
         f"{data.model}, task {data.task}, hardware {data.hardware}, scored {data.scoring_date}: "
-        f"{data.value_line}, {data.energy_line}, grade {data.grade}, {_peers_text(data.peers)}, "
-        f"follows {data.sci_version}. {DRAFT_NOTE}."
+        f"from {data.figures_from}, {data.value_line}, {data.energy_line}; grade {data.grade} "
+        f"({' '.join(data.grade_lines)}); follows {data.sci_version}. {DRAFT_NOTE}."
     )
     add(
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
@@ -427,26 +464,26 @@ def render_label_svg(data: LabelData) -> str:
         add(_text(205, 139, "needs 2 or more peers", 7, fill="#555555", anchor="middle") + "</g>")
     add("</g>")
 
-    if data.grade in GRADES:
-        rank = f"Grade {data.grade} among {_peers_text(data.peers)} in its category"
-        if data.percentile is not None:
-            rank += f", {_ordinal(round(data.percentile))} percentile"
-    else:
-        rank = f"unrated: {_peers_text(data.peers)} in its category"
-    add(f'<g id="peers">{_text(_LEFT, 177, esc(fit(rank, 8.5, width)), 8.5, fill="#333333")}</g>')
-    add(f'<path d="M{_LEFT:g} 184.5H{_RIGHT:g}" stroke="#bbbbbb" stroke-width="1"/>')
+    # What the grade ranks (the benchmark's figure), apart from the figures below.
+    first, second = data.grade_lines
+    add('<g id="peers">')
+    add(_text(_LEFT, 174, esc(fit(first, 7.5, width)), 7.5, fill="#333333"))
+    add(_text(_LEFT, 184, esc(fit(second, 7.5, width)), 7.5, fill="#333333"))
+    add("</g>")
+    add(f'<path d="M{_LEFT:g} 188.5H{_RIGHT:g}" stroke="#bbbbbb" stroke-width="1"/>')
 
     # The value line (one text element, never a "/") and the energy line.
     add('<g id="value">')
+    heading = fit(data.figures_heading, 7.5, width - 0.3 * len(data.figures_heading), bold=True)
     add(
         _text(
             _LEFT,
-            197,
-            "SOFTWARE CARBON INTENSITY",
+            199,
+            esc(heading),
             7.5,
             bold=True,
             fill="#555555",
-            extra=' letter-spacing="0.6"',
+            extra=' id="figures-from" letter-spacing="0.3"',
         )
     )
     unit_size = 9.5
@@ -454,13 +491,13 @@ def render_label_svg(data: LabelData) -> str:
     number = data.value_text
     number_size = min(26.0, max(11.0, (width - unit_w) / max(text_width(number, 1.0, bold=True), 1e-9)))
     add(
-        f'<text id="value-line" x="{_LEFT:g}" y="222" fill="#1a1a1a">'
+        f'<text id="value-line" x="{_LEFT:g}" y="223" fill="#1a1a1a">'
         f'<tspan font-size="{number_size:.3g}" font-weight="bold">{esc(number)}</tspan>'
         f'<tspan font-size="{unit_size:g}"> {VALUE_UNIT}</tspan></text>'
     )
     energy = format_sig3(data.energy_wh_per_1k_output_tokens)
     add(
-        f'<text id="energy-line" x="{_LEFT:g}" y="239" font-size="9.5" fill="#1a1a1a">'
+        f'<text id="energy-line" x="{_LEFT:g}" y="240" font-size="9.5" fill="#1a1a1a">'
         f'<tspan font-weight="bold">{esc(energy)}</tspan> {ENERGY_UNIT}</text>'
     )
     add("</g>")

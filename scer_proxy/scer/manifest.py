@@ -44,9 +44,11 @@ from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
 
+from scer_proxy.carbon.embodied import EMBODIED_PRESETS
 from scer_proxy.carbon.records import Record
 from scer_proxy.carbon.sci import JOULES_PER_KWH, SECONDS_PER_YEAR, Embodied
-from scer_proxy.scer.label import LabelData, format_sig3, render_label_svg
+from scer_proxy.scer.label import BENCHMARK, FIGURES, LIVE, LabelData, format_sig3, render_label_svg
+from scer_proxy.scer.rating import Rated
 
 FUNCTIONAL_UNIT = "1,000 output tokens"
 FU_PARAMETER = "output-tokens"
@@ -234,14 +236,22 @@ def iso_time(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def manifest_url(base_url: str, model: str) -> str:
-    """``{base}/scer/manifest/{model}.yaml`` with the model percent-encoded (``/`` as ``%2F``)."""
-    return f"{base_url.rstrip('/')}/scer/manifest/{quote(model, safe='')}.yaml"
+FROM_PARAM = {LIVE: "traffic", BENCHMARK: "benchmark"}  # the ``from`` query parameter of each origin
 
 
-def label_url(base_url: str, model: str) -> str:
-    """``{base}/scer/label/{model}.svg`` with the model percent-encoded."""
-    return f"{base_url.rstrip('/')}/scer/label/{quote(model, safe='')}.svg"
+def _from_query(figures_from: str) -> str:
+    return "" if figures_from == LIVE else f"?from={FROM_PARAM[figures_from]}"
+
+
+def manifest_url(base_url: str, model: str, figures_from: str = LIVE) -> str:
+    """``{base}/scer/manifest/{model}.yaml`` with the model percent-encoded (``/`` as ``%2F``), and
+    ``?from=benchmark`` for the manifest of the model's benchmark submission."""
+    return f"{base_url.rstrip('/')}/scer/manifest/{quote(model, safe='')}.yaml{_from_query(figures_from)}"
+
+
+def label_url(base_url: str, model: str, figures_from: str = LIVE) -> str:
+    """``{base}/scer/label/{model}.svg`` with the model percent-encoded (``?from=benchmark`` likewise)."""
+    return f"{base_url.rstrip('/')}/scer/label/{quote(model, safe='')}.svg{_from_query(figures_from)}"
 
 
 def _meta(unit: str, description: str, time: str = "sum", component: str = "sum") -> dict[str, Any]:
@@ -378,8 +388,15 @@ def build_manifest(
     sci_version: str = "SCI 1.1",
     scer_version: str = "0.1",
     label_url: str | None = None,
+    figures_from: str = LIVE,
+    grade_j_per_1k_output_tokens: float | None = None,
+    configuration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The manifest as a mapping (``to_yaml`` writes it). Its aggregate SCI is ``inputs.sci()``."""
+    """The manifest as a mapping (``to_yaml`` writes it). Its aggregate SCI is ``inputs.sci()``.
+
+    ``figures_from`` names where the SCI's inputs come from (``live traffic``: the proxy's ledger;
+    ``benchmark``: a bench submission, whose ``configuration`` is copied in); the grade always ranks the
+    benchmark's GPU energy per 1,000 output tokens (``grade_j_per_1k_output_tokens``) among ``peers``."""
     defaults = {
         "grid/carbon-intensity": inputs.grid_intensity_g_per_kwh,
         "device/emissions-embodied": inputs.device_emissions_embodied_g,
@@ -425,12 +442,21 @@ def build_manifest(
         "energy-wh-per-1k-output-tokens": inputs.energy_wh_per_1k_output_tokens(),
         "energy-source": inputs.energy_source,
         "pue": inputs.pue,
+        "figures-from": figures_from,
+        "grade-basis": {
+            "metric": GRADE_METRIC,
+            "j-per-1k-output-tokens": grade_j_per_1k_output_tokens,
+            "peers": peers,
+        },
         "boundary": {"included": list(BOUNDARY_INCLUDED), "excluded": list(BOUNDARY_EXCLUDED)},
     }
+    if configuration is not None:
+        scer["configuration"] = dict(configuration)
     if label_url is not None:
         scer["label-url"] = label_url
     description = (
-        f"SCI of {model} ({task}) on {hardware}, behind its SCER label scored {scoring_date}. "
+        f"SCI of {model} ({task}) on {hardware} from {figures_from}, behind its SCER label scored "
+        f"{scoring_date}. The grade ranks {GRADE_METRIC} among {peers} peers. "
         f"Functional unit: {FUNCTIONAL_UNIT}. Follows {sci_version}: SCI = (O + M) per R. "
         "Boundary: in, the serving hardware's GPU energy (measured or estimated, as energy-source says) "
         "with PUE and the GPUs' and server's embodied share; out, client devices, the network and training. "
@@ -491,8 +517,14 @@ def make_label(
     base_url: str,
     percentile: float | None = None,
     sci_version: str = "SCI 1.1",
+    figures_from: str = LIVE,
+    grade_j_per_1k_output_tokens: float | None = None,
+    configuration: Mapping[str, Any] | None = None,
 ) -> Label:
-    """The label (``LabelData``) and its manifest; the QR code links to ``manifest_url(base_url, model)``."""
+    """The label (``LabelData``) and its manifest; the QR code links to ``manifest_url(base_url, model,
+    figures_from)``, which the proxy at ``base_url`` answers with this same manifest."""
+    if figures_from not in FIGURES:
+        raise ValueError(f"figures_from must be one of {FIGURES}, got {figures_from!r}")
     data = LabelData(
         model=model,
         task=task,
@@ -504,9 +536,11 @@ def make_label(
         peers=peers,
         percentile=percentile,
         sci_version=sci_version,
-        manifest_url=manifest_url(base_url, model),
+        manifest_url=manifest_url(base_url, model, figures_from),
         energy_source=inputs.energy_source,
         grid_intensity_g_per_kwh=inputs.grid_intensity_g_per_kwh,
+        figures_from=figures_from,
+        grade_j_per_1k_output_tokens=grade_j_per_1k_output_tokens,
     )
     manifest = build_manifest(
         model=model,
@@ -518,9 +552,121 @@ def make_label(
         peers=peers,
         percentile=percentile,
         sci_version=sci_version,
-        label_url=label_url(base_url, model),
+        label_url=label_url(base_url, model, figures_from),
+        figures_from=figures_from,
+        grade_j_per_1k_output_tokens=grade_j_per_1k_output_tokens,
+        configuration=configuration,
     )
     return Label(data=data, manifest=manifest)
+
+
+# --- a bench submission's label ------------------------------------------------------------------
+
+GRADE_METRIC = "GPU energy per 1,000 output tokens on the SCER standard benchmark"
+_REPEAT_KEYS = (
+    "energy_j",
+    "carbon_operational_g",
+    "carbon_embodied_g",
+    "output_tokens",
+    "started_at",
+    "ended_at",
+)
+_EMBODIED_KEYS = ("gpu_kg", "server_kg", "gpus_per_server", "lifetime_years", "gpus_used")
+
+
+def hardware_text(devices: Sequence[str]) -> str:
+    """'0: NVIDIA H100 80GB HBM3', '1: ...' -> '2 x NVIDIA H100 80GB HBM3'."""
+    if not devices:
+        return "unknown hardware"
+    first = devices[0].split(":", 1)[-1].strip()
+    if " x " in first:  # the estimate meter already says "1 x H100 (assumed, not measured)"
+        return first
+    return f"{len(devices)} x {first}"
+
+
+def _preset_embodied(hardware: Mapping[str, Any]) -> Embodied:
+    """The preset of the submission's GPU family (the H100's when unknown): for submissions written
+    before they recorded their configuration."""
+    preset = EMBODIED_PRESETS.get(str(hardware.get("gpu_model", "")).lower(), EMBODIED_PRESETS["h100"])
+    return Embodied(
+        gpu_kg=float(preset["gpu_kg"]),
+        server_kg=float(preset["server_kg"]),
+        gpus_per_server=int(preset["gpus_per_server"]),
+        lifetime_years=float(preset["lifetime_years"]),
+        gpus_used=int(hardware.get("gpu_count", 1)),
+    )
+
+
+def inputs_from_submission(submission: Mapping[str, Any]) -> ManifestInputs:
+    """The SCI inputs of a bench submission's measured repeats, under the configuration it ran with.
+
+    ``configuration`` (written by ``scer-proxy bench``) gives the PUE, the embodied figures and the grid
+    the records were computed with, so the manifest reproduces their carbon. A submission without it
+    (older ones): the PUE is its energy over its GPU energy, and the hardware time is the one that gives
+    its recorded embodied carbon under its GPU family's preset. ValueError names what is missing."""
+    repeats = submission.get("repeats") or []
+    if not repeats or not all(isinstance(r, Mapping) and all(k in r for k in _REPEAT_KEYS) for r in repeats):
+        raise ValueError("the submission lacks per-repeat energy and carbon figures")
+    hardware = submission.get("hardware") or {}
+    config = submission.get("configuration") or {}
+    energy_j = sum(float(r["energy_j"]) for r in repeats)
+    gpu_j = sum(float(r.get("gpu_energy_j") or 0.0) for r in repeats)
+    recorded = config.get("embodied")
+    if isinstance(recorded, Mapping) and all(k in recorded for k in _EMBODIED_KEYS):
+        embodied = Embodied(
+            gpu_kg=float(recorded["gpu_kg"]),
+            server_kg=float(recorded["server_kg"]),
+            gpus_per_server=int(recorded["gpus_per_server"]),
+            lifetime_years=float(recorded["lifetime_years"]),
+            gpus_used=int(recorded["gpus_used"]),
+        )
+        hardware_s: float | None = sum(float(r.get("hardware_s") or 0.0) for r in repeats)
+    else:
+        embodied, hardware_s = _preset_embodied(hardware), None
+    pue = config.get("pue")
+    if pue is None:
+        pue = energy_j / gpu_j if gpu_j > 0 else 1.0
+    grid = config.get("grid") or {}
+    started = min(float(r["started_at"]) for r in repeats)
+    return inputs_from_totals(
+        energy_j=energy_j,
+        carbon_operational_g=sum(float(r["carbon_operational_g"]) for r in repeats),
+        carbon_embodied_g=sum(float(r["carbon_embodied_g"]) for r in repeats),
+        output_tokens=sum(int(r["output_tokens"]) for r in repeats),
+        hardware_s=hardware_s,
+        embodied=embodied,
+        started_at=started,
+        duration_s=max(float(r["ended_at"]) for r in repeats) - started,
+        grid_intensity_g_per_kwh=grid.get("intensity_g_per_kwh"),
+        energy_source=str((submission.get("result") or {}).get("energy_source", "")),
+        pue=float(pue),
+    )
+
+
+def label_from_submission(submission: Mapping[str, Any], *, rated: Rated | None, base_url: str) -> Label:
+    """The benchmark label of a submission: its SCI (the one its result states) and energy under the
+    configuration it ran with, graded by ``rated``; the QR code links to the proxy's manifest of the
+    same submission (``?from=benchmark``)."""
+    inputs = inputs_from_submission(submission)
+    hardware = submission.get("hardware") or {}
+    devices = [str(d) for d in hardware.get("devices") or []]
+    category = submission.get("category") or {}
+    return make_label(
+        model=str(submission["model"]),
+        task=str(category.get("task", "chat")),
+        hardware=hardware_text(devices)
+        if devices
+        else f"{hardware.get('gpu_count', 1)} x {hardware.get('gpu_model', 'GPU')}",
+        inputs=inputs,
+        scoring_date=str(submission.get("created_at", ""))[:10],
+        grade=rated.grade if rated else "unrated",
+        peers=rated.peers if rated else 0,
+        percentile=rated.percentile if rated else None,
+        base_url=base_url,
+        figures_from=BENCHMARK,
+        grade_j_per_1k_output_tokens=rated.entry.j_per_1k_output_tokens if rated else None,
+        configuration=submission.get("configuration"),
+    )
 
 
 # --- YAML writing (no YAML library needed) -------------------------------------------------------

@@ -1,13 +1,19 @@
 """``scer-proxy report --prometheus`` (pure): the PromQL queries it sends and the summary built from their answers.
 
 Prometheus scrapes each proxy's ``GET /metrics`` (the metrics of ``scer_proxy.summary.metrics``):
-``scer_requests_total{model, status}``, ``scer_tokens_total{model, kind}``, ``scer_energy_joules_total
-{model, source}``, ``scer_carbon_grams_total{model, part}``, ``scer_idle_energy_joules`` and
+``scer_requests_total{model, upstream, status}``, ``scer_tokens_total{model, upstream, kind}``,
+``scer_energy_joules_total{model, upstream, source}``, ``scer_carbon_grams_total{model, upstream, part}``,
+``scer_idle_energy_joules_total`` and ``scer_idle_spread_joules_total`` (by upstream) and
 ``scer_meter_healthy{upstream}``. Every query sums across all scraped proxies (``sum by (model)``); with a
 window the counters are read as ``increase(metric[window])``. The answers are summed into the quantities
 of ``scer_proxy.carbon.totals`` and its rule gives the figures. The summary has the keys of
 ``/scer/summary``; what the metrics do not carry (grade, category, tenants, metered and settled counts,
 the meter's details, the grid) is null or absent.
+
+The counters hold final figures only and start at zero with each proxy process, so without a window the
+figures are those since the proxies started (the window's start is the earliest series' ``_created``).
+With a window, ``increase()`` only sees a series from its first scrape on: ``series_began`` lists the
+models with a series that began (or restarted) inside the window, and when.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from scer_proxy.summary.metrics import (
     ENERGY,
     HEALTHY,
     IDLE,
+    IDLE_SPREAD,
     NO_ENERGY,
     OPERATIONAL,
     PROMPT,
@@ -90,14 +97,15 @@ def _sum(
     inner = selector(metric, matchers)
     if window is not None:
         inner = f"increase({inner}[{window}])"
-    return f"sum by ({', '.join(by)}) ({inner})"
+    return f"sum by ({', '.join(by)}) ({inner})" if by else f"sum({inner})"
 
 
 def summary_queries(
     since_s: float | None, model: str | None = None, tenant: str | None = None
 ) -> dict[str, str]:
     """The queries behind one summary, by name: per-model counter sums (``increase`` over ``since_s`` when
-    given), the idle energy and the meters' health (both current values, as ``/scer/summary`` gives them)."""
+    given), the idle energy and what of it was spread into requests (likewise), the meters' health now,
+    and when the series began (the latest per model with a window, the earliest of all without)."""
     window = None if since_s is None else duration(since_s)
     only: dict[str, tuple[str, str]] = {}
     if model is not None:
@@ -109,8 +117,12 @@ def summary_queries(
         "tokens": _sum(TOKENS.total, ("model", "kind"), only, window),
         "energy": _sum(ENERGY.total, ("model",), {**only, "source": ("!=", NO_ENERGY)}, window),
         "carbon": _sum(CARBON.total, ("model", "part"), only, window),
-        "idle": f"sum({IDLE.name})",
+        "idle": _sum(IDLE.total, (), {}, window),
+        "idle_spread": _sum(IDLE_SPREAD.total, (), {}, window),
         "healthy": f"min({HEALTHY.name})",
+        "began": f"max by (model) ({selector(REQUESTS.created, only)})"
+        if window is not None
+        else f"min({selector(REQUESTS.created, only)})",
     }
 
 
@@ -192,12 +204,23 @@ def build_summary(results: Mapping[str, list[Sample]], *, start: float | None, e
     total = zero()
     for s in per_model.values():
         add(total, s)
-    idle = results["idle"]
+    idle, spread = results["idle"], results.get("idle_spread", [])
     healthy = results["healthy"]
+    began = results.get("began", [])
+    late: list[dict[str, Any]] = []
+    if start is None:
+        start = min((v for _, v in began), default=None)  # the counters' start: the figures are since then
+    else:
+        late = [
+            {"model": labels.get("model", ""), "began_at": at}
+            for labels, at in sorted(began, key=lambda s: s[0].get("model", ""))
+            if at > start
+        ]
     return {
         "window": {"start": start, "end": end},
+        "series_began": late,
         "totals": totals(total, counted=False),
-        "idle_energy_j": sum(v for _, v in idle) if idle else None,
+        "idle_energy_j": sum(v for _, v in idle) - sum(v for _, v in spread) if idle else None,
         "models": [
             {"model": name, "category": None, "grade": None, **totals(per_model[name], counted=False)}
             for name in names

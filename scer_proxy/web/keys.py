@@ -11,6 +11,7 @@ from scer_proxy.meters.sampler import UpstreamMeter
 from scer_proxy.proxy.accounting import Accounting
 from scer_proxy.proxy.upstreams import Upstreams
 from scer_proxy.scer.book import RatingsBook
+from scer_proxy.summary.metrics import Counters
 
 CONFIG = web.AppKey("config", Config)
 LEDGER = web.AppKey("ledger", SqliteLedger)
@@ -20,3 +21,5 @@ METER_NOTES = web.AppKey("meter_notes", dict[str, str])
 UPSTREAMS = web.AppKey("upstreams", Upstreams)
 GRID = web.AppKey("grid", GridIntensitySource)
 RATINGS = web.AppKey("ratings", RatingsBook)
+COUNTERS = web.AppKey("counters", Counters)  # what /metrics counts, fed by every record put in the ledger
+STARTED_AT = web.AppKey("started_at", float)  # Unix seconds the app (and its counters) started

@@ -1,31 +1,44 @@
 """``/scer/label/{model}.svg`` and ``/scer/manifest/{model}.yaml``: the SCER label of a served model and
-its Impact Framework manifest, from the ledger's totals for that model and its current rating."""
+its Impact Framework manifest, from the ledger's totals for that model (live traffic) and its current
+rating; with ``?from=benchmark``, from the model's latest bench submission instead (the label
+``scer-proxy label --submission`` writes links here, so its QR code opens the same SCI)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
 from scer_proxy.carbon.records import Record
 from scer_proxy.carbon.sci import Embodied
 from scer_proxy.ledger.sqlite import SqliteLedger
-from scer_proxy.scer.manifest import Label, inputs_from_totals, make_label
+from scer_proxy.scer.label import BENCHMARK, LIVE
+from scer_proxy.scer.manifest import (
+    FROM_PARAM,
+    Label,
+    hardware_text,
+    inputs_from_totals,
+    label_from_submission,
+    make_label,
+)
 from scer_proxy.scer.rating import Rated
 from scer_proxy.web.keys import ACCOUNTING, CONFIG, LEDGER, METERS, RATINGS
 from scer_proxy.web.offload import off_loop
 from scer_proxy.wire import openai as wire
 
+PUBLIC_PREFIXES = ("/scer/label/", "/scer/manifest/")
 
-def hardware_text(devices: list[str]) -> str:
-    """'0: NVIDIA H100 80GB HBM3', '1: ...' -> '2 x NVIDIA H100 80GB HBM3'."""
-    if not devices:
-        return "unknown hardware"
-    first = devices[0].split(":", 1)[-1].strip()
-    if " x " in first:  # the estimate meter already says "1 x H100 (assumed, not measured)"
-        return first
-    return f"{len(devices)} x {first}"
+
+def is_public(request: web.Request) -> bool:
+    """Labels and manifests answer without the admin token while ``server.public_labels`` (the default),
+    so that the QR code printed on a label opens its manifest for anyone who scans it."""
+    return (
+        request.app[CONFIG].server.public_labels
+        and request.method in ("GET", "HEAD")
+        and request.path.startswith(PUBLIC_PREFIXES)
+    )
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class _Context:
     pue: float
     rated: Rated | None
     scoring_date: str
+    submission: dict[str, Any] | None  # the model's latest bench submission, if any
 
 
 def _context(app: web.Application, model: str, base_url: str) -> _Context:
@@ -59,6 +73,7 @@ def _context(app: web.Application, model: str, base_url: str) -> _Context:
         pue=config.carbon.pue,
         rated=app[RATINGS].rated(model),
         scoring_date=scoring_date or time.strftime("%Y-%m-%d"),
+        submission=submission,
     )
 
 
@@ -93,15 +108,24 @@ def _make_label(ledger: SqliteLedger, overlay: dict[str, Record], ctx: _Context)
         peers=rated.peers if rated else 0,
         percentile=rated.percentile if rated else None,
         base_url=ctx.base_url,
+        figures_from=LIVE,
+        grade_j_per_1k_output_tokens=rated.entry.j_per_1k_output_tokens if rated else None,
     )
 
 
 def _render(
-    ledger: SqliteLedger, overlay: dict[str, Record], ctx: _Context, kind: str
+    ledger: SqliteLedger, overlay: dict[str, Record], ctx: _Context, kind: str, figures_from: str
 ) -> tuple[str, str] | None:
     """The label's SVG (``kind`` ``svg``) or its manifest's YAML, with the content type; None without
-    metered requests. On a read thread: the summary, the QR code and the text are the slow parts."""
-    label = _make_label(ledger, overlay, ctx)
+    metered requests (or, from the benchmark, without a submission). On a read thread: the summary, the
+    QR code and the text are the slow parts."""
+    label: Label | None
+    if figures_from == BENCHMARK:
+        if ctx.submission is None:
+            return None
+        label = label_from_submission(ctx.submission, rated=ctx.rated, base_url=ctx.base_url)
+    else:
+        label = _make_label(ledger, overlay, ctx)
     if label is None:
         return None
     return (label.svg, "image/svg+xml") if kind == "svg" else (label.yaml, "application/yaml")
@@ -110,15 +134,32 @@ def _render(
 async def _answer(request: web.Request, kind: str) -> web.Response:
     app = request.app
     model = request.match_info["model"]
+    origin = {param: name for name, param in FROM_PARAM.items()}.get(request.query.get("from", "traffic"))
+    if origin is None:
+        return web.Response(
+            status=400,
+            content_type="application/json",
+            body=wire.error_body(
+                "from: expected traffic or benchmark", "invalid_request_error", param="from"
+            ),
+        )
     ctx = _context(app, model, str(request.url.origin()))
     ledger = app[LEDGER]
-    rendered = await off_loop(app, _render, ledger, ledger.overlay(), ctx, kind)
+    try:
+        rendered = await off_loop(app, _render, ledger, ledger.overlay(), ctx, kind, origin)
+    except ValueError as exc:  # a submission without the figures a label needs
+        return web.Response(
+            status=422,
+            content_type="application/json",
+            body=wire.error_body(f"The benchmark submission of {model!r}: {exc}.", "invalid_request_error"),
+        )
     if rendered is None:
+        missing = "bench submission" if origin == BENCHMARK else "metered requests"
         return web.Response(
             status=404,
             content_type="application/json",
             body=wire.error_body(
-                f"No metered requests for the model {model!r} yet.",
+                f"No {missing} for the model {model!r} yet.",
                 "invalid_request_error",
                 param="model",
                 code="model_not_found",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 from dataclasses import dataclass
@@ -10,15 +11,27 @@ from typing import Any
 import orjson
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from scer_proxy import __version__
 from scer_proxy.carbon.records import Record
 from scer_proxy.ledger.sqlite import SqliteLedger
 from scer_proxy.meters.sampler import distinct_meters
 from scer_proxy.scer.book import RatingsBook
+from scer_proxy.summary import metrics as pm
 from scer_proxy.summary.build import parse_duration_s
-from scer_proxy.summary.metrics import COUNTERS, HEALTHY, IDLE, IDLE_BALANCE, series
-from scer_proxy.web.keys import ACCOUNTING, CONFIG, GRID, LEDGER, METER_NOTES, METERS, RATINGS
+from scer_proxy.summary.metrics import Metric, Snapshot
+from scer_proxy.web.keys import (
+    ACCOUNTING,
+    CONFIG,
+    COUNTERS,
+    GRID,
+    LEDGER,
+    METER_NOTES,
+    METERS,
+    RATINGS,
+    STARTED_AT,
+)
 from scer_proxy.web.offload import off_loop
 from scer_proxy.wire import openai as wire
 
@@ -190,6 +203,19 @@ def _records_json(ledger: SqliteLedger, limit: int, overlay: dict[str, Record]) 
     return b'{"object":"list","data":[' + b",".join(parts) + b"]}"
 
 
+def carbon_info(app: web.Application) -> dict[str, Any]:
+    """Health's ``carbon`` object: the configuration records are computed under (the PUE, the idle
+    policy, each upstream's embodied figures), which ``scer-proxy bench`` writes into its submission."""
+    config = app[CONFIG]
+    return {
+        "pue": config.carbon.pue,
+        "idle_policy": config.attribution.idle,
+        "embodied": {
+            u.name: dataclasses.asdict(app[ACCOUNTING].embodied_for(u.name)) for u in config.upstreams
+        },
+    }
+
+
 async def health(request: web.Request) -> web.Response:
     meter = meter_info(request.app)
     ledger = request.app[LEDGER].health() | {"pending_settlement": request.app[ACCOUNTING].pending}
@@ -198,6 +224,7 @@ async def health(request: web.Request) -> web.Response:
             "status": "ok" if meter["healthy"] and ledger["healthy"] else "degraded",
             "meter": meter,
             "grid": request.app[GRID].describe(),
+            "carbon": carbon_info(request.app),
             "ledger": ledger,
         }
     )
@@ -205,57 +232,119 @@ async def health(request: web.Request) -> web.Response:
 
 @dataclass(frozen=True)
 class _Gauges:
-    """The gauges of ``/metrics`` that come from the meters, read on the loop."""
+    """What ``/metrics`` reads of the meters and the grid, on the loop (all figures PUE included but the
+    measured energy, which is the meter's own)."""
 
-    idle_j: float
-    idle_balance_j: float
+    upstreams: list[str]
+    idle_j: dict[str, float]  # upstream label -> measured idle energy so far (a counter)
+    idle_spread_j: dict[str, float]  # -> the part of it spread into requests (a counter)
+    idle_balance_j: dict[str, float]  # -> waiting to be spread (a gauge)
+    measured_j: dict[str, float]  # -> the meter's counted energy, before PUE (a counter)
     healthy: dict[str, bool]  # upstream name -> its meter answers
+    grid_source: str
+    grid_intensity_g_per_kwh: float
+    started_at: float  # Unix seconds the process's counters began
 
 
-class _LedgerCollector:
-    """Prometheus metrics computed from the ledger at scrape time (per model and energy source)."""
+def _gauges(app: web.Application) -> _Gauges:
+    """The meters' figures now, one entry per timeline (upstreams sharing one are named together)."""
+    pue = app[CONFIG].carbon.pue
+    by_timeline: dict[int, list[str]] = {}
+    for name, meter in app[METERS].items():
+        by_timeline.setdefault(id(meter.timeline), []).append(name)
+    idle: dict[str, float] = {}
+    spread: dict[str, float] = {}
+    balance: dict[str, float] = {}
+    measured: dict[str, float] = {}
+    meters = app[METERS]
+    for names in by_timeline.values():
+        meter = meters[names[0]]
+        label = ",".join(sorted(names))
+        timeline = meter.timeline
+        idle[label] = (timeline.idle_j + timeline.idle.accrued_j) * pue
+        spread[label] = timeline.idle.spread_j * pue
+        balance[label] = timeline.idle_balance_j * pue
+        if meter.samples:
+            measured[label] = timeline.measured_j
+    grid = app[GRID].current()
+    return _Gauges(
+        upstreams=list(meters),
+        idle_j=idle,
+        idle_spread_j=spread,
+        idle_balance_j=balance,
+        measured_j=measured,
+        healthy={name: meter.healthy for name, meter in app[METERS].items()},
+        grid_source=grid.source,
+        grid_intensity_g_per_kwh=grid.intensity_g_per_kwh,
+        started_at=app[STARTED_AT],
+    )
 
-    def __init__(self, rows: list[dict[str, Any]], gauges: _Gauges) -> None:
-        self.rows = rows  # SqliteLedger.metrics_rows(): sums per model x status x energy source
+
+class _Collector:
+    """The families of ``/metrics`` from a snapshot of the counters and the gauges."""
+
+    def __init__(self, snapshot: Snapshot, gauges: _Gauges) -> None:
+        self.snapshot = snapshot
         self.gauges = gauges
 
+    def _counter(self, metric: Metric, values: dict[tuple[str, ...], float]) -> CounterMetricFamily:
+        family = CounterMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+        created = self.snapshot.created
+        for labels, value in sorted(values.items()):
+            family.add_metric(list(labels), value, created=created.get((metric.name, labels)))
+        return family
+
+    def _per_upstream(self, metric: Metric, values: dict[str, float]) -> CounterMetricFamily:
+        family = CounterMetricFamily(metric.name, metric.help, labels=["upstream"])
+        for name, value in sorted(values.items()):
+            family.add_metric([name], value, created=self.gauges.started_at)
+        return family
+
+    def _gauge(self, metric: Metric, values: dict[str, float]) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(metric.name, metric.help, labels=list(metric.labels))
+        for label, value in sorted(values.items()):
+            family.add_metric([label], value)
+        return family
+
     def collect(self) -> Any:
-        families = {m.name: CounterMetricFamily(m.name, m.help, labels=list(m.labels)) for m in COUNTERS}
-        agg: dict[tuple[str, tuple[str, str]], float] = {}
-        for row in self.rows:
-            for metric, labels, value in series(row):
-                key = (metric.name, labels)
-                agg[key] = agg.get(key, 0.0) + value
-        for (name, labels), value in sorted(agg.items()):
-            families[name].add_metric(list(labels), value)
-        yield from families.values()
-        idle = GaugeMetricFamily(IDLE.name, IDLE.help)
-        idle.add_metric([], self.gauges.idle_j)
-        yield idle
-        balance = GaugeMetricFamily(IDLE_BALANCE.name, IDLE_BALANCE.help)
-        balance.add_metric([], self.gauges.idle_balance_j)
-        yield balance
-        healthy = GaugeMetricFamily(HEALTHY.name, HEALTHY.help, labels=list(HEALTHY.labels))
-        for name, ok in self.gauges.healthy.items():
-            healthy.add_metric([name], 1.0 if ok else 0.0)
-        yield healthy
+        snap, gauges = self.snapshot, self.gauges
+        for metric in pm.COUNTERS:
+            yield self._counter(metric, snap.counters.get(metric, {}))
+        histogram = HistogramMetricFamily(
+            pm.REQUEST_ENERGY.name, pm.REQUEST_ENERGY.help, labels=list(pm.REQUEST_ENERGY.labels)
+        )
+        bounds = [*(f"{b:g}" for b in snap.bounds), "+Inf"]
+        for labels, h in sorted(snap.histograms.items()):
+            histogram.add_metric(
+                list(labels),
+                list(zip(bounds, (float(c) for c in h.cumulative()), strict=True)),
+                h.sum,
+            )
+        yield histogram
+        yield self._per_upstream(pm.IDLE, gauges.idle_j)
+        yield self._per_upstream(pm.IDLE_SPREAD, gauges.idle_spread_j)
+        yield self._per_upstream(pm.MEASURED, gauges.measured_j)
+        yield self._gauge(pm.IDLE_BALANCE, gauges.idle_balance_j)
+        unsettled = {u: snap.unsettled.get(u, (0, 0.0)) for u in gauges.upstreams}
+        yield self._gauge(pm.UNSETTLED_REQUESTS, {u: float(n) for u, (n, _j) in unsettled.items()})
+        yield self._gauge(pm.UNSETTLED_ENERGY, {u: j for u, (_n, j) in unsettled.items()})
+        yield self._gauge(pm.HEALTHY, {u: 1.0 if ok else 0.0 for u, ok in gauges.healthy.items()})
+        yield self._gauge(pm.GRID, {gauges.grid_source: gauges.grid_intensity_g_per_kwh})
+        yield self._gauge(pm.BUILD, {__version__: 1.0})
 
 
-def _metrics_text(ledger: SqliteLedger, overlay: dict[str, Record], gauges: _Gauges) -> bytes:
-    """The Prometheus text (on a read thread): the ledger's sums, then the gauges."""
+def _metrics_text(snapshot: Snapshot, gauges: _Gauges) -> bytes:
+    """The Prometheus text (on a read thread)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_LedgerCollector(ledger.metrics_rows_sync(overlay), gauges))
+    registry.register(_Collector(snapshot, gauges))
     return generate_latest(registry)
 
 
 async def metrics(request: web.Request) -> web.Response:
+    """``/metrics``: the in-process counters (never re-summed from the ledger) and the gauges. The
+    snapshot is taken on the loop, where records are counted; the text is made on a read thread."""
     app = request.app
-    gauges = _Gauges(
-        idle_j=idle_energy_j(app),
-        idle_balance_j=idle_info(app)["balance_j"],
-        healthy={name: meter.healthy for name, meter in app[METERS].items()},
-    )
-    body = await off_loop(app, _metrics_text, app[LEDGER], app[LEDGER].overlay(), gauges)
+    body = await off_loop(app, _metrics_text, app[COUNTERS].snapshot(), _gauges(app))
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 

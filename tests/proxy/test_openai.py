@@ -192,5 +192,9 @@ def test_summary_totals_equal_the_sum_of_records(
     assert summary["models"][0]["model"] == model
     assert summary["meter"]["kind"] == "simulated" and summary["meter"]["healthy"] is True
     assert summary["grid"]["source"].startswith("table:")
+    deadline = time.monotonic() + 5  # /metrics counts a record once its figure is settled
+    while httpx.get(f"{proxy}/scer/summary").json()["totals"]["settled_requests"] < 6:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
     metrics = httpx.get(f"{proxy}/metrics").text
-    assert f'scer_requests_total{{model="{model}",status="ok"}} 6.0' in metrics
+    assert f'scer_requests_total{{model="{model}",status="ok",upstream="up"}} 6.0' in metrics

@@ -362,7 +362,9 @@ def test_label_and_manifest_served_and_written(sim_proxy: tuple[str, str], tmp_p
         )
         assert done.returncode == 0, done.stderr
         written = ET.fromstring(out.read_text())
-        assert _decode_qr(written) == manifest_url
+        # The submission's label links to the proxy's manifest of that submission, not of live traffic.
+        suffix = "?from=benchmark" if extra[0] == "--submission" else ""
+        assert _decode_qr(written) == manifest_url + suffix
         assert yaml.safe_load(out.with_suffix(".yaml").read_text())["name"]
 
 

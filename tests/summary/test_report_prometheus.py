@@ -1,7 +1,7 @@
 """``scer-proxy report --prometheus``: real proxies in front of real simulators, scraped by a fake Prometheus.
 
 The fake Prometheus is a real HTTP server: it scrapes the proxies' real ``/metrics`` text on demand and
-evaluates exactly the query shapes ``report`` sends (``sum``/``min``, optionally ``by (labels)``, of a
+evaluates exactly the query shapes ``report`` sends (``sum``/``min``/``max``, optionally ``by (labels)``, of a
 selector with ``=``/``!=`` matchers, optionally inside ``increase(...[range])`` answered from two scrapes,
 without Prometheus's extrapolation). Any other query gets a Prometheus-style ``bad_data`` error.
 """
@@ -50,7 +50,7 @@ CSV_COMPARED = (
 
 # ---------------------------------------------------------------- the fake Prometheus
 
-_AGGREGATE = re.compile(r"^(sum|min)(?: by \((\w+(?:, \w+)*)\) )?\((.+)\)$")
+_AGGREGATE = re.compile(r"^(sum|min|max)(?: by \((\w+(?:, \w+)*)\) )?\((.+)\)$")
 _INCREASE = re.compile(r"^increase\((.+)\[(\d+)(ms|s|m|h|d)\]\)$")
 _SELECTOR = re.compile(r"^([a-zA-Z_:][\w:]*)(?:\{(.+)\})?$")
 _MATCHER = re.compile(r'(\w+)(=|!=)"((?:[^"\\]|\\.)*)"(?:,|$)')
@@ -144,7 +144,7 @@ class FakePrometheus:
         return [
             {
                 "metric": {k: v for k, v in zip(by, key, strict=True) if v},
-                "value": [at, repr(sum(values) if op == "sum" else min(values))],
+                "value": [at, repr({"sum": sum, "min": min, "max": max}[op](values))],
             }
             for key, values in sorted(groups.items())
         ]
@@ -263,7 +263,7 @@ def test_prometheus_matches_the_proxy_in_json_and_csv(
     fake, prom = fleet.prometheus((fleet.proxy_a, "a"))
     direct = report_json(["--proxy", fleet.proxy_a], capsys)
     summary = report_json(["--prometheus", prom], capsys)
-    assert fake.rejected == [] and len(fake.queries) == 6
+    assert fake.rejected == [] and len(fake.queries) == 8
     assert sorted(by_model(summary)) == sorted(by_model(direct)) == sorted([LLAMA, QWEN])
     assert by_model(summary)[LLAMA]["requests"] == 3 and by_model(summary)[QWEN]["requests"] == 3
     for name, entry in by_model(direct).items():
@@ -274,7 +274,10 @@ def test_prometheus_matches_the_proxy_in_json_and_csv(
         summary["totals"]["metered_requests"] is None and "tenants" not in summary and "grid" not in summary
     )
     assert summary["meter"] == {"healthy": True}
-    assert summary["idle_energy_j"] >= 0 and summary["window"]["start"] is None
+    assert summary["idle_energy_j"] >= 0 and summary["series_began"] == []
+    # Without a window, the figures are the counters' since they began (the first record counted, just
+    # after the first request started): the window says so.
+    assert 0 <= summary["window"]["start"] - direct["window"]["start"] < 10
 
     code, out, err = report(["--proxy", fleet.proxy_a, "--format", "csv"], capsys)
     assert code == 0, err
@@ -321,7 +324,7 @@ def test_model_filter_and_escaping(fleet: Fleet, capsys: pytest.CaptureFixture[s
     odd = 'we"ird\\model\n'
     empty = report_json(["--prometheus", prom, "--model", odd], capsys)
     assert empty["models"] == [] and empty["totals"]["requests"] == 0 and empty["totals"]["energy_j"] is None
-    assert fake.rejected == [] and 'model="we\\"ird\\\\model\\n"' in fake.queries[-6]
+    assert fake.rejected == [] and 'model="we\\"ird\\\\model\\n"' in fake.queries[-8]
 
 
 def test_since_reads_increase_over_two_scrapes(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
@@ -334,7 +337,7 @@ def test_since_reads_increase_over_two_scrapes(fleet: Fleet, capsys: pytest.Capt
     after = [by_model(report_json(["--proxy", p], capsys)) for p in (fleet.proxy_a, fleet.proxy_b)]
 
     windowed = report_json(["--prometheus", prom, "--since", "90m"], capsys)
-    assert fake.rejected == [] and "increase(scer_requests_total[90m])" in fake.queries[-6]
+    assert fake.rejected == [] and "increase(scer_requests_total[90m])" in fake.queries[-8]
     assert windowed["window"]["end"] - windowed["window"]["start"] == pytest.approx(5400)
     got = by_model(windowed)
     assert sorted(got) == sorted([LLAMA, QWEN]) and got[QWEN]["requests"] == 2 and got[LLAMA]["requests"] == 1

@@ -196,14 +196,18 @@ def test_admin_token_gates_the_data_but_not_the_page(
         "/scer/requests?limit=50",
         "/scer/health",
         "/metrics",
-        f"/scer/label/{quote(model, safe='')}.svg",
     ]
     for path in paths:
         assert http.get(proxy + path).status_code == 401, path
         assert http.get(proxy + path, headers={"Authorization": "Bearer wrong"}).status_code == 401, path
         assert http.get(proxy + path, headers=auth).status_code == 200, path
-    # The exemption is the page and nothing beside it.
+    # Labels and manifests are public by default (server.public_labels), so a printed QR code opens.
+    for path in (f"/scer/label/{quote(model, safe='')}.svg", f"/scer/manifest/{quote(model, safe='')}.yaml"):
+        assert http.get(proxy + path).status_code == 200, path
+    # The exemptions are the page, the labels and the manifests, and nothing beside them.
     assert http.post(f"{proxy}/scer/").status_code == 401
+    assert http.post(f"{proxy}/scer/label/x.svg").status_code == 401
+    assert http.get(f"{proxy}/scer/labels").status_code == 401
     assert http.get(f"{proxy}/scer/summary/").status_code == 401
     # The page asks for the token, keeps it for the tab and sends it as a bearer token; a 401 asks again.
     script = _Page(page.text).script
