@@ -45,7 +45,7 @@ def split_interval(iv: PendingInterval, requests: Iterable[OpenRequest], learned
     rate = (sum(seen) / len(seen) / dt) if seen else 1.0 / max(learned.decode_step_s(), 1e-6)
     prefill: dict[str, float] = {}
     decode: dict[str, float] = {}
-    prefill_s = sum(_prefill_seconds(r, t0, t1) for r in active)  # prefills run one at a time
+    prefill_s = sum(prefill_seconds(r, t0, t1) for r in active)  # prefills run one at a time
     if not seen:
         # No stream shows the rate: a prefill holds the GPU, so nothing decodes while one runs.
         rate *= max(0.0, 1.0 - prefill_s / dt)
@@ -159,13 +159,12 @@ def decode_time_shares(active: list[OpenRequest], t0: float, t1: float) -> dict[
     spans: dict[str, tuple[float, float]] = {}
     changes: dict[float, list[int]] = {}  # time -> [decoding count change, prefill count change]
     for r in active:
-        lo = max(r.decode_from, t0)
-        hi = min(r.end_s if r.end_s is not None else t1, t1)
+        lo, hi = _decode_span(r, t0, t1)
         if hi > lo:
             spans[r.rid] = (lo, hi)
             changes.setdefault(lo, [0, 0])[0] += 1
             changes.setdefault(hi, [0, 0])[0] -= 1
-        plo, phi = max(r.prefill_lo, t0), min(r.prefill_hi, t1)
+        plo, phi = _prefill_span(r, t0, t1)
         if phi > plo:
             changes.setdefault(plo, [0, 0])[1] += 1
             changes.setdefault(phi, [0, 0])[1] -= 1
@@ -187,14 +186,13 @@ def decode_time_shares(active: list[OpenRequest], t0: float, t1: float) -> dict[
 def decode_time_held(req: OpenRequest, active: Iterable[OpenRequest], t0: float, t1: float) -> float:
     """``req``'s entry of :func:`decode_time_shares` alone, in one pass over the others (for figures at
     response time, where the whole sweep for every request would cost O(n log n) each)."""
-    lo = max(req.decode_from, t0)
-    hi = min(req.end_s if req.end_s is not None else t1, t1)
+    lo, hi = _decode_span(req, t0, t1)
     if hi <= lo:
         return 0.0
     changes: dict[float, list[int]] = {}
     decoding = prefilling = 0
     for r in active:
-        a, b = max(r.decode_from, t0), min(r.end_s if r.end_s is not None else t1, t1)
+        a, b = _decode_span(r, t0, t1)
         if b > a and a < hi and b > lo:
             if a <= lo:
                 decoding += 1
@@ -202,7 +200,7 @@ def decode_time_held(req: OpenRequest, active: Iterable[OpenRequest], t0: float,
                 changes.setdefault(a, [0, 0])[0] += 1
             if b < hi:
                 changes.setdefault(b, [0, 0])[0] -= 1
-        pa, pb = max(r.prefill_lo, t0), min(r.prefill_hi, t1)
+        pa, pb = _prefill_span(r, t0, t1)
         if pb > pa and pa < hi and pb > lo:
             if pa <= lo:
                 prefilling += 1
@@ -235,9 +233,21 @@ def _prefill_tokens(req: OpenRequest, t0: float, t1: float) -> float:
     return min(remaining, req.prompt_tokens * overlap / (hi - lo))
 
 
-def _prefill_seconds(req: OpenRequest, t0: float, t1: float) -> float:
+def _decode_span(req: OpenRequest, t0: float, t1: float) -> tuple[float, float]:
+    """Where ``req`` decodes inside [t0, t1] (empty when the second is not above the first): from the
+    end of its prefill block to its end."""
+    return max(req.decode_from, t0), min(req.end_s if req.end_s is not None else t1, t1)
+
+
+def _prefill_span(req: OpenRequest, t0: float, t1: float) -> tuple[float, float]:
+    """``req``'s prefill window inside [t0, t1] (empty when the second is not above the first)."""
+    return max(req.prefill_lo, t0), min(req.prefill_hi, t1)
+
+
+def prefill_seconds(req: OpenRequest, t0: float, t1: float) -> float:
     """How long ``req``'s prefill window overlaps [t0, t1]."""
-    return max(0.0, min(req.prefill_hi, t1) - max(req.prefill_lo, t0))
+    lo, hi = _prefill_span(req, t0, t1)
+    return max(0.0, hi - lo)
 
 
 def _covered_seconds(spans: list[tuple[float, float]]) -> float:

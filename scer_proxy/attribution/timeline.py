@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from scer_proxy.attribution.calibration import Calibration
 from scer_proxy.attribution.idle import IdleSpread
 from scer_proxy.attribution.learned import DEFAULT_PREFILL_WEIGHT, Learned
-from scer_proxy.attribution.split import decode_time_held, split_interval
+from scer_proxy.attribution.split import decode_time_held, prefill_seconds, split_interval
 from scer_proxy.attribution.state import IntervalState, OpenRequest, PendingInterval
 from scer_proxy.attribution.uncertainty import uncertainty_rel
 
@@ -483,7 +483,7 @@ class Timeline:
             held_s = 0.0
             if end > since:
                 held_s = decode_time_held(req, state.requests.values(), since, end)
-            prefill_s = max(0.0, min(req.prefill_hi, end) - max(req.prefill_lo, since))
+            prefill_s = prefill_seconds(req, since, end)
             pj = powers[0] * prefill_s
             dj = powers[1] * held_s
             prefill_j += pj
